@@ -1,0 +1,143 @@
+"""Which (query rows, key columns) blocks a rank computes at each ring step.
+
+At step t rank r holds the key/value block of rank ``src = (r - t) % P``. Each rank's
+tokens are one or two chunks of global positions (see ``layout.py``); every
+(query chunk, key chunk) pair is classified from positions alone:
+
+* EMPTY   - no query sees any key (a future block under causal, a block wholly behind
+            a sliding window, two chunks with no document in common): skipped, never
+            computed and masked;
+* FULL    - every query sees every key: a plain kernel call, no mask;
+* PARTIAL - a mask is needed.
+
+Pairs are then grouped into as few kernel calls as possible. A rank's own block under
+causal is one ``is_causal=True`` call, valid because a rank's local tokens are in
+increasing global position.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import torch
+
+from .layout import chunk_ranges
+
+EMPTY, FULL, PARTIAL = 0, 1, 2
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskSpec:
+    causal: bool
+    window: int  # 0: no sliding window; W: query i sees keys j > i - W
+    token_masks: bool  # key padding, segment ids or a bias: every call takes a mask
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockCall:
+    q: tuple[int, int]  # local query rows [start, stop)
+    k: tuple[int, int]  # local key rows of the resident block [start, stop)
+    is_causal: bool  # the kernel's own causal flag
+    masked: bool  # build an explicit mask from positions / tokens
+
+
+def classify(q: tuple[int, int], k: tuple[int, int], spec: MaskSpec) -> int:
+    """Classify the global position rectangle ``q x k`` under causal / window."""
+    dmin = q[0] - (k[1] - 1)  # smallest i - j in the rectangle
+    dmax = (q[1] - 1) - k[0]  # largest
+    if (spec.causal and dmax < 0) or (spec.window and dmin >= spec.window):
+        return EMPTY
+    full = (not spec.causal or dmin >= 0) and (not spec.window or dmax < spec.window)
+    return FULL if full else PARTIAL
+
+
+def _disjoint(a: tuple[int, int], b: tuple[int, int]) -> bool:
+    return a[1] < b[0] or b[1] < a[0]
+
+
+@functools.lru_cache(maxsize=4096)
+def plan_step(
+    layout: str,
+    rank: int,
+    src: int,
+    world: int,
+    s_local: int,
+    spec: MaskSpec,
+    segment_ranges: tuple | None = None,
+) -> tuple[BlockCall, ...]:
+    """The kernel calls rank ``rank`` makes against the block of rank ``src``.
+
+    ``segment_ranges[r][i]`` is the (min, max) segment id of rank r's chunk i over the
+    batch; chunks whose ranges do not meet share no document and are skipped.
+    """
+    qch = chunk_ranges(layout, rank, world, s_local)
+    kch = chunk_ranges(layout, src, world, s_local)
+    c = s_local // len(qch)
+    cls = [[classify(qc, kc, spec) for kc in kch] for qc in qch]
+    if segment_ranges is not None:
+        for i in range(len(qch)):
+            for j in range(len(kch)):
+                if _disjoint(segment_ranges[rank][i], segment_ranges[src][j]):
+                    cls[i][j] = EMPTY
+    if all(x == EMPTY for row in cls for x in row):
+        return ()
+    if rank == src and spec.causal:
+        # one is_causal call unless a token mask or the window bites inside the block
+        causal_only = MaskSpec(True, 0, False)
+        window_bites = spec.window and any(
+            (qc[1] - 1) - kc[0] >= spec.window
+            for qc in qch for kc in kch if classify(qc, kc, causal_only) != EMPTY
+        )
+        plain_causal = not spec.token_masks and not window_bites
+        return (BlockCall((0, s_local), (0, s_local), plain_causal, not plain_causal),)
+    calls = []
+    i = 0
+    while i < len(qch):
+        cols = tuple(j for j, x in enumerate(cls[i]) if x != EMPTY)
+        i_end = i + 1
+        while i_end < len(qch) and tuple(j for j, x in enumerate(cls[i_end]) if x != EMPTY) == cols:
+            i_end += 1
+        if cols:
+            partial = any(cls[a][j] == PARTIAL for a in range(i, i_end) for j in cols)
+            calls.append(BlockCall((i * c, i_end * c), (cols[0] * c, (cols[-1] + 1) * c), False,
+                                   partial or spec.token_masks))
+        i = i_end
+    return tuple(calls)
+
+
+def step_count(layout: str, world: int, s_local: int, spec: MaskSpec, segment_ranges=None) -> int:
+    """Ring steps every rank takes: one past the last step at which any rank has work.
+    The ring stops early when no further block can be seen (sliding window)."""
+    last = 0
+    for r in range(world):
+        for t in range(world):
+            if plan_step(layout, r, (r - t) % world, world, s_local, spec, segment_ranges):
+                last = max(last, t)
+    return last + 1
+
+
+def build_mask(qpos, kpos, spec: MaskSpec, dtype, pad_k=None, seg_q=None, seg_k=None, bias=None):
+    """Additive mask (0 / -inf, plus ``bias``) of shape (b, h, Sq, Sk), b and h possibly 1.
+
+    qpos, kpos: global positions; pad_k (B, Sk) bool; seg_q (B, Sq), seg_k (B, Sk);
+    bias: float (additive) or bool (True = attend), broadcastable to (B, H, Sq, Sk).
+    """
+    d = qpos[:, None] - kpos[None, :]
+    allowed = torch.ones_like(d, dtype=torch.bool)
+    if spec.causal:
+        allowed &= d >= 0
+    if spec.window:
+        allowed &= d < spec.window
+    allowed = allowed[None, None]
+    if pad_k is not None:
+        allowed = allowed & pad_k[:, None, None, :]
+    if seg_q is not None:
+        allowed = allowed & (seg_q[:, None, :, None] == seg_k[:, None, None, :])
+    if bias is not None and bias.dtype == torch.bool:
+        allowed = allowed & bias
+        bias = None
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
+    if bias is not None:
+        mask = mask + bias.to(dtype)
+    return mask

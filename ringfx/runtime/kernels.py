@@ -1,0 +1,252 @@
+"""Per-block attention kernels that return the log-sum-exp, and their backward.
+
+Every kernel has the same two functions:
+
+    forward(q, k, v, mask, is_causal, scale)              -> out, lse   # lse: (B, H, Sq)
+    backward(dout, q, k, v, out, lse, mask, is_causal, scale) -> dq, dk, dv
+
+``mask`` is None or an additive float mask broadcastable to (B, H, Sq, Sk). The
+backward is handed the *merged* (global) ``out`` and ``lse``: with those, a block's
+probabilities ``exp(s - lse)`` are the global ones, so the block gradients are exact
+(FlashAttention-2, Alg. 2). Rows that see no key at all have lse = -inf; backward
+receives +inf there so that ``exp(s - lse)`` is 0, not NaN.
+
+Backends: CPU ``_scaled_dot_product_flash_attention_for_cpu``; CUDA cuDNN, flash and
+memory-efficient SDPA ops; a float32/float64 math fallback for everything else.
+GQA is handled in ``gqa_forward``/``gqa_backward`` without expanding K and V when no
+causal flag is needed: the G query heads of a KV head are folded into the query rows.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+aten = torch.ops.aten
+log = logging.getLogger("ringfx.runtime.kernels")
+
+KERNELS = ("auto", "flash", "cudnn", "efficient", "math")
+
+
+def _math_scores(q, k, mask, is_causal, scale, acc):
+    s = torch.matmul(q.to(acc), k.to(acc).transpose(-2, -1)) * scale
+    if is_causal:
+        sq, sk = s.shape[-2:]
+        s = s.masked_fill(~torch.ones(sq, sk, dtype=torch.bool, device=s.device).tril(), float("-inf"))
+    if mask is not None:
+        s = s + mask.to(acc)
+    return s
+
+
+def _acc_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+class MathKernel:
+    """Reference kernel in float32 (float64 for float64 inputs); any device, any mask."""
+
+    name = "math"
+
+    def forward(self, q, k, v, mask, is_causal, scale):
+        acc = _acc_dtype(q.dtype)
+        s = _math_scores(q, k, mask, is_causal, scale, acc)
+        lse = torch.logsumexp(s, dim=-1)
+        p = torch.exp(s - lse.masked_fill(lse == float("-inf"), float("inf"))[..., None])
+        return torch.matmul(p, v.to(acc)).to(q.dtype), lse
+
+    def backward(self, dout, q, k, v, out, lse, mask, is_causal, scale):
+        acc = _acc_dtype(q.dtype)
+        s = _math_scores(q, k, mask, is_causal, scale, acc)
+        p = torch.exp(s - lse.to(acc)[..., None])
+        dout_, v_ = dout.to(acc), v.to(acc)
+        dv = torch.matmul(p.transpose(-2, -1), dout_)
+        dp = torch.matmul(dout_, v_.transpose(-2, -1))
+        delta = (dout_ * out.to(acc)).sum(-1, keepdim=True)
+        ds = p * (dp - delta) * scale
+        dq = torch.matmul(ds, k.to(acc))
+        dk = torch.matmul(ds.transpose(-2, -1), q.to(acc))
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+class CpuFlashKernel:
+    """``aten._scaled_dot_product_flash_attention_for_cpu``: any float dtype, takes a mask
+    of the query's dtype. A row that its mask hides entirely comes back with lse 0 and
+    out 0; we set its lse to -inf so that the merge ignores it."""
+
+    name = "flash"
+
+    def forward(self, q, k, v, mask, is_causal, scale):
+        if mask is not None:
+            mask = mask.to(q.dtype)
+        out, lse = aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, 0.0, is_causal, attn_mask=mask, scale=scale
+        )
+        if mask is not None:
+            seen = (mask > float("-inf")).any(-1).expand(lse.shape)
+            lse = lse.masked_fill(~seen, float("-inf"))
+        return out, lse
+
+    def backward(self, dout, q, k, v, out, lse, mask, is_causal, scale):
+        if mask is not None:
+            mask = mask.to(q.dtype)
+        return aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            dout, q, k, v, out, lse, 0.0, is_causal, attn_mask=mask, scale=scale
+        )
+
+
+class CudnnKernel:
+    """cuDNN fused attention (fastest on H100 for bf16/fp16). Its lse is (B, H, S, 1)."""
+
+    name = "cudnn"
+
+    def forward(self, q, k, v, mask, is_causal, scale):
+        res = aten._scaled_dot_product_cudnn_attention(q, k, v, mask, True, 0.0, is_causal, False, scale=scale)
+        out, lse = res[0], res[1]
+        return out, lse.reshape(q.shape[:-1])
+
+    def backward(self, dout, q, k, v, out, lse, mask, is_causal, scale):
+        empty = torch.empty(0, device=q.device)
+        seed = torch.zeros((), dtype=torch.int64, device=q.device)
+        bias = mask if mask is not None else empty
+        dq, dk, dv = aten._scaled_dot_product_cudnn_attention_backward(
+            dout, q, k, v, out, lse.unsqueeze(-1).contiguous(), seed, seed, bias, empty, empty,
+            q.shape[-2], k.shape[-2], 0.0, is_causal, scale=scale,
+        )
+        return dq, dk, dv
+
+
+class CudaFlashKernel:
+    """FlashAttention-2 as shipped in PyTorch (bf16/fp16, no mask)."""
+
+    name = "flash"
+
+    def forward(self, q, k, v, mask, is_causal, scale):
+        assert mask is None, "the CUDA flash kernel takes no mask"
+        res = aten._scaled_dot_product_flash_attention(q, k, v, 0.0, is_causal, False, scale=scale)
+        return res[0], res[1]
+
+    def backward(self, dout, q, k, v, out, lse, mask, is_causal, scale):
+        empty = torch.empty(0, device=q.device)
+        seed = torch.zeros(2, dtype=torch.int64, device=q.device)
+        dq, dk, dv = aten._scaled_dot_product_flash_attention_backward(
+            dout, q, k, v, out, lse.contiguous(), empty, empty, q.shape[-2], k.shape[-2], 0.0, is_causal,
+            seed, seed, scale=scale,
+        )
+        return dq, dk, dv
+
+
+class EfficientKernel:
+    """Memory-efficient attention: takes an additive bias; fp32/bf16/fp16 on CUDA.
+    Its lse is padded to a multiple of 32 along the query axis."""
+
+    name = "efficient"
+
+    def forward(self, q, k, v, mask, is_causal, scale):
+        if mask is not None:
+            mask = _aligned_bias(mask.to(q.dtype), q, k)
+        out, lse, _, _ = aten._scaled_dot_product_efficient_attention(q, k, v, mask, True, 0.0, is_causal, scale=scale)
+        return out, lse[..., : q.shape[-2]]
+
+    def backward(self, dout, q, k, v, out, lse, mask, is_causal, scale):
+        if mask is not None:
+            mask = _aligned_bias(mask.to(q.dtype), q, k)
+        sq = q.shape[-2]
+        padded = lse.new_full((*lse.shape[:-1], (sq + 31) // 32 * 32), float("inf"))
+        padded[..., :sq] = lse
+        seed = torch.zeros((), dtype=torch.int64, device=q.device)
+        dq, dk, dv, _ = aten._scaled_dot_product_efficient_attention_backward(
+            dout, q, k, v, mask, out, padded, seed, seed, 0.0, [True, True, True, False], is_causal, scale=scale
+        )
+        return dq, dk, dv
+
+
+def _aligned_bias(mask, q, k):
+    # the efficient kernel wants a bias whose last-dim stride is 16-byte aligned
+    b, h = q.shape[0], q.shape[1]
+    sq, sk = q.shape[-2], k.shape[-2]
+    mask = mask.expand(b, h, sq, sk)
+    pad = (-sk) % 16
+    if pad == 0 and mask.stride(-2) % 16 == 0 and mask.stride(-1) == 1:
+        return mask
+    buf = mask.new_empty(b, h, sq, sk + pad)[..., :sk]
+    buf.copy_(mask)
+    return buf
+
+
+_MATH, _CPU_FLASH, _CUDNN, _CUDA_FLASH, _EFFICIENT = (
+    MathKernel(), CpuFlashKernel(), CudnnKernel(), CudaFlashKernel(), EfficientKernel()
+)
+
+
+def choose_kernel(kernel: str, device: torch.device, dtype: torch.dtype, head_dim: int, masked: bool):
+    """The fastest correct kernel for this device, dtype and mask (``kernel='auto'``), or the
+    one asked for."""
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel={kernel!r} is not known; use one of {KERNELS}")
+    if kernel == "math":
+        return _MATH
+    if device.type == "cpu":
+        return _CPU_FLASH if kernel in ("auto", "flash") else _MATH
+    if device.type != "cuda" or dtype == torch.float64:
+        return _MATH
+    half = dtype in (torch.float16, torch.bfloat16)
+    if kernel == "cudnn" or (kernel == "auto" and half and head_dim <= 128 and _cudnn_ok(device)):
+        return _CUDNN if not masked or kernel == "cudnn" else _EFFICIENT
+    if kernel == "flash" or (kernel == "auto" and half and head_dim <= 256):
+        return _CUDA_FLASH if not masked else _EFFICIENT
+    return _EFFICIENT
+
+
+def _cudnn_ok(device) -> bool:
+    try:
+        return torch.backends.cuda.cudnn_sdp_enabled() and torch.cuda.get_device_capability(device)[0] >= 9
+    except Exception:  # noqa: BLE001
+        return False
+
+
+# -- GQA: fold the G query heads of each KV head into the query rows -----------------
+
+
+def _fold(x, hkv):
+    b, h, s, d = x.shape
+    return x.reshape(b, hkv, (h // hkv) * s, d)
+
+
+def _fold_mask(mask, hq, hkv):
+    if mask is None:
+        return None
+    g = hq // hkv
+    b, h, sq, sk = mask.shape
+    if h == 1:
+        return mask.repeat(1, 1, g, 1)
+    return mask.expand(b, hq, sq, sk).reshape(b, hkv, g * sq, sk)
+
+
+def gqa_forward(kern, q, k, v, mask, is_causal, scale):
+    hq, hkv = q.shape[1], k.shape[1]
+    if hq == hkv:
+        return kern.forward(q, k, v, mask, is_causal, scale)
+    if is_causal:  # a causal flag needs aligned rows: expand this one block's K/V
+        g = hq // hkv
+        return kern.forward(q, k.repeat_interleave(g, 1), v.repeat_interleave(g, 1), mask, True, scale)
+    out, lse = kern.forward(_fold(q, hkv), k, v, _fold_mask(mask, hq, hkv), False, scale)
+    return out.reshape(q.shape), lse.reshape(q.shape[:-1])
+
+
+def gqa_backward(kern, dout, q, k, v, out, lse, mask, is_causal, scale):
+    hq, hkv = q.shape[1], k.shape[1]
+    if hq == hkv:
+        return kern.backward(dout, q, k, v, out, lse, mask, is_causal, scale)
+    g = hq // hkv
+    if is_causal:
+        dq, dk, dv = kern.backward(dout, q, k.repeat_interleave(g, 1), v.repeat_interleave(g, 1), out, lse,
+                                   mask, True, scale)
+        b, _, s, d = dk.shape
+        return dq, dk.view(b, hkv, g, s, d).sum(2), dv.view(b, hkv, g, s, d).sum(2)
+    b, _, sq, d = q.shape
+    dq, dk, dv = kern.backward(
+        _fold(dout, hkv), _fold(q, hkv), k, v, _fold(out, hkv), lse.reshape(b, hkv, g * sq),
+        _fold_mask(mask, hq, hkv), False, scale,
+    )
+    return dq.reshape(q.shape), dk, dv

@@ -1,0 +1,245 @@
+"""Rings: who sends to whom, over a real process group or a loopback of virtual ranks.
+
+The ring algorithm (``algorithm.py``) is written once, per rank, as a generator that
+*yields* its communication requests (``Exchange``, ``AllGather``) and gets back a
+handle. Two drivers run it:
+
+* ``run_on_group``: one program, one real ``ProcessGroup`` (gloo on CPU, NCCL on CUDA);
+  an ``Exchange`` posts ``batch_isend_irecv`` at once and returns a handle that is
+  waited on later, so the transfer overlaps the compute that runs in between.
+* ``run_loopback``: P programs in one process, advanced in lock step; an ``Exchange``
+  hands each virtual rank its neighbour's tensors (no copy). This is the loopback ring
+  used by the unit tests and by single-GPU efficiency measurements.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import logging
+import re
+from typing import Any, Generator, Sequence
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger("ringfx.runtime.ring")
+
+_LOOPBACK = re.compile(r"^loopback:(\d+)$")
+
+
+class LoopbackRing:
+    """A ring of ``size`` virtual ranks inside one process.
+
+    Tensors given to ring ops on a loopback ring hold *all* ranks' shards concatenated
+    along the sequence, rank 0's first (what ``ringfx.shard`` returns for it).
+    """
+
+    def __init__(self, size: int):
+        if not isinstance(size, int) or size < 1:
+            raise ValueError(f"LoopbackRing(size={size!r}): size must be a positive int")
+        self.size = size
+        self.group_name = f"loopback:{size}"
+
+    def __repr__(self) -> str:
+        return f"LoopbackRing({self.size})"
+
+
+def group_name_of(group: Any) -> str:
+    """The string that names ``group`` inside the op schema (process groups are not a
+    schema type). Accepts None (the default group), a ProcessGroup, a 1-D DeviceMesh,
+    ``(mesh, dim)``, a LoopbackRing or a name."""
+    if isinstance(group, str):
+        resolve_group(group)
+        return group
+    if isinstance(group, LoopbackRing):
+        return group.group_name
+    if group is None:
+        if not dist.is_available() or not dist.is_initialized():
+            raise ValueError(
+                "group=None means the default process group, but torch.distributed is not "
+                "initialised; call dist.init_process_group(...) (torchrun does) or pass "
+                "group=ringfx.LoopbackRing(P) to run P virtual ranks in this process"
+            )
+        group = dist.group.WORLD
+    if isinstance(group, tuple) and len(group) == 2:
+        mesh, dim = group
+        group = mesh.get_group(dim)
+    if type(group).__name__ == "DeviceMesh":
+        if group.ndim != 1:
+            raise ValueError(
+                f"a {group.ndim}-D DeviceMesh names no single ring; pass mesh['cp'] or (mesh, 'cp')"
+            )
+        group = group.get_group()
+    if isinstance(group, dist.ProcessGroup):
+        return group.group_name
+    raise TypeError(
+        f"group must be None, a ProcessGroup, a 1-D DeviceMesh, (mesh, dim) or a LoopbackRing, "
+        f"not {type(group).__name__}"
+    )
+
+
+def resolve_group(name: str) -> LoopbackRing | dist.ProcessGroup:
+    m = _LOOPBACK.match(name)
+    if m:
+        return LoopbackRing(int(m.group(1)))
+    from torch.distributed.distributed_c10d import _resolve_process_group
+
+    try:
+        return _resolve_process_group(name)
+    except Exception as e:  # noqa: BLE001 - re-raised with the fix
+        raise ValueError(
+            f"no process group named {name!r} in this process; create the ring with "
+            "dist.new_group / init_process_group before calling ring attention"
+        ) from e
+
+
+def ring_size(group: Any) -> int:
+    g = resolve_group(group_name_of(group))
+    return g.size if isinstance(g, LoopbackRing) else dist.get_world_size(g)
+
+
+def ring_rank(group: Any) -> int:
+    g = resolve_group(group_name_of(group))
+    return 0 if isinstance(g, LoopbackRing) else dist.get_rank(g)
+
+
+# -- the requests a rank program yields --------------------------------------------
+
+
+@dataclasses.dataclass
+class Exchange:
+    """Send ``tensors`` to rank ``(r + shift) % P`` and receive the same shapes from
+    ``(r - shift) % P``. The driver answers with a handle whose ``wait()`` returns the
+    received tensors."""
+
+    tensors: Sequence[torch.Tensor]
+    shift: int = 1
+
+
+@dataclasses.dataclass
+class AllGather:
+    """Gather one small tensor from every rank; answered with a (P, ...) tensor."""
+
+    tensor: torch.Tensor
+
+
+class _Ready:
+    def __init__(self, tensors):
+        self._tensors = tensors
+
+    def wait(self):
+        return self._tensors
+
+
+RankProgram = Generator[Any, Any, Any]
+
+
+def run_loopback(programs: list[RankProgram]) -> list[Any]:
+    """Advance P rank programs in lock step; every rank must issue the same requests."""
+    world = len(programs)
+    results: list[Any] = [None] * world
+    requests: list[Any] = []
+    for g in programs:
+        requests.append(_advance(g, None, results, len(requests)))
+    while not all(isinstance(r, _Done) for r in requests):
+        kinds = {type(r) for r in requests}
+        if len(kinds) != 1:
+            raise RuntimeError(f"loopback ring ranks diverged: requests {[type(r).__name__ for r in requests]}")
+        first = requests[0]
+        if isinstance(first, Exchange):
+            answers = [_Ready(list(requests[(r - first.shift) % world].tensors)) for r in range(world)]
+        elif isinstance(first, AllGather):
+            stacked = torch.stack([r.tensor for r in requests])
+            answers = [stacked] * world
+        else:
+            raise TypeError(f"unknown ring request {first!r}")
+        requests = [_advance(g, a, results, r) for r, (g, a) in enumerate(zip(programs, answers))]
+    return results
+
+
+class _Done:
+    pass
+
+
+def _advance(gen, answer, results, rank):
+    try:
+        return gen.send(answer)
+    except StopIteration as stop:
+        results[rank] = stop.value
+        return _Done()
+
+
+class _Pending:
+    def __init__(self, works, received, group, timeout):
+        self._works, self._received, self._group, self._timeout = works, received, group, timeout
+
+    def wait(self):
+        for w in self._works:
+            try:
+                ok = w.wait(self._timeout) if self._timeout is not None else w.wait()
+            except Exception as e:  # noqa: BLE001 - a dead or stuck peer ends here
+                raise RuntimeError(
+                    f"ring attention: a peer of rank {dist.get_rank(self._group)} in group "
+                    f"{self._group.group_name!r} did not complete its transfer ({e}); "
+                    "a rank has died or is stuck"
+                ) from e
+            if ok is False:
+                raise RuntimeError("ring attention: a ring transfer timed out")
+        return self._received
+
+
+def group_timeout(group: dist.ProcessGroup) -> datetime.timedelta | None:
+    try:
+        t = group.options._timeout  # type: ignore[attr-defined]
+        return t if isinstance(t, datetime.timedelta) else None
+    except Exception:  # noqa: BLE001 - not every backend exposes it
+        return None
+
+
+def run_on_group(program: RankProgram, group: dist.ProcessGroup) -> Any:
+    """Drive one rank program over a real process group."""
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    timeout = group_timeout(group)
+    answer = None
+    while True:
+        try:
+            request = program.send(answer)
+        except StopIteration as stop:
+            return stop.value
+        if isinstance(request, Exchange):
+            answer = _post_exchange(request, group, rank, world, timeout)
+        elif isinstance(request, AllGather):
+            out = [torch.empty_like(request.tensor) for _ in range(world)]
+            dist.all_gather(out, request.tensor.contiguous(), group=group)
+            answer = torch.stack(out)
+        else:
+            raise TypeError(f"unknown ring request {request!r}")
+
+
+def _post_exchange(request: Exchange, group, rank, world, timeout):
+    shift = request.shift % world
+    if shift == 0:
+        return _Ready(list(request.tensors))
+    dst = dist.get_global_rank(group, (rank + shift) % world)
+    src = dist.get_global_rank(group, (rank - shift) % world)
+    received = [torch.empty_like(t) for t in request.tensors]
+    ops = [dist.P2POp(dist.isend, t, dst, group) for t in request.tensors]
+    ops += [dist.P2POp(dist.irecv, t, src, group) for t in received]
+    works = dist.batch_isend_irecv(ops)
+    return _Pending(works, received, group, timeout)
+
+
+def check_backend(group: dist.ProcessGroup, device: torch.device) -> None:
+    """Refuse a group whose backend cannot move tensors of ``device``."""
+    backend = str(dist.get_backend(group)).lower()
+    if device.type == "cuda" and backend == "gloo":
+        raise ValueError(
+            "ring attention got CUDA tensors but a gloo process group; create the ring with "
+            "backend='nccl' (or 'cpu:gloo,cuda:nccl'), or move the tensors to the CPU"
+        )
+    if device.type == "cpu" and backend == "nccl":
+        raise ValueError(
+            "ring attention got CPU tensors but an NCCL process group; use a gloo group for CPU "
+            "tensors (backend='gloo' or 'cpu:gloo,cuda:nccl'), or move the tensors to CUDA"
+        )

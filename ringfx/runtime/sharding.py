@@ -1,0 +1,87 @@
+"""Moving whole tensors onto a ring and back: ``shard``, ``unshard``, ``positions``.
+
+For a real group, ``shard`` returns this rank's tokens (in layout order) and
+``unshard`` all-gathers them back into global order (differentiable: its backward
+hands each rank the gradient of its own tokens). For a ``LoopbackRing`` the process
+plays every rank, so ``shard`` returns all ranks' shards concatenated (a permutation
+of the sequence) and ``unshard`` inverts it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from .layout import check_divisible, check_layout, chunk_ranges, layout_permutation, local_positions
+from .ring import LoopbackRing, group_name_of, resolve_group
+
+
+def _ring(group):
+    return resolve_group(group_name_of(group))
+
+
+def shard(x: torch.Tensor, dim: int, *, layout: str = "contiguous", group=None) -> torch.Tensor:
+    """This rank's part of ``x`` along the sequence dimension ``dim``."""
+    check_layout(layout)
+    dim = dim % x.dim()
+    ring = _ring(group)
+    if isinstance(ring, LoopbackRing):
+        if layout == "contiguous":
+            check_divisible(layout, x.shape[dim], ring.size)
+            return x
+        return x.index_select(dim, layout_permutation(layout, ring.size, x.shape[dim], x.device))
+    rank, world = dist.get_rank(ring), dist.get_world_size(ring)
+    s_local = check_divisible(layout, x.shape[dim], world)
+    parts = [x.narrow(dim, a, b - a) for a, b in chunk_ranges(layout, rank, world, s_local)]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim)
+
+
+def unshard(x: torch.Tensor, dim: int, *, layout: str = "contiguous", group=None) -> torch.Tensor:
+    """The full tensor, in global order, from every rank's shard along ``dim``."""
+    check_layout(layout)
+    dim = dim % x.dim()
+    ring = _ring(group)
+    if isinstance(ring, LoopbackRing):
+        if layout == "contiguous":
+            return x
+        perm = layout_permutation(layout, ring.size, x.shape[dim], x.device)
+        return x.index_select(dim, torch.argsort(perm))
+    return _GatherSequence.apply(x, dim, layout, ring)
+
+
+def positions(seq_len: int, *, layout: str = "contiguous", group=None, device=None) -> torch.Tensor:
+    """Global positions of the ``seq_len`` tokens this process holds (for a loopback ring,
+    ``seq_len`` is the whole sequence)."""
+    check_layout(layout)
+    ring = _ring(group)
+    if isinstance(ring, LoopbackRing):
+        return layout_permutation(layout, ring.size, seq_len, device)
+    return local_positions(layout, dist.get_rank(ring), dist.get_world_size(ring), seq_len, device)
+
+
+class _GatherSequence(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, dim, layout, group):
+        world, rank = dist.get_world_size(group), dist.get_rank(group)
+        ctx.dim, ctx.layout, ctx.group = dim, layout, group
+        x = x.contiguous()
+        parts = [torch.empty_like(x) for _ in range(world)]
+        dist.all_gather(parts, x, group=group)
+        s_local = x.shape[dim]
+        shape = list(x.shape)
+        shape[dim] = s_local * world
+        full = x.new_empty(shape)
+        for r, part in enumerate(parts):
+            offset = 0
+            for a, b in chunk_ranges(layout, r, world, s_local):
+                full.narrow(dim, a, b - a).copy_(part.narrow(dim, offset, b - a))
+                offset += b - a
+        return full
+
+    @staticmethod
+    def backward(ctx, grad):
+        group = ctx.group
+        rank, world = dist.get_rank(group), dist.get_world_size(group)
+        s_local = grad.shape[ctx.dim] // world
+        parts = [grad.narrow(ctx.dim, a, b - a) for a, b in chunk_ranges(ctx.layout, rank, world, s_local)]
+        return (parts[0] if len(parts) == 1 else torch.cat(parts, ctx.dim)), None, None, None
