@@ -1,0 +1,252 @@
+"""The symbolic per-device memory model: sympy expressions in S (sequence) and P (ring size).
+
+Per-device bytes are
+
+    static(params, grads, optimizer state, master weights)      -- not sharded by the ring
+  + f(S / P)                                                     -- everything that scales with
+                                                                    the local sequence
+
+where ``f`` is read off the model's own tensors (``simulate.py`` runs the training step on
+the ``meta`` device and tracks live storages) and the attention's buffers come from the
+runtime contract written out once below (``ring_attention_buffers``).  Every tensor of a
+ring-sharded model holds the local S/P tokens, so substituting ``s = S/P`` into the
+polynomial fitted over the local length gives the exact expression for any (S, P).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import sympy
+import torch
+
+S, P = sympy.symbols("S P", positive=True, integer=True)
+s_local = sympy.Symbol("s", positive=True)  # local sequence length, S/P
+
+FP32 = 4
+
+
+def dtype_bytes(dtype) -> int:
+    if isinstance(dtype, int):
+        return dtype
+    if isinstance(dtype, str):
+        dtype = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+                 "fp16": torch.float16, "float16": torch.float16, "fp64": torch.float64}.get(dtype.lower(), None)
+        if dtype is None:
+            raise ValueError("dtype must be one of fp32, bf16, fp16, fp64")
+    return torch.empty((), dtype=dtype).element_size()
+
+
+# -- training options ----------------------------------------------------------------------------
+
+PRECISIONS = ("fp32", "bf16-mixed", "fp16-mixed", "bf16")
+OPTIMIZERS = ("adam", "sgd", "none")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingOptions:
+    """What lives beside the activations.
+
+    ``precision``: ``fp32`` (params/grads fp32), ``bf16-mixed``/``fp16-mixed`` (half params
+    and grads plus an fp32 master copy), ``bf16`` (pure bf16 params/grads, no master copy).
+    ``optimizer``: ``adam`` (two fp32 states per parameter), ``sgd`` (none; momentum not
+    modelled), ``none``.  ``training=False`` plans a forward pass only (no grads, no
+    optimizer, nothing saved for backward).  ``activation_checkpointing`` recomputes each
+    layer in backward (keeps only layer inputs).  ``param_shards``: parameters, grads and
+    optimizer state divided over this many devices (FSDP/ZeRO-3 over the ring's devices;
+    1 = replicated, the default).  ``query_chunks``: split each ring step's local queries in
+    this many chunks to bound the per-step temporaries (the planner raises it if needed).
+    ``kernel``: the per-block attention kernel (``cudnn``, ``flash``, ``efficient``,
+    ``math``), whose backward workspace differs.
+    """
+
+    training: bool = True
+    precision: str = "bf16-mixed"
+    optimizer: str = "adam"
+    activation_checkpointing: bool = False
+    param_shards: int = 1
+    query_chunks: int = 1
+    kernel: str = "cudnn"
+
+    def __post_init__(self):
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision={self.precision!r}: use one of {', '.join(PRECISIONS)}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer={self.optimizer!r}: use one of {', '.join(OPTIMIZERS)}")
+        if self.kernel not in KERNEL_BACKWARD_WORKSPACE:
+            raise ValueError(f"kernel={self.kernel!r}: use one of {', '.join(KERNEL_BACKWARD_WORKSPACE)}")
+        if self.param_shards < 1 or self.query_chunks < 1:
+            raise ValueError("param_shards and query_chunks must be at least 1")
+
+    @property
+    def param_dtype(self) -> torch.dtype:
+        return torch.float32 if self.precision == "fp32" else (
+            torch.float16 if self.precision == "fp16-mixed" else torch.bfloat16)
+
+    def replace(self, **changes) -> "TrainingOptions":
+        return dataclasses.replace(self, **changes)
+
+
+def static_terms(param_count: int, options: TrainingOptions) -> dict:
+    """Bytes per device that do not depend on S or P: the persistent state of training.
+
+    Gradients are *not* here: the simulation sees them appear during backward (at the
+    moment of peak only part of them may exist).  Parameters are counted here (not by the
+    simulation) so that ``param_shards`` can divide them.
+    """
+    n = sympy.Integer(param_count)
+    shards = options.param_shards
+    param_bytes = dtype_bytes(options.param_dtype)
+    terms = {"parameters": n * param_bytes / shards}
+    if options.training:
+        if options.precision.endswith("-mixed"):
+            terms["master weights (fp32)"] = n * FP32 / shards
+        if options.optimizer == "adam":
+            terms["optimizer state (Adam, fp32)"] = n * 2 * FP32 / shards
+    return terms
+
+
+# -- the runtime contract -----------------------------------------------------------------------
+#
+# The buffers of ``ringfx.ring_attention`` on one rank, from the runtime contract
+# (DESIGN.md §3 and the lead's brief for issue 4): local shards q (B,Hq,s,D),
+# k,v (B,Hkv,s,D), s = S/P, input dtype of `a` bytes.
+#   forward : K and V travel packed as one (2,B,Hkv,s,D) buffer, double-buffered: 2 receive
+#             buffers live plus the local one; output accumulated in float32 (B,Hq,s,D) plus
+#             lse float32 (B,Hq,s); per step a block output (B,Hq,c,D) in the input dtype,
+#             its lse, and the float32 merge temporaries (out - out_b and its product with
+#             sigmoid(lse_b - lse)); at the end the output is cast to the input dtype.
+#   saved   : q, k, v (the layer's own tensors), out (input dtype), lse (float32).
+#   backward: KV travel again (local + 2), dK/dV accumulators travel in float32 (2,B,Hkv,s,D)
+#             double-buffered, dq accumulator float32; per step the kernel's dq/dk/dv blocks
+#             in the input dtype plus its workspace; at the end dq, dk, dv cast to the input
+#             dtype.
+# (ringfx/runtime/algorithm.py of today holds one KV receive buffer fewer than this; the
+#  contract is the conservative bound.)  Adjust the constants here, nowhere else.
+KV_BUFFERS_FORWARD = 3          # local packed KV + 2 receive buffers
+KV_BUFFERS_BACKWARD = 3
+DKV_BUFFERS_BACKWARD = 2        # float32 dK/dV accumulators travelling, double-buffered
+MERGE_TEMPORARIES_FP32 = 2      # (out - out_b), sigmoid(...) * (out - out_b)
+# Backward workspace of one kernel call in units of a float32 tensor the size of q's block
+# (measured on H100, torch 2.11, bf16: SDPA fwd+bwd peaks minus q,k,v,dout,out,lse,dq,dk,dv
+# were 2, 4 and 3 q-sized bf16 tensors for cuDNN, flash and efficient: a float32 dq
+# accumulator, plus more for flash and efficient). ``math`` materialises the scores instead.
+KERNEL_BACKWARD_WORKSPACE = {"cudnn": 1.0, "flash": 2.0, "efficient": 1.5, "math": 1.0}
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionShape:
+    """One attention call as the planner sees it (local shapes, s = local sequence)."""
+
+    batch: int
+    q_heads: int
+    kv_heads: int
+    head_dim: int
+    dtype_bytes: int
+    causal: bool = False
+
+    def q_block(self, tokens, nbytes=None):
+        return self.batch * self.q_heads * tokens * self.head_dim * (nbytes or self.dtype_bytes)
+
+    def kv_block(self, tokens, nbytes=None):  # K and V packed: (2, B, Hkv, tokens, D)
+        return 2 * self.batch * self.kv_heads * tokens * self.head_dim * (nbytes or self.dtype_bytes)
+
+    def rows(self, tokens, nbytes=FP32):  # (B, Hq, tokens): lse, softmax row sums
+        return self.batch * self.q_heads * tokens * nbytes
+
+
+def ring_attention_buffers(att: AttentionShape, s, *, query_chunks: int = 1, kernel: str = "cudnn") -> dict:
+    """The ring op's allocations on one rank, in the order they are live (see the contract).
+
+    Returns ``{"forward": [(name, bytes), ...] groups, ...}`` as four lists of named sizes:
+    ``forward_persistent`` (live through the forward: accumulators), ``forward_steps``
+    (live during the ring steps only), ``forward_result`` (out, lse; out is allocated while
+    the float32 accumulator still lives), ``backward_persistent``, ``backward_steps``,
+    ``backward_result`` (dq, dk, dv).
+    """
+    c = s / query_chunks if query_chunks > 1 else s  # queries per kernel call
+    ws = KERNEL_BACKWARD_WORKSPACE[kernel]
+    return {
+        "forward_persistent": [("out accumulator (fp32)", att.q_block(s, FP32)), ("lse (fp32, saved)", att.rows(s))],
+        "forward_steps": [
+            ("KV ring buffers", KV_BUFFERS_FORWARD * att.kv_block(s)),
+            ("block output + lse", att.q_block(c) + att.rows(c)),
+            ("merge temporaries (fp32)", MERGE_TEMPORARIES_FP32 * att.q_block(c, FP32)),
+        ],
+        "forward_result": [("out", att.q_block(s))],
+        "backward_persistent": [
+            ("dq accumulator (fp32)", att.q_block(s, FP32)),
+            ("dK/dV ring buffers (fp32)", DKV_BUFFERS_BACKWARD * att.kv_block(s, FP32)),
+        ],
+        "backward_steps": [
+            ("KV ring buffers", KV_BUFFERS_BACKWARD * att.kv_block(s)),
+            ("block dq/dk/dv", att.q_block(c) + att.kv_block(s)),
+            ("kernel workspace", ws * att.q_block(c, FP32) + att.rows(c)),
+        ],
+        "backward_result": [("dq, dk, dv", att.q_block(s) + att.kv_block(s))],
+    }
+
+
+def sdpa_buffers(att: AttentionShape, s, *, kernel: str = "cudnn") -> dict:
+    """One device, no ring (P = 1): a fused SDPA kernel (same keys as ``ring_attention_buffers``)."""
+    ws = KERNEL_BACKWARD_WORKSPACE[kernel]
+    return {
+        "forward_persistent": [],
+        "forward_steps": [],
+        "forward_result": [("out", att.q_block(s)), ("lse (fp32)", att.rows(s))],
+        "backward_persistent": [("kernel workspace", ws * att.q_block(s, FP32))],
+        "backward_steps": [],
+        "backward_result": [("dq, dk, dv", att.q_block(s) + att.kv_block(s))],
+    }
+
+
+def attention_layer_peak(att: AttentionShape, s, *, ring: bool, query_chunks: int = 1, kernel: str = "cudnn"):
+    """Peak bytes of one attention layer fwd+bwd on one device, inputs q,k,v and the
+    incoming gradient included (what ``benchmarks/planner_accuracy.py`` measures).
+
+    forward : q,k,v + persistent + max(steps, result)
+    backward: q,k,v, out, lse (saved), dout + persistent + max(steps, result)
+    """
+    b = ring_attention_buffers(att, s, query_chunks=query_chunks, kernel=kernel) if ring else \
+        sdpa_buffers(att, s, kernel=kernel)
+    total = lambda key: sum((n for _, n in b[key]), sympy.Integer(0))  # noqa: E731
+    inputs = att.q_block(s) + att.kv_block(s)
+    saved = att.q_block(s) + att.rows(s)  # out, lse (for the ring, lse is the forward's float32 accumulator)
+    fwd = inputs + total("forward_persistent") + sympy.Max(total("forward_steps"), total("forward_result"))
+    bwd = inputs + saved + att.q_block(s) + total("backward_persistent") + sympy.Max(
+        total("backward_steps"), total("backward_result"))
+    return sympy.simplify(sympy.Max(fwd, bwd))
+
+
+# -- the model ------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class MemoryModel:
+    """Per-device bytes as sympy expressions in S and P, term by term.
+
+    ``terms``: name -> expression (static ones have no S or P).  ``peak`` is their sum.
+    ``param_count``: parameters of the model; ``attention``: the attention calls found
+    (shapes at the traced local length); ``ring``: whether the expression is for the ring
+    program (P >= 2) or a single device (P = 1).
+    """
+
+    terms: dict
+    param_count: int
+    attention: list
+    ring: bool = True
+    options: Optional[TrainingOptions] = None
+    notes: list = dataclasses.field(default_factory=list)
+
+    @property
+    def peak(self) -> sympy.Expr:
+        return sum(self.terms.values(), sympy.Integer(0))
+
+    def evaluate(self, seq_len: int, ring_size: int) -> dict:
+        """Bytes per term at (S, P), as ints (rounded up)."""
+        values = {S: sympy.Integer(seq_len), P: sympy.Integer(ring_size)}
+        return {name: int(sympy.ceiling(sympy.sympify(expr).subs(values))) for name, expr in self.terms.items()}
+
+    def peak_bytes(self, seq_len: int, ring_size: int) -> int:
+        return sum(self.evaluate(seq_len, ring_size).values())
