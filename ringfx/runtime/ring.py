@@ -179,14 +179,17 @@ class _Pending:
             try:
                 ok = w.wait(self._timeout) if self._timeout is not None else w.wait()
             except Exception as e:  # noqa: BLE001 - a dead or stuck peer ends here
-                raise RuntimeError(
-                    f"ring attention: a peer of rank {dist.get_rank(self._group)} in group "
-                    f"{self._group.group_name!r} did not complete its transfer ({e}); "
-                    "a rank has died or is stuck"
-                ) from e
+                raise _peer_failure(self._group, e) from e
             if ok is False:
                 raise RuntimeError("ring attention: a ring transfer timed out")
         return self._received
+
+
+def _peer_failure(group, error) -> RuntimeError:
+    return RuntimeError(
+        f"ring attention: rank {dist.get_rank(group)} of group {group.group_name!r} could not complete a "
+        f"ring transfer; a peer has died or is stuck (the group's timeout bounds the wait): {error}"
+    )
 
 
 def group_timeout(group: dist.ProcessGroup) -> datetime.timedelta | None:
@@ -211,7 +214,10 @@ def run_on_group(program: RankProgram, group: dist.ProcessGroup) -> Any:
             answer = _post_exchange(request, group, rank, world, timeout)
         elif isinstance(request, AllGather):
             out = [torch.empty_like(request.tensor) for _ in range(world)]
-            dist.all_gather(out, request.tensor.contiguous(), group=group)
+            try:
+                dist.all_gather(out, request.tensor.contiguous(), group=group)
+            except Exception as e:  # noqa: BLE001 - a dead or stuck peer ends here
+                raise _peer_failure(group, e) from e
             answer = torch.stack(out)
         else:
             raise TypeError(f"unknown ring request {request!r}")
