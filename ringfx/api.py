@@ -1,0 +1,132 @@
+"""``ringfx.transform`` and ``ringfx.explain``: capture -> passes -> runtime.
+
+    model = ringfx.transform(model, mesh=mesh)        # same call signature
+    out = model(ringfx.shard(ids, 1), ringfx.shard(pos, 1))
+    print(ringfx.explain(model, ids, pos))            # per-site table, graph breaks
+
+``transform`` captures with dynamo (static shapes unless ``dynamic=True``), rewrites every
+attention in every captured graph and runs the rest eagerly (``inner="eager"``, the
+default here; ``"inductor"`` / ``"aot_eager"`` to compile it). ``explain`` captures the
+same way but runs the *original* graphs, recording the rewritten ones.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from .backend import BackendConfig, CompiledGraph, ringfx_backend
+from .passes.sites import SiteRecord
+
+__all__ = ["ExplainReport", "RingModule", "explain", "transform"]
+
+
+@dataclass
+class ExplainReport:
+    """What ringfx found in a model: one row per attention site, the rewritten graphs and
+    the graph breaks dynamo made."""
+
+    sites: list[SiteRecord] = field(default_factory=list)
+    graph_modules: list[fx.GraphModule] = field(default_factory=list)
+    graph_breaks: list[str] = field(default_factory=list)
+
+    @property
+    def rewritten(self) -> list[SiteRecord]:
+        return [s for s in self.sites if s.decision == "rewritten"]
+
+    @property
+    def left_alone(self) -> list[SiteRecord]:
+        return [s for s in self.sites if s.decision != "rewritten"]
+
+    def __str__(self) -> str:
+        head = ("graph", "source line", "pattern", "mask", "decision")
+        rows = [(str(s.graph_index), s.source_line, s.pattern, s.mask_kind,
+                 s.decision + (f": {s.reason}" if s.reason else "")) for s in self.sites]
+        widths = [min(60, max(len(r[i]) for r in [head] + rows)) for i in range(4)]
+        fmt = lambda r: "  ".join(c[:w].ljust(w) for c, w in zip(r[:4], widths)) + "  " + r[4]
+        lines = [f"ringfx: {len(self.sites)} attention site(s) in {len(self.graph_modules)} graph(s), "
+                 f"{len(self.rewritten)} rewritten, {len(self.left_alone)} left alone, "
+                 f"{len(self.graph_breaks)} graph break(s)", fmt(head), fmt(tuple("-" * w for w in widths) + ("-" * 8,))]
+        lines += [fmt(r) for r in rows]
+        lines += [f"graph break: {b}" for b in self.graph_breaks]
+        return "\n".join(lines)
+
+
+class RingModule(nn.Module):
+    """``transform``'s result: calls the compiled model; ``reports`` holds one
+    ``CompiledGraph`` per graph compiled so far (sites and rewritten graph module)."""
+
+    def __init__(self, module: nn.Module, compiled, reports: list[CompiledGraph]):
+        super().__init__()
+        self.module = module
+        self._compiled = compiled
+        self.reports = reports
+        self.__signature__ = inspect.signature(module.forward)
+
+    def forward(self, *args, **kwargs):
+        # a recompile past dynamo's limit would silently run the unrewritten model
+        with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+            return self._compiled(*args, **kwargs)
+
+    @property
+    def sites(self) -> list[SiteRecord]:
+        return [s for g in self.reports for s in g.sites]
+
+
+def transform(model: nn.Module, mesh=None, **options) -> RingModule:
+    """Wrap ``model`` so that every attention runs as exact ring attention on ``mesh``.
+
+    Args:
+        model: any ``nn.Module`` (or callable); not copied, its parameters are shared.
+        mesh: the ring: None (default process group), a ProcessGroup, a 1-D DeviceMesh,
+            ``(mesh, dim)`` or ``ringfx.LoopbackRing(P)``.
+        **options: ``layout`` ("contiguous" | "zigzag"), ``inner`` ("eager" default,
+            "aot_eager", "inductor", or a backend), ``strict`` (True: raise
+            ``UnsupportedError`` for attention that cannot be rewritten on P > 1),
+            ``kernel``, ``dynamic`` (passed to torch.compile; default False).
+
+    The caller shards the sequence inputs with ``ringfx.shard`` (same layout and ring).
+    """
+    if not callable(model):
+        raise TypeError(f"transform(model=...) needs an nn.Module or callable, got {type(model).__name__}")
+    dynamic = options.pop("dynamic", False)
+    options.setdefault("inner", "eager")
+    reports: list[CompiledGraph] = []
+    config = BackendConfig.from_options({**options, "mesh": mesh, "collector": reports})
+    backend = _bound_backend(config)
+    compiled = torch.compile(model, backend=backend, dynamic=dynamic)
+    return RingModule(model, compiled, reports)
+
+
+def explain(model, *args, **kwargs) -> ExplainReport:
+    """Capture ``model(*args, **kwargs)``, find and classify its attention, and report.
+
+    The model runs unchanged (the rewritten graphs are recorded, not run). Decisions are
+    those for the default ring (the default process group if initialised, else one rank).
+    """
+    if isinstance(model, RingModule):
+        model = model.module
+    collected: list[CompiledGraph] = []
+    config = BackendConfig.from_options({"inner": "eager", "strict": False, "execute": "original",
+                                         "collector": collected})
+    torch._dynamo.reset()
+    torch.compile(model, backend=_bound_backend(config), dynamic=False)(*args, **kwargs)
+    breaks: list[str] = []
+    if len(collected) > 1:
+        torch._dynamo.reset()
+        out = torch._dynamo.explain(model)(*args, **kwargs)
+        breaks = [f"{getattr(b, 'reason', b)}" for b in out.break_reasons]
+    torch._dynamo.reset()
+    return ExplainReport([s for g in collected for s in g.sites], [g.graph_module for g in collected], breaks)
+
+
+def _bound_backend(config: BackendConfig):
+    def ringfx_bound_backend(gm, example_inputs):
+        return ringfx_backend(gm, example_inputs, options=config)
+
+    return ringfx_bound_backend

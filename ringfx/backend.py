@@ -1,0 +1,139 @@
+"""The ``torch.compile`` backend: ``torch.compile(model, backend="ringfx")``.
+
+Registered through the ``torch_dynamo_backends`` entry point, so the name resolves
+without importing ringfx. Dynamo hands over each captured (torch-level) graph; the
+attention passes rewrite it and the result goes to an inner compiler (inductor unless
+``options={"inner": "aot_eager" | "eager" | callable}``).
+
+Options (``torch.compile(..., options={...})`` arrives here as ``options``):
+
+    group / mesh   the ring: None (default process group if initialised, else a ring of
+                   one), a ProcessGroup, a 1-D DeviceMesh, (mesh, dim), a LoopbackRing, a name
+    layout         "contiguous" (default) or "zigzag"; must match how inputs were sharded
+    inner          "inductor" (default), "aot_eager", "eager", or a backend callable
+    strict         True (default): on a ring of P > 1, an attention that cannot be
+                   rewritten raises UnsupportedError instead of running wrongly on shards
+    kernel         per-block kernel of the ring op ("auto")
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+import torch.distributed as dist
+import torch.fx as fx
+
+from .errors import UnsupportedError
+from .passes import PassOptions, run_passes
+from .passes.sites import SiteRecord
+
+log = logging.getLogger("ringfx.backend")
+
+_KNOWN = {"group", "mesh", "layout", "inner", "strict", "kernel", "collector", "execute"}
+
+
+@dataclass
+class CompiledGraph:
+    """One graph the backend saw: its rewritten module and its attention sites."""
+
+    index: int
+    graph_module: fx.GraphModule
+    sites: list[SiteRecord] = field(default_factory=list)
+
+
+@dataclass
+class BackendConfig:
+    pass_options: PassOptions
+    inner: Any = "inductor"
+    strict: bool = True
+    # explain() runs the original graph while it records the rewritten one
+    execute: str = "rewritten"
+    collector: Optional[list] = None
+
+    @staticmethod
+    def from_options(options: Optional[dict]) -> "BackendConfig":
+        options = dict(options or {})
+        unknown = set(options) - _KNOWN
+        if unknown:
+            raise ValueError(f"unknown ringfx option(s) {sorted(unknown)}; known: {sorted(_KNOWN - {'collector', 'execute'})}")
+        if "group" in options and "mesh" in options and options["group"] is not options["mesh"]:
+            raise ValueError("pass the ring as either group= or mesh=, not both")
+        group = options.get("group", options.get("mesh"))
+        name = resolve_group_name(group)
+        from .runtime import ring_size
+
+        size = ring_size(name)
+        inner = options.get("inner", "inductor")
+        if not (callable(inner) or inner in ("inductor", "aot_eager", "eager")):
+            raise ValueError(f"inner={inner!r}: use 'inductor', 'aot_eager', 'eager' or a backend callable")
+        execute = options.get("execute", "rewritten")
+        if execute not in ("rewritten", "original"):
+            raise ValueError(f"execute={execute!r}: use 'rewritten' or 'original'")
+        return BackendConfig(
+            PassOptions(group_name=name, layout=options.get("layout", "contiguous"), ring_size=size,
+                        loopback=name.startswith("loopback:"), kernel=options.get("kernel", "auto")),
+            inner=inner, strict=bool(options.get("strict", True)), execute=execute,
+            collector=options.get("collector"))
+
+
+def resolve_group_name(group: Any) -> str:
+    """The ring op's group name for ``group`` (None: the default process group when
+    torch.distributed is initialised, otherwise a loopback ring of one rank)."""
+    from .runtime import group_name_of
+
+    if group is None and not (dist.is_available() and dist.is_initialized()):
+        return "loopback:1"
+    return group_name_of(group)
+
+
+def ringfx_backend(gm: fx.GraphModule, example_inputs, **kwargs) -> Callable:
+    """Dynamo backend: rewrite attention in ``gm``, then compile it with the inner backend."""
+    options = kwargs.pop("options", None)
+    if kwargs:
+        options = {**(options or {}), **kwargs}
+    config = options if isinstance(options, BackendConfig) else BackendConfig.from_options(options)
+    original = None
+    if config.execute == "original":
+        graph, values = fx.Graph(), {}
+        graph.output(graph.graph_copy(gm.graph, values))
+        original = fx.GraphModule(gm, graph)
+    gm, reports = run_passes(gm, options=config.pass_options)
+    records = reports[-1].sites
+    if config.collector is not None:
+        index = len(config.collector)
+        for r in records:
+            r.graph_index = index
+        config.collector.append(CompiledGraph(index, gm, records))
+    _check_strict(records, config)
+    if original is not None:
+        return original.forward
+    return compile_inner(gm, example_inputs, config.inner)
+
+
+def _check_strict(sites, config: BackendConfig) -> None:
+    if not config.strict or config.pass_options.ring_size == 1 or config.execute == "original":
+        return
+    left = [s for s in sites if s.decision != "rewritten"]
+    if left:
+        s = left[0]
+        raise UnsupportedError(
+            f"attention at {s.source_line} ({s.pattern}) cannot be rewritten: {s.reason}. On a ring of "
+            f"{config.pass_options.ring_size} ranks it would attend only to this rank's shard. Change the "
+            "model as the reason says, or pass strict=False to run it unrewritten (wrong on shards)")
+
+
+def compile_inner(gm: fx.GraphModule, example_inputs, inner) -> Callable:
+    if callable(inner):
+        return inner(gm, example_inputs)
+    if inner == "eager":
+        return gm.forward
+    if inner == "inductor":
+        from torch._inductor.compile_fx import compile_fx
+
+        return compile_fx(gm, example_inputs)
+    from torch._dynamo.backends.registry import lookup_backend
+
+    return lookup_backend(inner)(gm, example_inputs)

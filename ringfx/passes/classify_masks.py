@@ -1,0 +1,373 @@
+"""Classify the masks of each attention site by provenance (analysis only).
+
+For every ``MaskTerm`` of every site recorded by ``find_attention_pass``::
+
+    keep = causal[:, :, :S, :S]             # built from sizes / buffers  -> causal, window, none
+    s = s + (1.0 - pad[:, None, None, :]) * -1e4   # per key, from an input -> key_bias (gathered)
+    s = s.masked_fill(pad[:, None, None, :] == 0, -inf)   # per key, bool   -> key_padding
+    keep = seg[:, None, :, None] == seg[:, None, None, :]  # two views of one input -> segment_ids
+    s = s + user_mask                       # anything else from an input   -> dense (attn_bias)
+
+A mask built only from sizes, parameters and buffers is evaluated at the traced length
+n and, with every literal n replaced, at larger lengths (and at lengths past any other
+integer constant in its subgraph, so that a sliding window wider than n is seen); it
+must come out the same causal / window / all-attend pattern at every size that evaluates.
+A per-key mask is recognised by shape (its query axis has size 1): it is O(S), so it is
+passed as key padding or gathered along the ring. A dense mask is passed block-wise as
+``attn_bias`` — on a real ring only if its key columns already span the whole sequence.
+Whatever is not proven is marked ``unsupported`` and its site is left alone.
+
+Sums and conjunctions of masks (``a + b``, ``a & b``) are split into their parts first.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Optional
+
+import torch
+import torch.fx as fx
+
+from .find_attention import MASKED_FILL_LIMIT, sites_of
+from .node_facts import (arg, dtype_of, is_model_state, normalize_dim, op_name, real_value, scalar,
+                         shape_of)
+from .options import PassOptions
+from .sites import REWRITE, AttentionSite, MaskTerm, PassReport, SiteRecord
+
+log = logging.getLogger("ringfx.passes")
+
+_RANDOM_OPS = frozenset({"rand", "randn", "randint", "rand_like", "randn_like", "bernoulli", "dropout",
+                         "normal", "multinomial", "uniform_"})
+_VIEW_OPS = frozenset({"view", "reshape", "unsqueeze", "expand", "getitem", "contiguous", "to", "long", "int"})
+
+
+def classify_masks_pass(gm: fx.GraphModule, *, options: Optional[PassOptions] = None
+                        ) -> tuple[fx.GraphModule, PassReport]:
+    """Set ``kind`` on every mask term and the descriptor fields of every site."""
+    options = options or PassOptions()
+    report = PassReport("classify_masks")
+    placeholder_values = _placeholder_values(gm, options)
+    for site in sites_of(gm):
+        if site.decision == REWRITE:
+            classify_site(gm, site, options, placeholder_values)
+        report.sites.append(SiteRecord.of(site))
+    report.skipped = sum(s.decision != "rewritten" for s in report.sites)
+    log.info("classify_masks: %d sites, masks %s", len(report.sites),
+             sorted({s.mask_kind for s in report.sites}) or "-")
+    return gm, report
+
+
+def classify_site(gm, site: AttentionSite, options: PassOptions, values: dict) -> None:
+    sq = _canonical_len(site)
+    site.terms = [t for term in site.terms for t in _split(term)]
+    for term in site.terms:
+        classify_term(gm, term, sq, values, options)
+    kinds = [t.kind for t in site.terms]
+    bad = [t for t in site.terms if t.kind == "unsupported"]
+    if bad:
+        site.mask_kind = "unsupported"
+        site.skip(f"mask not proven safe on shards: {bad[0].detail}")
+        return
+    windows = {t.window for t in site.terms if t.kind == "window"}
+    if len(windows) > 1:
+        site.skip(f"several sliding windows {sorted(windows)} on one attention")
+        return
+    if windows:
+        site.window = windows.pop()
+    if any(t.kind == "causal" for t in site.terms) or any(t.kind == "window" and t.detail == "causal" for t in site.terms):
+        site.causal = True
+    if sum(k == "segment_ids" for k in kinds) > 1:
+        site.skip("more than one segment-id mask")
+        return
+    if "dense" in kinds and options.ring_size > 1 and not options.loopback:
+        dense = next(t for t in site.terms if t.kind == "dense")
+        cols = (shape_of(dense.node) or (None,))[-1]
+        site.skip(f"dense mask {dense.node.name} holds {cols} key columns, this rank's only: on a ring "
+                  f"of {options.ring_size} it must span all keys (pass key padding / segment ids instead)")
+        return
+    parts = []
+    if site.causal:
+        parts.append("causal")
+    if site.window:
+        parts.append(f"window({site.window})")
+    parts += sorted({k for k in kinds if k not in ("none", "causal", "window")})
+    site.mask_kind = "+".join(parts) or "none"
+
+
+def _canonical_len(site: AttentionSite) -> int:
+    s = shape_of(site.q.node)
+    if site.q.permute is not None:
+        s = tuple(s[i] for i in site.q.permute)
+    return s[-2]
+
+
+def _split(term: MaskTerm) -> list[MaskTerm]:
+    """``a + b`` (additive), ``a & b`` (keep), ``a | b`` (drop) -> separate terms."""
+    name = op_name(term.node)
+    pairs = {"additive": "add", "keep": "logical_and", "drop": "logical_or"}
+    if name == pairs.get(term.form) and len(term.node.args) >= 2 and \
+            all(isinstance(a, fx.Node) for a in term.node.args[:2]) and term.node.kwargs.get("alpha", 1) == 1:
+        return [t for a in term.node.args[:2] for t in _split(MaskTerm(a, term.form))]
+    return [term]
+
+
+# --------------------------------------------------------------- one term
+
+def classify_term(gm, term: MaskTerm, n: int, values: dict, options: PassOptions) -> None:
+    shape = shape_of(term.node)
+    if shape is None:
+        term.kind, term.detail = "unsupported", f"mask {term.node.name} has no recorded shape"
+        return
+    shape = (1,) * max(0, 2 - len(shape)) + tuple(shape)
+    if dtype_of(term.node) != torch.bool and term.form != "additive":
+        term.kind, term.detail = "unsupported", f"mask {term.node.name} is not boolean"
+        return
+    ancestors = _ancestors(term.node)
+    if _random(ancestors):
+        term.kind, term.detail = "unsupported", f"mask {term.node.name} depends on a random op"
+        return
+    if _static(ancestors):
+        _classify_static(gm, term, n, ancestors, values, options)
+        return
+    if shape[-2] == 1 and shape[-1] == 1:
+        if term.form == "additive":
+            term.kind, term.detail = "none", "adds a constant per query row (softmax ignores it)"
+        else:
+            term.kind, term.detail = "unsupported", f"mask {term.node.name} masks whole query rows"
+        return
+    if shape[-2] == 1 and shape[-1] == n:
+        term.kind = "key_bias" if term.form == "additive" else "key_padding"
+        return
+    if shape[-2] == n and shape[-1] == 1:
+        term.kind, term.detail = ("none", "constant per query row") if term.form == "additive" else \
+            ("unsupported", f"mask {term.node.name} masks whole query rows")
+        return
+    seg = _segment_ids(term)
+    if seg is not None:
+        term.kind, term.segment_node = "segment_ids", seg
+        return
+    term.kind = "dense"
+
+
+def _ancestors(node: fx.Node) -> list[fx.Node]:
+    seen, stack = {}, [node]
+    while stack:
+        x = stack.pop()
+        if x in seen:
+            continue
+        seen[x] = None
+        stack.extend(x.all_input_nodes)
+    order = {n: i for i, n in enumerate(node.graph.nodes)}
+    return sorted(seen, key=order.__getitem__)
+
+
+def _random(nodes) -> bool:
+    return any(op_name(n) in _RANDOM_OPS for n in nodes)
+
+
+def _is_size_input(node: fx.Node) -> bool:
+    v = real_value(node)
+    ex = node.meta.get("example_value")
+    return isinstance(v, (int, torch.SymInt)) or isinstance(ex, (int, torch.SymInt))
+
+
+def _static(nodes) -> bool:
+    """Built only from sizes, parameters and buffers (no per-call input data)."""
+    return all(is_model_state(n) or _is_size_input(n) for n in nodes if n.op == "placeholder")
+
+
+def _segment_ids(term: MaskTerm) -> Optional[fx.Node]:
+    """``seg[:, None, :, None] == seg[:, None, None, :]`` (keep) or ``!=`` (drop)."""
+    name = op_name(term.node)
+    if (term.form, name) not in (("keep", "eq"), ("drop", "ne")) or len(term.node.args) < 2:
+        return None
+    a, b = term.node.args[:2]
+    if not isinstance(a, fx.Node) or not isinstance(b, fx.Node):
+        return None
+    sa, sb = shape_of(a), shape_of(b)
+    if not sa or not sb or len(sa) < 2 or len(sb) < 2:
+        return None
+    base_a, base_b = _view_base(a), _view_base(b)
+    if base_a is None or base_a is not base_b:
+        return None
+    bs = shape_of(base_a)
+    if not bs or len(bs) != 2 or dtype_of(base_a) in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        return None
+    s = bs[1]
+    if {(sa[-2], sa[-1]), (sb[-2], sb[-1])} != {(s, 1), (1, s)}:
+        return None
+    return base_a
+
+
+def _view_base(node: fx.Node) -> Optional[fx.Node]:
+    while op_name(node) in _VIEW_OPS and isinstance(node.args[0], fx.Node):
+        if op_name(node) == "getitem" and not all(i is None or i == slice(None) or i is Ellipsis
+                                                   for i in (node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],))):
+            return None
+        node = node.args[0]
+    return node
+
+
+# ------------------------------------------------------ static evaluation
+
+def _placeholder_values(gm: fx.GraphModule, options: PassOptions) -> dict:
+    values = {}
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for i, node in enumerate(placeholders):
+        v = real_value(node)
+        if v is None and options.example_inputs is not None and i < len(options.example_inputs):
+            v = options.example_inputs[i]
+        values[node] = v
+    return values
+
+
+def _int_constants(nodes) -> set[int]:
+    found = set()
+
+    def visit(x):
+        if isinstance(x, bool):
+            return
+        if isinstance(x, int):
+            found.add(abs(x))
+        elif isinstance(x, (tuple, list)):
+            for y in x:
+                visit(y)
+        elif isinstance(x, slice):
+            visit((x.start, x.stop, x.step))
+        elif isinstance(x, dict):
+            visit(tuple(x.values()))
+
+    for n in nodes:
+        visit(n.args)
+        visit(n.kwargs)
+    return found
+
+
+def _evaluate(gm, nodes: list[fx.Node], out: fx.Node, values: dict, n: int, m: int) -> Optional[torch.Tensor]:
+    """Run the mask's subgraph with every integer n (a literal or a size input) set to m."""
+
+    def subst(x):
+        if isinstance(x, bool):
+            return x
+        if isinstance(x, int):
+            return m if x == n else x
+        if isinstance(x, slice):
+            return slice(subst(x.start), subst(x.stop), subst(x.step))
+        if isinstance(x, (tuple, list)):
+            return type(x)(subst(y) for y in x)
+        if isinstance(x, dict):
+            return {k: subst(v) for k, v in x.items()}
+        if isinstance(x, torch.Size):
+            return torch.Size(subst(tuple(x)))
+        return x
+
+    env: dict[fx.Node, Any] = {}
+    try:
+        for node in nodes:
+            load = lambda a: fx.node.map_arg(a, lambda x: env[x])
+            if node.op == "placeholder":
+                v = values.get(node)
+                if v is None:
+                    return None
+                env[node] = subst(int(v)) if isinstance(v, (int, torch.SymInt)) else v
+            elif node.op == "get_attr":
+                obj = gm
+                for part in node.target.split("."):
+                    obj = getattr(obj, part)
+                env[node] = obj
+            else:
+                args, kwargs = subst(load(node.args)), subst(load(node.kwargs))
+                if node.op == "call_function":
+                    env[node] = node.target(*args, **kwargs)
+                elif node.op == "call_method":
+                    env[node] = getattr(args[0], node.target)(*args[1:], **kwargs)
+                elif node.op == "call_module":
+                    env[node] = gm.get_submodule(node.target)(*args, **kwargs)
+        with torch.no_grad():
+            result = env[out]
+    except Exception:  # a size that the subgraph cannot take (e.g. past a buffer's end)
+        return None
+    return result.detach() if isinstance(result, torch.Tensor) else None
+
+
+def _keep_matrix(value: torch.Tensor, form: str, m: int) -> tuple[Optional[torch.Tensor], str]:
+    """Reduce an evaluated mask to one (m, m) bool matrix, True = attend."""
+    v = value
+    while v.dim() < 2:
+        v = v.unsqueeze(0)
+    if v.shape[-1] not in (1, m) or v.shape[-2] not in (1, m):
+        return None, "size"
+    v = v.expand(*v.shape[:-2], m, m).reshape(-1, m, m)
+    if not bool((v == v[:1]).all()):
+        return None, "the mask differs across batch or heads"
+    v = v[0]
+    if form == "additive":
+        if not bool(((v == 0) | (v <= MASKED_FILL_LIMIT)).all()):
+            return None, "it holds values other than 0 and -inf (a bias built from positions)"
+        return v == 0, ""
+    return (v if form == "keep" else ~v), ""
+
+
+def _pattern_of(keep: torch.Tensor) -> Optional[tuple[str, int]]:
+    m = keep.shape[0]
+    i = torch.arange(m).unsqueeze(1)
+    j = torch.arange(m).unsqueeze(0)
+    if bool(keep.all()):
+        return "none", 0
+    if torch.equal(keep, j <= i):
+        return "causal", 0
+    w = int(keep[-1].sum())
+    if 0 < w < m:
+        if torch.equal(keep, (j <= i) & (j > i - w)):
+            return "window", w
+        if torch.equal(keep, j > i - w):
+            return "window_noncausal", w
+    return None
+
+
+def _classify_static(gm, term: MaskTerm, n: int, nodes, values, options: PassOptions) -> None:
+    sizes = [n] + [k * n + 1 for k in options.check_sizes]
+    sizes += sorted({c + n + 1 for c in _int_constants(nodes) if n < c <= 16384})
+    seen: list[tuple[int, tuple[str, int]]] = []
+    for m in sizes:
+        value = _evaluate(gm, nodes, term.node, values, n, m)
+        if value is None:
+            continue
+        keep, why = _keep_matrix(value, term.form, m)
+        if keep is None:
+            if why == "size":
+                continue
+            term.kind, term.detail = "unsupported", f"mask {term.node.name} is built from sizes but {why}"
+            return
+        pattern = _pattern_of(keep)
+        if pattern is None:
+            term.kind = "unsupported"
+            term.detail = (f"mask {term.node.name} is built from sizes/buffers but is not causal, "
+                           f"a sliding window or all-attend (checked at length {m})")
+            return
+        seen.append((m, pattern))
+    if not seen or seen[0][0] != n:
+        term.kind, term.detail = "unsupported", f"mask {term.node.name} could not be evaluated"
+        return
+    windows = {p[1] for _, p in seen if p[0].startswith("window")}
+    kinds = {p[0] for _, p in seen}
+    if len(windows) > 1 or len(kinds - {"causal", "none"}) > 1:
+        term.kind, term.detail = "unsupported", f"mask {term.node.name} changes pattern with length: {seen}"
+        return
+    if windows:
+        w = windows.pop()
+        causal_form = "window" in kinds
+        # smaller lengths may show the window as causal (or all-attend) when w >= m
+        consistent = all(p == (("window" if causal_form else "window_noncausal"), w) or
+                         (m <= w and p[0] == ("causal" if causal_form else "none")) for m, p in seen)
+        if not consistent:
+            term.kind, term.detail = "unsupported", f"mask {term.node.name} changes pattern with length: {seen}"
+            return
+        term.kind, term.window, term.detail = "window", w, "causal" if causal_form else ""
+        return
+    if len(kinds) != 1:
+        term.kind, term.detail = "unsupported", f"mask {term.node.name} changes pattern with length: {seen}"
+        return
+    term.kind = kinds.pop()
+    checked = [m for m, _ in seen]
+    term.detail = f"checked at lengths {checked}"

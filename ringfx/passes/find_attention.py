@@ -1,0 +1,501 @@
+"""Find attention in a captured graph (analysis only; the graph is not changed).
+
+Two anchors:
+
+* every ``F.scaled_dot_product_attention`` call, and
+* every softmax over the last axis whose input walks back to a ``q @ kᵀ`` product and
+  whose output walks forward to a ``probs @ v`` product::
+
+      s = q @ k.transpose(-2, -1)          # matmul / bmm / einsum / baddbmm
+      s = s / math.sqrt(d)                 # or q * d**-0.25 and k * d**-0.25, or alpha=
+      s = s.masked_fill(mask, -inf)        # or s + bias, torch.where(mask, s, finfo.min)
+      p = softmax(s.float(), -1).type_as(q)
+      p = dropout(p, 0.1, training=False)
+      o = p @ v                            # <- AttentionSite stored in o.meta["ringfx"]
+
+Walking back from softmax and forward to ``@ v`` covers the spellings of
+``patterns.PATTERNS`` and their combinations without one subgraph pattern per
+combination. Every node between the two products must have exactly one user, so a
+match whose probabilities or scores escape is recorded as a site with decision ``skip``
+(never rewritten). GQA spelled as ``repeat_interleave`` or ``repeat_kv`` (expand +
+reshape) is looked through, so the ring op receives the un-repeated K/V heads.
+
+A softmax that is not over the key axis, or whose input is no ``q @ kᵀ`` product, is
+not attention and is not recorded.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Optional
+
+import torch
+import torch.fx as fx
+
+from .node_facts import (CASTS, SHAPE_ONLY, arg, dtype_of, normalize_dim, op_name, scalar,
+                         shape_of, source_line)
+from .sites import META_KEY, REWRITE, AttentionSite, MaskTerm, Operand, PassReport, SiteRecord
+
+log = logging.getLogger("ringfx.passes")
+
+SCORE_OPS = ("matmul", "bmm", "einsum", "baddbmm")
+# A fill value at or below this counts as "masked out": exp(-1e4) is 0 in float32 and
+# float64 once subtracted from the row maximum. (Exact unless a whole row is masked.)
+MASKED_FILL_LIMIT = -1.0e4
+
+
+def find_attention_pass(gm: fx.GraphModule, *, options=None) -> tuple[fx.GraphModule, PassReport]:
+    """Record an ``AttentionSite`` in ``node.meta["ringfx"]`` for every attention."""
+    report = PassReport("find_attention")
+    for node in list(gm.graph.nodes):
+        name = op_name(node)
+        if name == "sdpa":
+            site = match_sdpa(node)
+        elif name == "softmax":
+            site = match_softmax_chain(node)
+        else:
+            continue
+        if site is None:
+            continue
+        site.output.meta[META_KEY] = site
+        report.sites.append(SiteRecord.of(site))
+    report.skipped = sum(s.decision != "rewritten" for s in report.sites)
+    log.info("find_attention: %d attention sites (%d cannot be rewritten)",
+             len(report.sites), report.skipped)
+    return gm, report
+
+
+def sites_of(gm: fx.GraphModule) -> list[AttentionSite]:
+    """The sites recorded by find_attention_pass, in graph order."""
+    return [n.meta[META_KEY] for n in gm.graph.nodes if isinstance(n.meta.get(META_KEY), AttentionSite)]
+
+
+# --------------------------------------------------------------------------- SDPA
+
+def match_sdpa(node: fx.Node) -> Optional[AttentionSite]:
+    site = AttentionSite(output=node, pattern="sdpa", source_line=source_line(node), anchor=node)
+    site.chain = [node]
+    q, k, v = (arg(node, i, n) for i, n in enumerate(("query", "key", "value")))
+    mask = arg(node, 3, "attn_mask")
+    dropout_p = arg(node, 4, "dropout_p", 0.0)
+    site.causal = bool(arg(node, 5, "is_causal", False))
+    site.scale = arg(node, 6, "scale", None)
+    if not all(isinstance(x, fx.Node) for x in (q, k, v)):
+        return site.skip("q, k or v is not a tensor of this graph")
+    if isinstance(dropout_p, fx.Node) or (dropout_p or 0.0) > 0.0:
+        return site.skip("dropout active (dropout_p > 0): the ring op runs without dropout")
+    if site.scale is not None and scalar(site.scale) is None:
+        return site.skip("scale is not a constant number")
+    nd = len(shape_of(q) or ())
+    if nd not in (3, 4) or len(shape_of(k) or ()) != nd or len(shape_of(v) or ()) != nd:
+        return site.skip(f"q/k/v have {nd} dims; expected (B, H, S, D) or (B*H, S, D)")
+    site.q, site.k, site.v = Operand(q, None, nd == 3), Operand(k, None, nd == 3), Operand(v, None, nd == 3)
+    site.out_squeeze0 = nd == 3
+    if isinstance(mask, fx.Node):
+        site.terms.append(MaskTerm(mask, "keep" if dtype_of(mask) == torch.bool else "additive"))
+    elif mask is not None:
+        return site.skip("attn_mask is not a tensor of this graph")
+    return _finish(site)
+
+
+# ------------------------------------------------------------------ softmax chain
+
+def match_softmax_chain(softmax: fx.Node) -> Optional[AttentionSite]:
+    x = softmax.args[0] if softmax.args else softmax.kwargs.get("input")
+    xs = shape_of(x)
+    if not isinstance(x, fx.Node) or not xs or len(xs) < 3:
+        return None
+    dim = arg(softmax, 1, "dim", None)
+    if not isinstance(dim, int):
+        return None
+    walk = _walk_scores(x)
+    if walk is None:
+        return None  # softmax over something that is not q @ kᵀ: not attention
+    scores, chain_back, terms, scale, features, problem = walk
+    pv, chain_fwd, fwd_features, escape = _walk_probs(softmax)
+    if pv is None and escape is None:
+        return None  # probabilities never reach a matmul: not attention
+    site = AttentionSite(output=pv if pv is not None else softmax, pattern="", source_line=source_line(softmax),
+                         anchor=softmax)
+    site.chain = chain_back + [softmax] + chain_fwd
+    site.terms, site.scale = terms, scale
+    features = features + fwd_features
+    site.pattern = _spelling(op_name(scores), features, op_name(pv) if pv is not None else "?")
+    if normalize_dim(dim, len(xs)) != len(xs) - 1:
+        return site.skip(f"softmax over dim {dim}, not the key axis (last dim)")
+    if problem:
+        return site.skip(problem)
+    if escape:
+        return site.skip(escape)
+    problem = _decode_products(site, scores, pv)
+    if problem:
+        return site.skip(problem)
+    return _finish(site)
+
+
+def _single_user(node: fx.Node) -> Optional[fx.Node]:
+    users = list(node.users)
+    return users[0] if len(users) == 1 else None
+
+
+def _describe_users(node: fx.Node) -> str:
+    names = ", ".join("returned as a graph output" if u.op == "output" else f"{u.name} ({op_name(u)})"
+                      for u in node.users)
+    return names or "nothing"
+
+
+def _fill_value(x) -> Optional[float]:
+    """A masked-fill value: a Python number, or a ``torch.full([], v)`` scalar tensor."""
+    if scalar(x) is not None:
+        return scalar(x)
+    if op_name(x) == "full" and shape_of(x) == () and scalar(arg(x, 1, "fill_value")) is not None:
+        return scalar(arg(x, 1, "fill_value"))
+    if op_name(x) == "tensor" and x.args and scalar(x.args[0]) is not None:
+        return scalar(x.args[0])
+    return None
+
+
+def _is_masked_value(x) -> bool:
+    v = _fill_value(x)
+    return v is not None and v <= MASKED_FILL_LIMIT
+
+
+def _scalar_factor(node: fx.Node) -> Optional[tuple[fx.Node, float]]:
+    """``t * c``, ``c * t``, ``t / c`` with a Python number c -> (t, factor)."""
+    name = op_name(node)
+    if name not in ("mul", "div") or len(node.args) < 2:
+        return None
+    a, b = node.args[0], node.args[1]
+    if name == "mul":
+        if isinstance(a, fx.Node) and scalar(b) is not None:
+            return a, scalar(b)
+        if isinstance(b, fx.Node) and scalar(a) is not None:
+            return b, scalar(a)
+    elif isinstance(a, fx.Node) and scalar(b) not in (None, 0.0) and not node.kwargs.get("rounding_mode"):
+        return a, 1.0 / scalar(b)
+    return None
+
+
+def _reaches_scores(node, depth: int = 0) -> bool:
+    """Whether ``node`` leads back to a q @ kᵀ product through score-chain ops only."""
+    if not isinstance(node, fx.Node) or depth > 16:
+        return False
+    name = op_name(node)
+    if name in SCORE_OPS:
+        return True
+    if name in CASTS or name in SHAPE_ONLY or _scalar_factor(node):
+        return _reaches_scores(node.args[0], depth + 1)
+    if name == "add":
+        return any(_reaches_scores(a, depth + 1) for a in node.args[:2])
+    if name == "masked_fill":
+        return _reaches_scores(node.args[0], depth + 1)
+    if name == "where" and len(node.args) == 3:
+        return _reaches_scores(node.args[1], depth + 1) or _reaches_scores(node.args[2], depth + 1)
+    return False
+
+
+def _walk_scores(x: fx.Node):
+    """Walk from the softmax input back to the scores product.
+
+    Returns (scores, chain, terms, scale, features, problem) or None if not attention."""
+    chain, terms, features = [], [], []
+    scale, problem = 1.0, ""
+    scale_seen = False  # walking backwards: a scale seen before an add is applied after it
+    while True:
+        if not isinstance(x, fx.Node):
+            return None
+        name = op_name(x)
+        if name in SCORE_OPS:
+            break
+        nxt = None
+        if name in CASTS or name in SHAPE_ONLY:
+            if name in CASTS and "upcast" not in features:
+                features.append("upcast")
+            nxt = x.args[0]
+        elif _scalar_factor(x):
+            nxt, factor = _scalar_factor(x)
+            scale_seen = True
+            scale *= factor
+            if "scale(scores)" not in features:
+                features.append("scale(scores)")
+        elif name == "add" and len(x.args) >= 2 and isinstance(x.args[0], fx.Node) and isinstance(x.args[1], fx.Node):
+            if x.kwargs.get("alpha", 1) != 1:
+                return None
+            a, b = x.args[0], x.args[1]
+            if _reaches_scores(a):
+                nxt, term = a, b
+            elif _reaches_scores(b):
+                nxt, term = b, a
+            else:
+                return None
+            terms.append(MaskTerm(term, "additive"))
+            if scale_seen:
+                problem = problem or "the scores are scaled after an additive mask was added"
+            features.append("add")
+        elif name == "masked_fill":
+            if not _is_masked_value(arg(x, 2, "value")):
+                return None
+            terms.append(MaskTerm(x.args[1], "drop"))
+            features.append("masked_fill")
+            nxt = x.args[0]
+        elif name == "where" and len(x.args) == 3:
+            cond, a, b = x.args
+            if isinstance(a, fx.Node) and _reaches_scores(a) and _is_masked_value(b):
+                terms.append(MaskTerm(cond, "keep"))
+                nxt = a
+            elif isinstance(b, fx.Node) and _reaches_scores(b) and _is_masked_value(a):
+                terms.append(MaskTerm(cond, "drop"))
+                nxt = b
+            else:
+                return None
+            features.append("where")
+        else:
+            return None
+        if chain and len(x.users) != 1:
+            problem = problem or f"the scores are also used by {_describe_users(x)}"
+        chain.append(x)
+        x = nxt
+    if chain and len(x.users) != 1:
+        problem = problem or f"the scores are also used by {_describe_users(x)}"
+    elif not chain and len(x.users) != 1:
+        problem = problem or f"the scores are also used by {_describe_users(x)}"
+    return x, [x] + chain[::-1], terms[::-1], scale, features[::-1] + ["softmax"], problem
+
+
+def _walk_probs(softmax: fx.Node):
+    """Walk from softmax forward to ``probs @ v``: (pv, chain, features, escape)."""
+    chain, features = [], []
+    y = softmax
+    while True:
+        user = _single_user(y)
+        if user is None or user.op == "output":
+            return None, chain, features, f"attention probabilities escape: used by {_describe_users(y)}"
+        name = op_name(user)
+        if name in CASTS or name in SHAPE_ONLY:
+            pass
+        elif name == "dropout":
+            p = arg(user, 1, "p", 0.5)
+            training = arg(user, 2, "training", True)
+            if isinstance(p, fx.Node) or isinstance(training, fx.Node):
+                return None, chain, features, "dropout with a non-constant p or training flag"
+            features.append("dropout")
+            if p > 0 and training:
+                chain.append(user)
+                return user, chain, features, "dropout active in training (p > 0)"
+        elif name in ("matmul", "bmm") and user.args[0] is y:
+            return user, chain + [user], features, None
+        elif name == "einsum" and _einsum_operands(user)[1][:1] == [y]:
+            return user, chain + [user], features, None
+        else:
+            if name in SCORE_OPS:
+                return None, chain, features, f"attention probabilities used by {user.name} ({name})"
+            return None, chain, features, f"attention probabilities used by {user.name} ({name})"
+        chain.append(user)
+        y = user
+
+
+# ---------------------------------------------------------------- products
+
+def _einsum_operands(node: fx.Node) -> tuple[str, list]:
+    eq = node.args[0] if node.args else node.kwargs.get("equation")
+    ops = list(node.args[1:])
+    if len(ops) == 1 and isinstance(ops[0], (list, tuple)):
+        ops = list(ops[0])
+    return (eq.replace(" ", "") if isinstance(eq, str) else ""), ops
+
+
+def _strip_scale(node: fx.Node) -> tuple[fx.Node, float]:
+    factor = 1.0
+    while _scalar_factor(node):
+        node, f = _scalar_factor(node)
+        factor *= f
+    return node, factor
+
+
+def _swaps_last_two(node: fx.Node) -> bool:
+    shape = shape_of(node.args[0]) if node.args else None
+    if shape is None:
+        return False
+    nd = len(shape)
+    if op_name(node) == "transpose":
+        d0, d1 = arg(node, 1, "dim0"), arg(node, 2, "dim1")
+        return isinstance(d0, int) and isinstance(d1, int) and \
+            {normalize_dim(d0, nd), normalize_dim(d1, nd)} == {nd - 2, nd - 1}
+    if op_name(node) == "permute":
+        dims = node.args[1:] if len(node.args) > 2 else (node.args[1] if len(node.args) > 1 else node.kwargs.get("dims"))
+        dims = [normalize_dim(d, nd) for d in dims]
+        return dims == list(range(nd - 2)) + [nd - 1, nd - 2]
+    return False
+
+
+def _decode_products(site: AttentionSite, scores: fx.Node, pv: fx.Node) -> str:
+    """Fill q/k/v operands (with layout fixes), scale and output layout. Returns a
+    problem string, or "" on success."""
+    sname = op_name(scores)
+    if sname in ("matmul", "bmm", "baddbmm"):
+        if sname == "baddbmm":
+            bias, a, bt = scores.args[0], scores.args[1], scores.args[2]
+            beta, alpha = scores.kwargs.get("beta", 1), scores.kwargs.get("alpha", 1)
+            if scalar(alpha) is None or scalar(beta) is None:
+                return "baddbmm with non-constant alpha/beta"
+            site.scale *= alpha
+            if beta == 1:
+                site.terms.insert(0, MaskTerm(bias, "additive"))
+            elif beta != 0:
+                return f"baddbmm with beta={beta} scales the bias"
+        else:
+            a, bt = scores.args[0], scores.args[1]
+        if not isinstance(a, fx.Node) or not isinstance(bt, fx.Node):
+            return "scores operands are not tensors"
+        q, fq = _strip_scale(a)
+        kt, fk = _strip_scale(bt)
+        if op_name(kt) in ("transpose", "permute") and _swaps_last_two(kt):
+            k, fk2 = _strip_scale(kt.args[0])
+            k_op = Operand(k)
+        else:
+            k, fk2 = kt, 1.0
+            nd = len(shape_of(kt) or ())
+            if nd < 3:
+                return "scores operand has fewer than 3 dims"
+            k_op = Operand(k, permute=tuple(range(nd - 2)) + (nd - 1, nd - 2))
+        if fq != 1.0 or fk * fk2 != 1.0:
+            site.pattern = site.pattern.replace("/", "/scale(q,k)/", 1)
+        site.scale *= fq * fk * fk2
+        nd = len(shape_of(q) or ())
+        if nd not in (3, 4):
+            return f"scores are {nd}-D; expected (B, H, S, S) or (B*H, S, S)"
+        site.q, site.k = Operand(q, None, nd == 3), k_op
+        site.k.unsqueeze0 = nd == 3
+        if op_name(pv) == "einsum":
+            return "probs @ v spelled with einsum after a matmul q @ kᵀ"
+        v = pv.args[1]
+        if len(shape_of(v) or ()) != nd:
+            return "v has a different rank from q"
+        site.v = Operand(v, None, nd == 3)
+        site.out_squeeze0 = nd == 3
+        return ""
+    # einsum
+    eq, ops = _einsum_operands(scores)
+    if "..." in eq or "->" not in eq or len(ops) != 2:
+        return f"einsum {eq!r} is not a two-operand explicit equation"
+    (x, y), z = eq.split("->")[0].split(","), eq.split("->")[1]
+    contracted = [c for c in x if c in y and c not in z]
+    if len(z) not in (3, 4) or len(contracted) != 1 or z[-2] not in x or z[-2] in y or z[-1] not in y or z[-1] in x:
+        return f"einsum {eq!r} is not q·kᵀ with the query and key axes last"
+    batch, d = z[:-2], contracted[0]
+    if any(c not in x or c not in y for c in batch) or len(x) != len(z) or len(y) != len(z):
+        return f"einsum {eq!r} has batch axes missing from an operand"
+    q, fq = _strip_scale(ops[0])
+    k, fk = _strip_scale(ops[1])
+    site.scale *= fq * fk
+    if fq != 1.0 or fk != 1.0:
+        site.pattern = site.pattern.replace("/", "/scale(q,k)/", 1)
+    perm_q = tuple(x.index(c) for c in batch + z[-2] + d)
+    perm_k = tuple(y.index(c) for c in batch + z[-1] + d)
+    ident = tuple(range(len(z)))
+    site.q = Operand(q, None if perm_q == ident else perm_q, len(z) == 3)
+    site.k = Operand(k, None if perm_k == ident else perm_k, len(z) == 3)
+    if op_name(pv) != "einsum":
+        v = pv.args[1]
+        site.v = Operand(v, None, len(z) == 3)
+        site.out_squeeze0 = len(z) == 3
+        return ""
+    eq2, ops2 = _einsum_operands(pv)
+    if "..." in eq2 or "->" not in eq2 or len(ops2) != 2:
+        return f"einsum {eq2!r} is not a two-operand explicit equation"
+    (p, vl), o = eq2.split("->")[0].split(","), eq2.split("->")[1]
+    if len(p) != len(z) or p[-1] in o or p[-1] not in vl:
+        return f"einsum {eq2!r} does not contract probabilities over the key axis"
+    extra = [c for c in vl if c not in p]
+    if len(extra) != 1 or len(vl) != len(p) or any(c not in vl or c not in o for c in p[:-2]) \
+            or p[-2] not in o or len(o) != len(p):
+        return f"einsum {eq2!r} is not probs·v"
+    e = extra[0]
+    perm_v = tuple(vl.index(c) for c in p[:-2] + p[-1] + e)
+    canon = p[:-2] + p[-2] + e
+    perm_o = tuple(canon.index(c) for c in o)
+    site.v = Operand(ops2[1], None if perm_v == ident else perm_v, len(z) == 3)
+    site.out_permute = None if perm_o == ident else perm_o
+    site.out_squeeze0 = len(z) == 3
+    return ""
+
+
+# ------------------------------------------------------------------------- GQA
+
+def _unrepeated_kv(node: fx.Node) -> Optional[tuple[fx.Node, str]]:
+    """Look through a head repeat: ``repeat_interleave(x, n, dim=1)`` or ``repeat_kv``
+    (``x[:, :, None].expand(B, Hkv, n, S, D).reshape(B, Hkv * n, S, D)``)."""
+    name = op_name(node)
+    if name == "repeat_interleave":
+        x, dim = node.args[0], arg(node, 2, "dim")
+        xs, ns = shape_of(x), shape_of(node)
+        if isinstance(x, fx.Node) and xs and ns and len(xs) == 4 and isinstance(dim, int) \
+                and normalize_dim(dim, 4) == 1 and isinstance(arg(node, 1, "repeats"), int):
+            return x, "repeat_interleave"
+        return None
+    if name in ("reshape", "view") and isinstance(node.args[0], fx.Node):
+        e = node.args[0]
+        es, ns = shape_of(e), shape_of(node)
+        if op_name(e) != "expand" or not es or len(es) != 5 or not ns or len(ns) != 4:
+            return None
+        u = e.args[0]
+        us = shape_of(u)
+        if not us or len(us) != 5 or us[2] != 1:
+            return None
+        if op_name(u) == "unsqueeze" and normalize_dim(arg(u, 1, "dim"), 5) == 2:
+            x = u.args[0]
+        elif op_name(u) == "getitem" and isinstance(u.args[1], tuple) and len(u.args[1]) >= 3 \
+                and u.args[1][2] is None and all(s == slice(None) for s in u.args[1][:2]) \
+                and all(s in (slice(None), Ellipsis) for s in u.args[1][3:]):
+            x = u.args[0]
+        else:
+            return None
+        xs = shape_of(x)
+        if xs and len(xs) == 4 and tuple(ns) == (xs[0], xs[1] * es[2], xs[2], xs[3]):
+            return x, "repeat_kv"
+    return None
+
+
+def _finish(site: AttentionSite) -> AttentionSite:
+    """Shared checks once q, k, v are known: dtypes, heads, GQA look-through, scale."""
+    if site.k.permute is None and site.v.permute is None and not site.k.unsqueeze0:
+        rk, rv = _unrepeated_kv(site.k.node), _unrepeated_kv(site.v.node)
+        if rk and rv and shape_of(rk[0]) == shape_of(rv[0]):
+            site.k, site.v = Operand(rk[0]), Operand(rv[0])
+            site.gqa = rk[1]
+    qs, ks, vs = (shape_of(o.node) for o in (site.q, site.k, site.v))
+    if qs is None or ks is None or vs is None:
+        return site.skip("q/k/v shapes are unknown (run shape propagation first)")
+    dts = {dtype_of(o.node) for o in (site.q, site.k, site.v)}
+    if len(dts) != 1:
+        return site.skip(f"q, k, v have different dtypes {sorted(map(str, dts))}")
+    canon = [_canonical_shape(o, s) for o, s in ((site.q, qs), (site.k, ks), (site.v, vs))]
+    (b, hq, sq, d), (bk, hk, sk, dk), (bv, hv, sv, dv) = canon
+    if not (b == bk == bv) or hk != hv or sk != sv or d != dk:
+        return site.skip(f"q/k/v shapes {canon} do not form one attention")
+    if hq % hk != 0:
+        return site.skip(f"{hq} query heads are not a multiple of {hk} key/value heads")
+    if hk != hq and site.gqa == "none":
+        site.gqa = "broadcast"
+    if sq != sk:
+        return site.skip(f"query length {sq} differs from key length {sk} (cross-attention or a KV cache): "
+                         "a ring shards one sequence")
+    if site.scale is None:
+        site.scale = 1.0 / math.sqrt(d)
+    site.scale = float(site.scale)
+    return site
+
+
+def _canonical_shape(o: Operand, shape: tuple) -> tuple:
+    shape = tuple(shape)
+    if o.permute is not None:
+        shape = tuple(shape[i] for i in o.permute)
+    if o.unsqueeze0:
+        shape = (1,) + shape
+    return shape
+
+
+def _spelling(qk: str, features: list[str], pv: str) -> str:
+    """A readable name of the spelling, e.g. ``matmul/scale(scores)/where/softmax/matmul``."""
+    return "/".join([qk] + features + [pv])

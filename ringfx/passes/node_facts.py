@@ -1,0 +1,157 @@
+"""Small read-only questions about FX nodes, shared by the attention passes.
+
+The passes see graphs from several tracers: dynamo (torch-level calls, values in
+``meta["example_value"]``), ``torch.fx.symbolic_trace`` after shape propagation
+(``meta["tensor_meta"]``) and export / make_fx (``meta["val"]``). Everything here smooths
+those differences over: ``op_name`` maps ``operator.matmul``, ``torch.matmul`` and
+``Tensor.matmul`` all to ``"matmul"``, ``shape_of`` reads whichever meta is present.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any, Optional
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+# Every spelling of an op that the matcher cares about, by canonical name.
+_FUNCTIONS: dict[Any, str] = {
+    operator.matmul: "matmul", torch.matmul: "matmul", torch.bmm: "bmm",
+    torch.einsum: "einsum", torch.functional.einsum: "einsum", torch.baddbmm: "baddbmm",
+    torch.softmax: "softmax", F.softmax: "softmax", torch.special.softmax: "softmax",
+    F.dropout: "dropout", torch.dropout: "dropout",
+    operator.truediv: "div", torch.div: "div", torch.true_divide: "div",
+    operator.mul: "mul", torch.mul: "mul", operator.add: "add", torch.add: "add",
+    operator.sub: "sub", torch.sub: "sub", operator.neg: "neg",
+    operator.invert: "logical_not", torch.logical_not: "logical_not",
+    operator.and_: "logical_and", torch.logical_and: "logical_and",
+    operator.eq: "eq", torch.eq: "eq", operator.ne: "ne", torch.ne: "ne",
+    torch.where: "where", torch.masked_fill: "masked_fill",
+    torch.transpose: "transpose", torch.permute: "permute", torch.swapaxes: "transpose",
+    torch.repeat_interleave: "repeat_interleave", torch.reshape: "reshape",
+    torch.unsqueeze: "unsqueeze", operator.getitem: "getitem", torch.full: "full",
+    torch._C._nn.scaled_dot_product_attention: "sdpa",
+    F.scaled_dot_product_attention: "sdpa",
+}
+_ATEN = {
+    "mm": "matmul", "bmm": "bmm", "_softmax": "softmax", "_safe_softmax": "softmax",
+    "scaled_dot_product_attention": "sdpa",
+}
+_METHOD_ALIASES = {
+    "__matmul__": "matmul", "__truediv__": "div", "__mul__": "mul", "__add__": "add",
+    "__getitem__": "getitem", "swapaxes": "transpose", "swapdims": "transpose",
+    "__and__": "logical_and", "__invert__": "logical_not", "__eq__": "eq", "__ne__": "ne",
+}
+# Pure dtype conversions: softmax upcast to float32 and the cast back.
+CASTS = frozenset({"float", "to", "type_as", "half", "bfloat16", "double", "type"})
+# Ops that move no data across the sequence and keep values: the walk steps over them.
+SHAPE_ONLY = frozenset({"contiguous", "clone"})
+
+
+def op_name(node: Any) -> Optional[str]:
+    """The canonical name of what a node computes, or None for placeholders and outputs."""
+    if not isinstance(node, fx.Node):
+        return None
+    if node.op == "call_method":
+        return _METHOD_ALIASES.get(node.target, node.target)
+    if node.op != "call_function":
+        return None
+    name = _FUNCTIONS.get(node.target)
+    if name is not None:
+        return name
+    if isinstance(node.target, torch._ops.OpOverload):
+        base = node.target.overloadpacket.__name__
+        return _ATEN.get(base, base)
+    return getattr(node.target, "__name__", None)
+
+
+def arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
+    """Argument ``index`` (positional) or ``name`` (keyword) of a call node."""
+    if len(node.args) > index:
+        return node.args[index]
+    return node.kwargs.get(name, default)
+
+
+def value_of(node: Any) -> Any:
+    """The example value recorded on a node by its tracer (a fake or real tensor, a
+    ``TensorMetadata``, a SymInt...), or None."""
+    if not isinstance(node, fx.Node):
+        return None
+    for key in ("val", "example_value", "tensor_meta"):
+        if key in node.meta:
+            return node.meta[key]
+    return None
+
+
+def shape_of(node: Any) -> Optional[tuple]:
+    v = value_of(node)
+    shape = getattr(v, "shape", None)
+    return None if shape is None else tuple(shape)
+
+
+def dtype_of(node: Any) -> Optional[torch.dtype]:
+    return getattr(value_of(node), "dtype", None)
+
+
+def scalar(x: Any) -> Optional[float]:
+    """A Python number argument (not a tensor, not a node), as float; else None."""
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        return None
+    return float(x)
+
+
+def source_line(node: fx.Node) -> str:
+    """The user's source line of a node, ``file:line  code``, from its stack trace."""
+    trace = node.meta.get("stack_trace") or ""
+    lines = [l.strip() for l in trace.strip().splitlines() if l.strip()]
+    for i in range(len(lines) - 1, -1, -1):
+        if lines[i].startswith("File "):
+            where = lines[i]
+            code = lines[i + 1] if i + 1 < len(lines) else ""
+            try:
+                path = where.split('"')[1]
+                lineno = where.split("line ")[1].split(",")[0]
+                where = f"{path.rsplit('/', 1)[-1]}:{lineno}"
+            except IndexError:
+                pass
+            return f"{where}  {code}".strip()
+    return f"<no stack trace: {node.format_node()}>"
+
+
+def placeholder_source(node: fx.Node) -> Optional[str]:
+    """Dynamo's name for where a graph input came from (``L['x']``,
+    ``L['self']._buffers['bias']``), or None for other tracers."""
+    grapharg = node.meta.get("grapharg")
+    source = getattr(grapharg, "source", None)
+    name = getattr(source, "name", None)
+    if callable(name):
+        name = name()
+    return name
+
+
+def is_model_state(node: fx.Node) -> bool:
+    """True for graph inputs that are parameters or buffers, not per-call user data."""
+    if node.op == "get_attr":
+        return True
+    if node.op != "placeholder":
+        return False
+    src = placeholder_source(node) or ""
+    return "._buffers[" in src or "._parameters[" in src or src.startswith("G[")
+
+
+def real_value(node: fx.Node) -> Any:
+    """The concrete value behind a dynamo placeholder (a parameter, buffer or the example
+    input of this compilation), or None."""
+    grapharg = node.meta.get("grapharg")
+    if grapharg is None:
+        return None
+    try:
+        return grapharg.example
+    except Exception:  # the example may have been freed; callers treat None as unknown
+        return None
+
+
+def normalize_dim(dim: int, ndim: int) -> int:
+    return dim + ndim if dim < 0 else dim

@@ -1,0 +1,33 @@
+"""Options shared by the passes: which ring the rewritten graph runs on, in which layout.
+
+``PassOptions`` is plain data so that passes stay pure functions of ``(gm, options)``.
+``group_name`` is the ring op's group argument (``"loopback:P"`` for a LoopbackRing, the
+ProcessGroup's ``group_name`` otherwise); ``ring_size`` and ``loopback`` let the mask
+analysis decide what is correct on shards (a dense mask holding only this rank's key
+columns is not, on a real ring of P > 1).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
+
+
+@dataclass(frozen=True)
+class PassOptions:
+    group_name: str = "loopback:1"
+    layout: str = "contiguous"
+    ring_size: int = 1
+    loopback: bool = True
+    # Values of the graph's placeholders, in order (only needed for graphs that do not
+    # come from dynamo; dynamo records them on the placeholders).
+    example_inputs: Optional[Sequence[Any]] = None
+    kernel: str = "auto"  # per-block kernel of the ring op
+    # Evaluate size-built masks at these extra multiples of the traced length too.
+    check_sizes: tuple[int, ...] = (2, 3)
+
+    def __post_init__(self):
+        if self.layout not in ("contiguous", "zigzag"):
+            raise ValueError(f"layout must be 'contiguous' or 'zigzag', got {self.layout!r}")
+        if not isinstance(self.ring_size, int) or self.ring_size < 1:
+            raise ValueError(f"ring_size must be a positive int, got {self.ring_size!r}")

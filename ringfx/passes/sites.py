@@ -1,0 +1,113 @@
+"""Typed analysis results: what the passes record in ``node.meta["ringfx"]``.
+
+``find_attention_pass`` stores an :class:`AttentionSite` on the node whose value the
+attention produces (the ``probs @ v`` matmul, or the SDPA call).
+``classify_masks_pass`` fills in each :class:`MaskTerm` and the site's descriptor fields;
+``rewrite_attention_pass`` only reads them. :class:`PassReport` is what every pass returns.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch.fx as fx
+
+META_KEY = "ringfx"
+
+# Decisions
+REWRITE = "rewrite"
+SKIP = "skip"
+
+
+@dataclass
+class Operand:
+    """A q / k / v input of an attention, and how to bring it to the ring op's
+    canonical ``(B, H, S, D)``: ``permute`` (or None), then ``unsqueeze0`` for 3-D
+    ``(B*H, S, D)`` spellings."""
+
+    node: fx.Node
+    permute: Optional[tuple[int, ...]] = None
+    unsqueeze0: bool = False
+
+
+@dataclass
+class MaskTerm:
+    """One mask applied to the scores, as written by the model.
+
+    form: ``additive`` (added to the scores), ``keep`` (bool, True = attend) or ``drop``
+    (bool, True = masked out). kind (set by classify_masks_pass): ``none`` (all-attend),
+    ``causal``, ``window``, ``key_padding`` (bool per key), ``key_bias`` (float per key:
+    gathered along the ring, O(S)), ``segment_ids``, ``dense`` (passed block-wise as
+    ``attn_bias``) or ``unsupported`` (site is left alone; ``detail`` says why)."""
+
+    node: fx.Node
+    form: str
+    kind: str = "unclassified"
+    window: int = 0
+    segment_node: Optional[fx.Node] = None
+    detail: str = ""
+
+
+@dataclass
+class AttentionSite:
+    """One attention in the graph, matched from SDPA or from a softmax chain."""
+
+    output: fx.Node
+    pattern: str
+    source_line: str
+    q: Optional[Operand] = None
+    k: Optional[Operand] = None
+    v: Optional[Operand] = None
+    out_permute: Optional[tuple[int, ...]] = None  # ring output (B,H,S,D) -> model layout
+    out_squeeze0: bool = False
+    scale: Optional[float] = None  # None: 1/sqrt(D)
+    causal: bool = False
+    window: int = 0
+    gqa: str = "none"
+    terms: list[MaskTerm] = field(default_factory=list)
+    chain: list[fx.Node] = field(default_factory=list)  # nodes the rewrite replaces
+    anchor: Optional[fx.Node] = None  # the softmax or SDPA node
+    mask_kind: str = "none"
+    decision: str = REWRITE
+    reason: str = ""
+
+    def skip(self, reason: str) -> "AttentionSite":
+        self.decision, self.reason = SKIP, reason
+        return self
+
+
+@dataclass
+class SiteRecord:
+    """A plain, picklable summary of a site for reports (no FX nodes)."""
+
+    graph_index: int
+    source_line: str
+    pattern: str
+    mask_kind: str
+    decision: str
+    reason: str
+    causal: bool
+    window: int
+    gqa: str
+
+    @staticmethod
+    def of(site: AttentionSite, graph_index: int = 0) -> "SiteRecord":
+        return SiteRecord(graph_index, site.source_line, site.pattern, site.mask_kind,
+                          "rewritten" if site.decision == REWRITE else "left alone",
+                          site.reason, site.causal, site.window, site.gqa)
+
+
+@dataclass
+class PassReport:
+    """What a pass did: one line per site, plus a count of what changed."""
+
+    name: str
+    sites: list[SiteRecord] = field(default_factory=list)
+    rewritten: int = 0
+    skipped: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
