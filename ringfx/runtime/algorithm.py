@@ -192,4 +192,5 @@ def backward_program(dout, q, k, v, out, lse, pad, seg, bias, cfg: RingConfig, r
             kv = received[0]
             tok = received[1] if tok is not None else None
     dkv = dkv_pending.wait()[0]
-    return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype)
+    # two separate outputs: a custom op may not return views of one buffer
+    return dq.to(q.dtype), dkv[0].to(k.dtype, copy=True), dkv[1].to(v.dtype, copy=True)

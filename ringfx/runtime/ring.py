@@ -236,16 +236,26 @@ def _post_exchange(request: Exchange, group, rank, world, timeout):
     return _Pending(works, received, group, timeout)
 
 
+def backend_mismatch(backend: str, device_type: str) -> str | None:
+    """Why a group of ``backend`` cannot carry tensors of ``device_type`` (None if it can)."""
+    backend = backend.lower()
+    if ":" in backend:  # e.g. "cpu:gloo,cuda:nccl": one backend per device type
+        table = dict(part.split(":", 1) for part in backend.split(","))
+        if device_type in table:
+            return None
+        return (f"the process group has no backend for {device_type} tensors ({backend}); "
+                f"add one, e.g. 'cpu:gloo,cuda:nccl'")
+    if device_type == "cuda" and backend == "gloo":
+        return ("ring attention got CUDA tensors but a gloo process group; create the ring with "
+                "backend='nccl' (or 'cpu:gloo,cuda:nccl'), or move the tensors to the CPU")
+    if device_type == "cpu" and backend == "nccl":
+        return ("ring attention got CPU tensors but an NCCL process group; use a gloo group for CPU "
+                "tensors (backend='gloo' or 'cpu:gloo,cuda:nccl'), or move the tensors to CUDA")
+    return None
+
+
 def check_backend(group: dist.ProcessGroup, device: torch.device) -> None:
     """Refuse a group whose backend cannot move tensors of ``device``."""
-    backend = str(dist.get_backend(group)).lower()
-    if device.type == "cuda" and backend == "gloo":
-        raise ValueError(
-            "ring attention got CUDA tensors but a gloo process group; create the ring with "
-            "backend='nccl' (or 'cpu:gloo,cuda:nccl'), or move the tensors to the CPU"
-        )
-    if device.type == "cpu" and backend == "nccl":
-        raise ValueError(
-            "ring attention got CPU tensors but an NCCL process group; use a gloo group for CPU "
-            "tensors (backend='gloo' or 'cpu:gloo,cuda:nccl'), or move the tensors to CUDA"
-        )
+    problem = backend_mismatch(str(dist.get_backend(group)), device.type)
+    if problem:
+        raise ValueError(problem)
