@@ -22,6 +22,7 @@ import dataclasses
 import functools
 import logging
 import math
+from fractions import Fraction
 from typing import Callable, Optional
 
 import torch
@@ -39,24 +40,25 @@ INPUTS, ACTIVATIONS, ATTENTION, BACKWARD, GRADIENTS, BUFFERS = (
     "inputs", "activations", "attention buffers", "backward temporaries", "gradients", "buffers")
 
 
+CATEGORIES = (INPUTS, BUFFERS, ACTIVATIONS, ATTENTION, BACKWARD, GRADIENTS)
+
+
 class _LiveBytes(TorchDispatchMode):
-    """Live storage bytes by category, and the peak with its split."""
+    """Live storage bytes by category after every op: the trace the memory model is fitted on."""
 
     def __init__(self):
         super().__init__()
-        self.live = {}            # storage cdata -> [weak ref, bytes, category, serial]
+        self.live = {}            # storage cdata -> [weak ref, bytes, category]
         self.excluded = set()     # storages counted elsewhere (parameters)
         self.category = ACTIVATIONS
-        self.current = 0
-        self.peak = 0
-        self.peak_split = {}
-        self.peak_serials = set()
-        self._serial = 0
+        self.totals = dict.fromkeys(CATEGORIES, 0)
+        self.trace = []           # one tuple of category totals per event, in CATEGORIES order
 
     def _sweep(self):
         dead = [key for key, entry in self.live.items() if entry[0].expired()]
         for key in dead:
-            self.current -= self.live.pop(key)[1]
+            _, nbytes, category = self.live.pop(key)
+            self.totals[category] -= nbytes
 
     def register(self, tensor: torch.Tensor, category: Optional[str]):
         storage = tensor.untyped_storage()
@@ -66,25 +68,19 @@ class _LiveBytes(TorchDispatchMode):
             return
         if ref.cdata in self.live or ref.cdata in self.excluded:
             return
-        self._serial += 1
-        self.live[ref.cdata] = [ref, storage.nbytes(), category, self._serial]
-        self.current += storage.nbytes()
-        if self.current > self.peak:
-            self.peak = self.current
-            split = {}
-            for _, nbytes, cat, _ in self.live.values():
-                split[cat] = split.get(cat, 0) + nbytes
-            self.peak_split = split
-            self.peak_serials = {entry[3] for entry in self.live.values()}
+        self.live[ref.cdata] = [ref, storage.nbytes(), category]
+        self.totals[category] += storage.nbytes()
+
+    def snapshot(self):
+        self.trace.append(tuple(self.totals[c] for c in CATEGORIES))
 
     def relabel(self, tensor: torch.Tensor, category: str):
         """A storage turned out to be something else (a parameter's gradient)."""
         entry = self.live.get(StorageWeakRef(tensor.untyped_storage()).cdata)
         if entry is None or entry[2] == category:
             return
-        if entry[3] in self.peak_serials:
-            self.peak_split[entry[2]] -= entry[1]
-            self.peak_split[category] = self.peak_split.get(category, 0) + entry[1]
+        self.totals[entry[2]] -= entry[1]
+        self.totals[category] += entry[1]
         entry[2] = category
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -93,6 +89,7 @@ class _LiveBytes(TorchDispatchMode):
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor):
                 self.register(t, self.category)
+        self.snapshot()
         return out
 
 
@@ -181,6 +178,7 @@ class StepPeak:
     peak: int
     split: dict
     attention: list
+    trace: list = dataclasses.field(default_factory=list, repr=False)
 
 
 def default_loss(output, inputs):
@@ -197,8 +195,12 @@ def _layer_list(module: torch.nn.Module):
 
 
 @contextlib.contextmanager
-def _checkpointed(module: torch.nn.Module):
-    """Wrap each layer of the model's longest ModuleList in non-reentrant checkpointing."""
+def _checkpointed(module: torch.nn.Module, swap: "_AttentionSwap"):
+    """Wrap each layer of the model's longest ModuleList in non-reentrant checkpointing.
+
+    The recomputation runs inside backward, where torch-function modes of the forward are
+    not active: ``context_fn`` enters a twin of the attention swap for it.
+    """
     layers = _layer_list(module)
     if layers is None:
         raise ValueError("activation_checkpointing=True but the model has no nn.ModuleList of layers to "
@@ -206,8 +208,9 @@ def _checkpointed(module: torch.nn.Module):
     patched = []
     for layer in layers:
         if "forward" not in layer.__dict__:
-            layer.forward = functools.partial(torch.utils.checkpoint.checkpoint, type(layer).forward.__get__(layer),
-                                              use_reentrant=False)
+            layer.forward = functools.partial(
+                torch.utils.checkpoint.checkpoint, type(layer).forward.__get__(layer), use_reentrant=False,
+                context_fn=lambda: (contextlib.nullcontext(), _AttentionSwap(*swap.model)))
             patched.append(layer)
     try:
         yield
@@ -256,10 +259,12 @@ def simulate_step(
     swap = _AttentionSwap(tracker, ring, query_chunks, kernel)
     loss_fn = loss_fn or default_loss
     state = {**params, **buffers}
-    ckpt = _checkpointed(module) if (activation_checkpointing and training) else contextlib.nullcontext()
+    ckpt = _checkpointed(module, swap) if (activation_checkpointing and training) else contextlib.nullcontext()
     grad = torch.enable_grad() if training else torch.no_grad()
-    with ckpt, grad, tracker, swap:
-        output = torch.func.functional_call(module, state, meta_inputs)
+    # the swap of parameters stays on through backward: checkpointed layers recompute there
+    reparametrized = torch.nn.utils.stateless._reparametrize_module(module, state, tie_weights=True)
+    with reparametrized, ckpt, grad, tracker, swap:
+        output = module(*meta_inputs)
         if training:
             loss = loss_fn(output, meta_inputs)
             del output
@@ -267,39 +272,75 @@ def simulate_step(
             loss.backward()
             del loss
         tracker._sweep()
-    split = dict(tracker.peak_split)
-    split = {k: v for k, v in split.items() if v}
-    return StepPeak(peak=tracker.peak, split=split, attention=swap.calls)
+    trace = tracker.trace
+    peak_at = max(range(len(trace)), key=lambda i: sum(trace[i])) if trace else 0
+    split = {c: v for c, v in zip(CATEGORIES, trace[peak_at]) if v} if trace else {}
+    return StepPeak(peak=sum(split.values()), split=split, attention=swap.calls, trace=trace)
 
 
 # -- fitting: a polynomial in the local length, then s = S/P -------------------------------------
 
 
-def fit_memory_terms(run: Callable[[int], StepPeak], points) -> tuple:
-    """Fit each category's bytes at the peak as a polynomial (degree <= 2) in the local
-    length s over ``points[:3]``, check the total at ``points[3]``; returns
-    ``(terms in s, attention calls at points[0], exact)``.
+def fit_peak_envelope(run: Callable[[int], StepPeak], points) -> tuple:
+    """The peak as a function of the local length s: ``max_i p_i(s)`` over the step's events.
 
-    A ring-sharded model holds s = S/P tokens in every tensor, so the caller substitutes
-    s -> S/P.  Ring attention keeps everything linear in s; a quadratic term means the model
-    materialises an s x s tensor (a dense mask) and is reported.
+    Live bytes after event i of the step are a polynomial p_i(s) in the local length (the
+    same program runs at every length; tensors grow with s).  Each event's polynomial
+    (degree <= 2: 3 points) is read off the traces at ``points[:3]`` and checked against
+    ``points[3]``; events below another at every s are dropped.  Returns
+    ``(envelope, attention calls, exact)`` where ``envelope`` is a list of
+    ``{category: polynomial in s}`` (one per surviving event) and ``exact`` says whether
+    all four traces agreed.
     """
     import sympy
 
     from .memory import s_local
 
     runs = [run(int(n)) for n in points]
-    categories = sorted({c for r in runs for c in r.split})
-    terms = {}
-    for cat in categories:
-        pts = [(int(n), r.split.get(cat, 0)) for n, r in zip(points[:3], runs[:3])]
-        terms[cat] = sympy.expand(sympy.interpolate(pts, s_local)) if any(v for _, v in pts) else sympy.Integer(0)
-    total = sum(terms.values(), sympy.Integer(0))
+    lengths = {len(r.trace) for r in runs}
+    if len(lengths) != 1:
+        raise ValueError(f"the model runs a different program at different lengths ({sorted(lengths)} events); "
+                         "its memory cannot be fitted symbolically")
+    import numpy as np
+
+    xs = [int(n) for n in points[:3]]
+    traces = np.array([r.trace for r in runs], dtype=np.float64)       # (4, events, categories)
+    traces, first = np.unique(traces[:3].transpose(1, 0, 2).reshape(traces.shape[1], -1), axis=0,
+                              return_index=True)
+    events = np.array([r.trace for r in runs], dtype=object)[:, first, :]  # exact ints, (runs, kept, categories)
+    # Lagrange on three points, exactly: coefficients (c0, c1, c2) of each event and category
+    (x0, x1, x2) = xs
+    def coefficients(y0, y1, y2):
+        d0, d1, d2 = (x0 - x1) * (x0 - x2), (x1 - x0) * (x1 - x2), (x2 - x0) * (x2 - x1)
+        c2 = Fraction(y0, d0) + Fraction(y1, d1) + Fraction(y2, d2)
+        c1 = -(Fraction(y0 * (x1 + x2), d0) + Fraction(y1 * (x0 + x2), d1) + Fraction(y2 * (x0 + x1), d2))
+        c0 = Fraction(y0 * x1 * x2, d0) + Fraction(y1 * x0 * x2, d1) + Fraction(y2 * x0 * x1, d2)
+        return c0, c1, c2
+    n_events = events.shape[1]
+    coeffs = [[coefficients(*(int(events[k, i, c]) for k in range(3))) for c in range(len(CATEGORIES))]
+              for i in range(n_events)]
+    totals = np.array([[float(sum(cc[d] for cc in line)) for d in range(3)] for line in coeffs])  # (events, 3)
     exact = True
     if len(points) > 3:
-        predicted = total.subs(s_local, int(points[3]))
-        exact = predicted == runs[3].peak
-        if not exact:
-            log.warning("memory fit is not exact at s=%d: predicted %s, simulated %d bytes (the peak moves "
-                        "between phases); using the larger", points[3], predicted, runs[3].peak)
-    return {k: v for k, v in terms.items() if v != 0}, runs[0].attention, exact
+        x3 = int(points[3])
+        for i in range(n_events):
+            predicted = sum(cc[0] + cc[1] * x3 + cc[2] * x3 * x3 for cc in coeffs[i])
+            if predicted != sum(int(v) for v in events[3, i]):
+                exact = False
+                break
+    # keep the events that are the peak somewhere: sampled at s = 2^(k/4) up to 2^40 tokens
+    samples = np.array([2.0 ** (k / 4) for k in range(161)] + [float(n) for n in points])
+    values = totals[:, :1] + totals[:, 1:2] * samples + totals[:, 2:3] * samples ** 2
+    kept = sorted(set(int(i) for i in values.argmax(axis=0)))
+    envelope = []
+    for i in kept:
+        terms = {}
+        for c, (c0, c1, c2) in zip(CATEGORIES, coeffs[i]):
+            poly = sympy.Rational(c0) + sympy.Rational(c1) * s_local + sympy.Rational(c2) * s_local ** 2
+            if poly != 0:
+                terms[c] = poly
+        envelope.append(terms)
+    if not exact:
+        log.warning("memory fit is not exact at s=%d: the model's tensors do not grow polynomially in the "
+                    "sequence; predictions between the fitted lengths are approximate", points[3])
+    return envelope, runs[0].attention, exact
