@@ -65,7 +65,7 @@ class TrainingOptions:
     precision: str = "bf16-mixed"
     optimizer: str = "adam"
     activation_checkpointing: bool = False
-    param_shards: int = 1
+    param_shards: object = 1  # int, or "ring": sharded over the P devices of the ring
     query_chunks: int = 1
     kernel: str = "cudnn"
 
@@ -76,8 +76,11 @@ class TrainingOptions:
             raise ValueError(f"optimizer={self.optimizer!r}: use one of {', '.join(OPTIMIZERS)}")
         if self.kernel not in KERNEL_BACKWARD_WORKSPACE:
             raise ValueError(f"kernel={self.kernel!r}: use one of {', '.join(KERNEL_BACKWARD_WORKSPACE)}")
-        if self.param_shards < 1 or self.query_chunks < 1:
-            raise ValueError("param_shards and query_chunks must be at least 1")
+        if self.param_shards != "ring" and (not isinstance(self.param_shards, int) or self.param_shards < 1):
+            raise ValueError(f"param_shards={self.param_shards!r}: use a whole number >= 1 or 'ring' (FSDP/ZeRO-3 "
+                             "over the ring's devices)")
+        if self.query_chunks < 1:
+            raise ValueError("query_chunks must be at least 1")
 
     @property
     def param_dtype(self) -> torch.dtype:
@@ -96,7 +99,7 @@ def static_terms(param_count: int, options: TrainingOptions) -> dict:
     simulation) so that ``param_shards`` can divide them.
     """
     n = sympy.Integer(param_count)
-    shards = options.param_shards
+    shards = P if options.param_shards == "ring" else options.param_shards
     param_bytes = dtype_bytes(options.param_dtype)
     terms = {"parameters": n * param_bytes / shards}
     if options.training:
@@ -224,29 +227,48 @@ def attention_layer_peak(att: AttentionShape, s, *, ring: bool, query_chunks: in
 
 @dataclasses.dataclass
 class MemoryModel:
-    """Per-device bytes as sympy expressions in S and P, term by term.
+    """Per-device bytes as sympy expressions in S and P.
 
-    ``terms``: name -> expression (static ones have no S or P).  ``peak`` is their sum.
-    ``param_count``: parameters of the model; ``attention``: the attention calls found
-    (shapes at the traced local length); ``ring``: whether the expression is for the ring
-    program (P >= 2) or a single device (P = 1).
+    ``static``: name -> bytes that do not grow with the sequence (parameters, master
+    weights, optimizer state; divided by P when ``param_shards="ring"``).
+    ``envelope``: the step's candidate peak moments, each ``{category: polynomial in S/P}``
+    (inputs, activations, attention buffers, backward temporaries, gradients); the peak is
+    the largest.  ``peak`` is ``sum(static) + Max(envelope)``.
+    ``ring``: the expression is for the ring program (P >= 2) or for one device (P = 1).
     """
 
-    terms: dict
+    static: dict
+    envelope: list
     param_count: int
     attention: list
     ring: bool = True
+    exact: bool = True
     options: Optional[TrainingOptions] = None
-    notes: list = dataclasses.field(default_factory=list)
 
     @property
     def peak(self) -> sympy.Expr:
-        return sum(self.terms.values(), sympy.Integer(0))
+        moments = [sum(m.values(), sympy.Integer(0)) for m in self.envelope] or [sympy.Integer(0)]
+        return sum(self.static.values(), sympy.Integer(0)) + sympy.Max(*moments)
+
+    @property
+    def terms(self) -> dict:
+        """Static terms plus, per category, the largest of the envelope's (an upper bound)."""
+        out = dict(self.static)
+        for moment in self.envelope:
+            for name, expr in moment.items():
+                out[name] = sympy.Max(out[name], expr) if name in out else expr
+        return out
 
     def evaluate(self, seq_len: int, ring_size: int) -> dict:
-        """Bytes per term at (S, P), as ints (rounded up)."""
+        """Bytes per term at (S, P) at the peak moment, as ints (rounded up)."""
         values = {S: sympy.Integer(seq_len), P: sympy.Integer(ring_size)}
-        return {name: int(sympy.ceiling(sympy.sympify(expr).subs(values))) for name, expr in self.terms.items()}
+        static = {n: int(sympy.ceiling(sympy.sympify(e).subs(values))) for n, e in self.static.items()}
+        best, best_total = {}, -1
+        for moment in self.envelope:
+            row = {n: int(sympy.ceiling(sympy.sympify(e).subs(values))) for n, e in moment.items()}
+            if sum(row.values()) > best_total:
+                best, best_total = row, sum(row.values())
+        return {**static, **best}
 
     def peak_bytes(self, seq_len: int, ring_size: int) -> int:
         return sum(self.evaluate(seq_len, ring_size).values())

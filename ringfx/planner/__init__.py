@@ -1,0 +1,21 @@
+"""ringfx.planner: how big a ring, which layout, what block size — from device memory.
+
+device.py    device facts (memory, FLOP/s, link bandwidth, world size), read or given
+memory.py    the symbolic per-device memory model in S and P, and the runtime contract's buffers
+simulate.py  a training step run on the meta device, live bytes tracked, attention modelled
+timing.py    the time model: per-step FLOPs vs link bytes, c >= F/B (Ring Attention paper §3)
+presets.py   model configs given as numbers (llama-8b-like, ...) and a reference LLaMA-like module
+plan.py      ``plan(...) -> Plan``: the smallest ring that fits, with its numbers and reasons
+cli.py       ``python -m ringfx plan ...``
+"""
+
+from .device import DeviceSpec, device_spec, parse_bytes, parse_seq_len
+from .memory import MemoryModel, TrainingOptions
+from .plan import Plan, memory_model, plan
+from .presets import PRESETS, ModelConfig
+from .timing import min_block_size
+
+__all__ = [
+    "DeviceSpec", "MemoryModel", "ModelConfig", "PRESETS", "Plan", "TrainingOptions", "device_spec",
+    "memory_model", "min_block_size", "parse_bytes", "parse_seq_len", "plan",
+]

@@ -1,0 +1,405 @@
+"""``plan(model_or_graph_or_config, seq_len, ...) -> Plan``: the smallest ring that fits.
+
+For each ring size P (divisors of the world size, or powers of two offline) the memory
+model gives the predicted peak per device at (S, P); the first P whose peak is within
+``(1 - headroom)`` of device memory wins, with query chunking raised only when the ring's
+per-step temporaries are what keeps it from fitting.  The plan carries its numbers (peak,
+split, time per step, the c >= F/B overlap test) and the reasons for each choice; an
+infeasible request says what would make it fit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Callable, Optional, Union
+
+import sympy
+import torch
+
+from . import presets as _presets
+from .device import DeviceSpec, device_spec, parse_seq_len
+from .memory import MemoryModel, P, S, TrainingOptions, s_local, static_terms
+from .simulate import GRADIENTS, fit_peak_envelope, simulate_step
+from .timing import attention_time, other_matmul_time
+
+log = logging.getLogger("ringfx.planner")
+
+CONFIG_FIT_POINTS = (256, 512, 768, 1024)
+MIN_QUERY_CHUNK = 256
+MAX_QUERY_CHUNKS = 64
+
+
+def _gib(n) -> str:
+    n = float(n)
+    for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n:.0f} B"
+
+
+def _seconds(t: float) -> str:
+    return f"{t * 1e3:.2f} ms" if t < 1 else f"{t:.2f} s"
+
+
+# -- the memory model of a model, a graph or a config --------------------------------------------
+
+
+@dataclasses.dataclass
+class _Target:
+    name: str
+    module: torch.nn.Module
+    make_inputs: Callable[[int], tuple]
+    points: tuple
+    loss_fn: Optional[Callable]
+    matmul_flops_per_token: Optional[float]
+    causal: Optional[bool]
+
+
+def _resolve(model, *, example_inputs, seq_dim, loss_fn, batch_size) -> _Target:
+    if isinstance(model, str):
+        model = _presets.get_preset(model)
+    if isinstance(model, _presets.ModelConfig):
+        cfg = model
+        module = _presets.build_reference_model(cfg)
+        return _Target(cfg.name, module, lambda n: _presets.example_ids(cfg, n, batch_size), CONFIG_FIT_POINTS,
+                       loss_fn or _presets.lm_loss, _presets.flops_per_token(cfg) * batch_size, cfg.causal)
+    if isinstance(model, torch.nn.Module):  # an nn.Module or an fx.GraphModule
+        if example_inputs is None:
+            raise ValueError("example_inputs is required to plan a module or graph: pass the tuple of inputs of "
+                             "one forward at any sequence length (the planner resizes the sequence dimension)")
+        example_inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+        first = next((t for t in example_inputs if isinstance(t, torch.Tensor) and t.dim() > seq_dim), None)
+        if first is None:
+            raise ValueError(f"no example input has a dimension seq_dim={seq_dim}; pass seq_dim=")
+        length = first.shape[seq_dim]
+
+        def make_inputs(n: int):
+            def resize(t):
+                if isinstance(t, torch.Tensor) and t.dim() > seq_dim and t.shape[seq_dim] == length:
+                    shape = list(t.shape)
+                    shape[seq_dim] = n
+                    return torch.empty(shape, dtype=t.dtype, device="meta").requires_grad_(t.requires_grad)
+                return t
+            return tuple(resize(t) for t in example_inputs)
+
+        points = tuple(length * k // 4 for k in (1, 2, 3, 4)) if length % 4 == 0 and length >= 16 else \
+            tuple(length * k for k in (1, 2, 3, 4))
+        params = sum(p.numel() for p in model.parameters())
+        return _Target(type(model).__name__, model, make_inputs, points, loss_fn, 2.0 * params, None)
+    raise TypeError(f"model: expected an nn.Module, an fx.GraphModule, a ModelConfig or a preset name "
+                    f"({', '.join(_presets.PRESETS)}); got {type(model).__name__}")
+
+
+def _unique_param_count(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())  # parameters() already skips tied duplicates
+
+
+def _build_model(target: _Target, options: TrainingOptions, ring: bool) -> MemoryModel:
+    def run(n):
+        return simulate_step(target.module, target.make_inputs(n), training=options.training, ring=ring,
+                             query_chunks=options.query_chunks, kernel=options.kernel,
+                             activation_checkpointing=options.activation_checkpointing, loss_fn=target.loss_fn)
+
+    envelope, attention, exact = fit_peak_envelope(run, target.points)
+    shards = P if options.param_shards == "ring" else options.param_shards
+    local = S / P
+    moments = []
+    for moment in envelope:
+        row = {}
+        for name, poly in moment.items():
+            expr = poly.subs(s_local, local)
+            if name == GRADIENTS and shards != 1:
+                expr = expr / shards  # FSDP/ZeRO: each device keeps its shard of the gradients
+            row[name] = sympy.expand(expr)
+        moments.append(row)
+    count = _unique_param_count(target.module)
+    return MemoryModel(static=static_terms(count, options), envelope=moments, param_count=count,
+                       attention=attention, ring=ring, exact=exact, options=options)
+
+
+def memory_model(model, *, ring: bool = True, options: Optional[TrainingOptions] = None, example_inputs=None,
+                 seq_dim: int = 1, loss_fn=None, batch_size: int = 1, **option_overrides) -> MemoryModel:
+    """The symbolic per-device memory of ``model`` (a module, graph, config or preset name).
+
+    ``MemoryModel.peak`` is a sympy expression in ``ringfx.planner.memory.S`` and ``P``.
+    """
+    options = (options or TrainingOptions()).replace(**option_overrides)
+    target = _resolve(model, example_inputs=example_inputs, seq_dim=seq_dim, loss_fn=loss_fn, batch_size=batch_size)
+    return _build_model(target, options, ring)
+
+
+# -- the plan --------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Plan:
+    """The planner's answer.  ``str(plan)`` is a readable table."""
+
+    feasible: bool
+    model: str
+    seq_len: int
+    ring_size: Optional[int]
+    layout: Optional[str]
+    block_size: Optional[int]
+    query_chunks: int
+    predicted_peak: Optional[int]
+    budget: int
+    breakdown: dict
+    device: DeviceSpec
+    options: TrainingOptions
+    headroom: float
+    memory: Optional[MemoryModel] = None
+    min_block: Optional[float] = None
+    overlap: Optional[bool] = None
+    attention_time: Optional[float] = None      # all attention calls, fwd (+bwd when training)
+    step_time: Optional[float] = None           # attention + the other matmuls
+    reasons: list = dataclasses.field(default_factory=list)
+    suggestions: list = dataclasses.field(default_factory=list)
+
+    @property
+    def memory_expression(self) -> Optional[sympy.Expr]:
+        return None if self.memory is None else self.memory.peak
+
+    def __str__(self) -> str:
+        o, d = self.options, self.device
+        mode = "training" if o.training else "forward only"
+        ckpt = "on" if o.activation_checkpointing else "off"
+        lines = [
+            f"ringfx plan: {self.model}, S = {self.seq_len:,} tokens, {mode} "
+            f"({o.precision}, optimizer {o.optimizer}, checkpointing {ckpt}, param shards {o.param_shards})",
+            f"device: {d.name} ({d.source}): {_gib(d.memory)}, budget {_gib(self.budget)} "
+            f"({self.headroom:.0%} headroom)"
+            + (f", {d.flops / 1e12:.0f} TFLOP/s" if d.flops else "")
+            + (f", {d.bandwidth / 1e9:.0f} GB/s link" if d.bandwidth else "")
+            + (f", world size {d.world_size}" if d.world_size else ""),
+        ]
+        rows = []
+        if self.feasible:
+            rows += [
+                ("ring size P", f"{self.ring_size}"),
+                ("layout", f"{self.layout}"),
+                ("block c = S/P", f"{self.block_size:,} tokens"),
+                ("query chunks", f"{self.query_chunks} (kernel calls of {self.block_size // self.query_chunks:,} queries)"),
+                ("predicted peak / device", f"{_gib(self.predicted_peak)} of {_gib(self.budget)}"),
+            ]
+            rows += [(f"  {name}", _gib(value)) for name, value in self.breakdown.items() if value]
+            if self.min_block is not None and self.ring_size > 1:
+                verdict = "yes" if self.overlap else "no"
+                rows.append(("comm. overlap (c >= F/B)", f"{verdict}: c = {self.block_size:,}, c_min = "
+                                                        f"{self.min_block:,.0f} tokens"))
+            if self.attention_time is not None:
+                rows.append(("attention time / step", _seconds(self.attention_time)))
+            if self.step_time is not None:
+                rows.append(("predicted step time", _seconds(self.step_time)))
+        else:
+            rows.append(("result", "DOES NOT FIT"))
+            if self.predicted_peak is not None:
+                rows.append(("smallest peak tried", f"{_gib(self.predicted_peak)} at P = {self.ring_size}"))
+        width = max(len(k) for k, _ in rows)
+        lines.append("-" * (width + 40))
+        lines += [f"{k.ljust(width)}  {v}" for k, v in rows]
+        lines.append("-" * (width + 40))
+        if self.reasons:
+            lines.append("reasons:")
+            lines += [f"  - {r}" for r in self.reasons]
+        if self.suggestions:
+            lines.append("what would make it fit:")
+            lines += [f"  - {s}" for s in self.suggestions]
+        return "\n".join(lines)
+
+
+def _ring_sizes(world_size: Optional[int], max_ring_size: int) -> list:
+    if world_size:
+        return [p for p in range(1, world_size + 1) if world_size % p == 0]
+    sizes, p = [], 1
+    while p <= max_ring_size:
+        sizes.append(p)
+        p *= 2
+    return sizes
+
+
+def _query_chunk_options(block: int, start: int) -> list:
+    options, n = [start], start * 2
+    while n <= MAX_QUERY_CHUNKS and block % n == 0 and block // n >= MIN_QUERY_CHUNK:
+        options.append(n)
+        n *= 2
+    return options
+
+
+class _Search:
+    """Memory models per (options, ring) — one simulation set each — and the ring search."""
+
+    def __init__(self, target: _Target, seq_len: int, budget: int, layout: Optional[str], causal: bool):
+        self.target, self.seq_len, self.budget, self.layout, self.causal = target, seq_len, budget, layout, causal
+        self.cache = {}
+
+    def model(self, options: TrainingOptions, ring: bool) -> MemoryModel:
+        key = (options, ring)
+        if key not in self.cache:
+            self.cache[key] = _build_model(self.target, options, ring)
+        return self.cache[key]
+
+    def layout_for(self, ring_size: int) -> str:
+        if ring_size == 1:
+            return "none"
+        return self.layout or ("zigzag" if self.causal else "contiguous")
+
+    def divisible(self, ring_size: int, layout: str) -> bool:
+        return self.seq_len % (2 * ring_size if layout == "zigzag" else ring_size) == 0
+
+    def first_fit(self, options: TrainingOptions, sizes, reasons: Optional[list] = None, chunking: bool = True):
+        """(ring size, query chunks, peak, model) of the first ring size that fits, else the
+        smallest peak seen as (ring size, None, peak, model)."""
+        smallest = None
+        for p in sizes:
+            layout = self.layout_for(p)
+            if not self.divisible(p, layout):
+                if reasons is not None:
+                    need = 2 * p if layout == "zigzag" else p
+                    reasons.append(f"P={p}: skipped, S={self.seq_len} is not divisible by {need} ({layout} layout)")
+                continue
+            block = self.seq_len // p
+            chunk_options = _query_chunk_options(block, options.query_chunks) if (chunking and p > 1) else \
+                [options.query_chunks]
+            for chunks in chunk_options:
+                opts = options.replace(query_chunks=chunks)
+                model = self.model(opts, ring=p > 1)
+                peak = model.peak_bytes(self.seq_len, p)
+                if smallest is None or peak < smallest[2]:
+                    smallest = (p, None, peak, model)
+                if peak <= self.budget:
+                    if reasons is not None:
+                        extra = f" with {chunks} query chunks" if chunks > 1 else ""
+                        reasons.append(f"P={p}: predicted peak {_gib(peak)} <= budget {_gib(self.budget)}{extra}: fits")
+                    return p, chunks, peak, model
+            if reasons is not None:
+                tried = f" (query chunks up to {chunk_options[-1]})" if len(chunk_options) > 1 else ""
+                reasons.append(f"P={p}: predicted peak {_gib(smallest[2] if smallest[0] == p else peak)} > budget "
+                               f"{_gib(self.budget)}{tried}")
+        return smallest
+
+
+def plan(
+    model,
+    seq_len: Union[int, str],
+    *,
+    device: Union[str, DeviceSpec, None] = None,
+    device_memory: Union[str, int, None] = None,
+    flops: Union[str, float, None] = None,
+    bandwidth: Union[str, float, None] = None,
+    world_size: Optional[int] = None,
+    headroom: float = 0.1,
+    causal: Optional[bool] = None,
+    layout: Optional[str] = None,
+    batch_size: int = 1,
+    example_inputs=None,
+    seq_dim: int = 1,
+    loss_fn: Optional[Callable] = None,
+    max_ring_size: int = 1024,
+    options: Optional[TrainingOptions] = None,
+    **option_overrides,
+) -> Plan:
+    """Plan ring attention for ``model`` at ``seq_len`` tokens.
+
+    ``model``: an ``nn.Module`` or ``fx.GraphModule`` (with ``example_inputs`` at any
+    length, sequence on ``seq_dim``), a :class:`ModelConfig` or a preset name
+    (``"llama-8b-like"``).  Device facts come from ``device`` (a ``DeviceSpec``, a name
+    like ``"H100"``, or the local CUDA device) and are overridden by ``device_memory``,
+    ``flops``, ``bandwidth``, ``world_size``.  Training options (``training``,
+    ``precision``, ``optimizer``, ``activation_checkpointing``, ``param_shards``,
+    ``kernel``) go in ``options`` or as keywords.
+    """
+    seq_len = parse_seq_len(seq_len)
+    if not 0 <= headroom < 1:
+        raise ValueError(f"headroom={headroom} must be in [0, 1): the fraction of device memory kept free")
+    if layout not in (None, "contiguous", "zigzag"):
+        raise ValueError(f"layout={layout!r}: use 'contiguous', 'zigzag' or None (zigzag when causal)")
+    options = (options or TrainingOptions()).replace(**option_overrides)
+    spec = device_spec(device, device_memory=device_memory, flops=flops, bandwidth=bandwidth, world_size=world_size)
+    target = _resolve(model, example_inputs=example_inputs, seq_dim=seq_dim, loss_fn=loss_fn, batch_size=batch_size)
+    budget = int(spec.memory * (1 - headroom))
+    sizes = _ring_sizes(spec.world_size, max_ring_size)
+
+    probe = _build_model(target, options, ring=True)
+    if causal is None:
+        causal = target.causal if target.causal is not None else any(a.causal for a in probe.attention)
+    search = _Search(target, seq_len, budget, layout, causal)
+    search.cache[(options, True)] = probe
+    reasons = []
+    if not probe.attention:
+        reasons.append("no attention found in the model: the ring changes nothing but the sequence sharding")
+    found = search.first_fit(options, sizes, reasons)
+    if found is None:
+        raise ValueError(f"seq_len={seq_len} is not divisible by any ring size in {sizes}; pick a multiple of 2*P")
+    p, chunks, peak, mem = found
+    plan_ = Plan(feasible=chunks is not None, model=target.name, seq_len=seq_len, ring_size=p,
+                 layout=search.layout_for(p), block_size=seq_len // p, query_chunks=chunks or options.query_chunks,
+                 predicted_peak=peak, budget=budget, breakdown=mem.evaluate(seq_len, p), device=spec,
+                 options=options.replace(query_chunks=chunks or options.query_chunks), headroom=headroom,
+                 memory=mem, reasons=reasons)
+    if not mem.exact:
+        reasons.append("memory fit not exact: the model's tensors do not grow polynomially with the sequence")
+    if plan_.feasible:
+        if p > 1:
+            reasons.append(f"layout {plan_.layout}: " + ("causal attention; zigzag gives every rank equal work"
+                                                         if plan_.layout == "zigzag" and causal else "as asked"
+                                                         if layout else "non-causal attention, no imbalance"))
+        _add_time(plan_, target, causal, reasons)
+    else:
+        plan_.suggestions = _suggestions(search, options, spec, max_ring_size)
+    log.info("plan for %s at S=%d: %s", target.name, seq_len,
+             f"P={p}, peak {_gib(peak)}" if plan_.feasible else "infeasible")
+    return plan_
+
+
+def _add_time(plan_: Plan, target: _Target, causal: bool, reasons: list):
+    spec, p = plan_.device, plan_.ring_size
+    if spec.flops is None or spec.bandwidth is None or not plan_.memory.attention:
+        reasons.append("no FLOP/s or bandwidth known: time not predicted (pass flops= and bandwidth=)")
+        return
+    link = spec.link_bandwidth(p)
+    calls = plan_.memory.attention
+    total = 0.0
+    first = None
+    for att in calls:
+        att = dataclasses.replace(att, causal=att.causal or causal)
+        t = attention_time(att, plan_.seq_len, p, spec.flops, link, training=plan_.options.training)
+        first = first or t
+        total += t.forward + t.backward
+    plan_.min_block, plan_.overlap = first.min_block, first.overlap
+    plan_.attention_time = total
+    plan_.step_time = total + other_matmul_time(target.matmul_flops_per_token, plan_.seq_len // p, spec.flops,
+                                                training=plan_.options.training)
+    where = "inside a node" if p <= spec.gpus_per_node else "across nodes"
+    if p > 1:
+        reasons.append(
+            f"overlap: c = S/P = {plan_.block_size:,} {'>=' if first.overlap else '<'} c_min = {first.min_block:,.0f} "
+            f"(F/B rule, Ring Attention paper §3; F = {spec.flops / 1e12:.0f} TFLOP/s at the kernel's efficiency, "
+            f"B = {link / 1e9:.1f} GB/s {where})")
+
+
+def _suggestions(search: _Search, options: TrainingOptions, spec: DeviceSpec, max_ring_size: int) -> list:
+    out = []
+    far = _ring_sizes(None, max(max_ring_size, 2**16))
+
+    def describe(opts, what):
+        found = search.first_fit(opts, far, chunking=True)
+        if found and found[1] is not None:
+            out.append(f"{what}: fits on a ring of {found[0]} devices (peak {_gib(found[2])})")
+            return True
+        return False
+
+    if not describe(options, "more devices"):
+        out.append(f"more devices: no ring up to {far[-1]} devices fits with these options")
+    if not options.activation_checkpointing and options.training:
+        describe(options.replace(activation_checkpointing=True), "activation checkpointing on")
+    if options.param_shards == 1 and options.training:
+        describe(options.replace(param_shards="ring"), "shard parameters/grads/optimizer over the ring (FSDP)")
+    if options.precision == "fp32":
+        describe(options.replace(precision="bf16-mixed"), "bf16 mixed precision")
+    elif options.precision.endswith("-mixed") and options.training:
+        describe(options.replace(precision="bf16"), "pure bf16 (no fp32 master weights)")
+    if options.training and not options.activation_checkpointing and options.param_shards == 1:
+        describe(options.replace(activation_checkpointing=True, param_shards="ring"), "checkpointing + FSDP")
+    return out
