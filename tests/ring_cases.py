@@ -41,24 +41,27 @@ class Case:
 
 
 def make_inputs(case: Case, world: int, dtype, seed: int):
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    dev = torch.get_default_device()
     s = case.seq_len(world)
     shape_q, shape_kv = (case.batch, case.hq, s, case.d), (case.batch, case.hkv, s, case.d)
-    q, k, v = (torch.randn(sh, generator=g, dtype=torch.float64).to(dtype) for sh in (shape_q, shape_kv, shape_kv))
+    q, k, v = (torch.randn(sh, generator=g, dtype=torch.float64, device="cpu").to(dev, dtype)
+               for sh in (shape_q, shape_kv, shape_kv))
     extras = {}
     if case.padding:
         # keep key 0 so every query sees at least one key (also under causal)
-        pad = torch.rand(case.batch, s, generator=g) > 0.3
+        pad = torch.rand(case.batch, s, generator=g, device="cpu") > 0.3
         pad[:, 0] = True
-        extras["key_padding_mask"] = pad
+        extras["key_padding_mask"] = pad.to(dev)
     if case.segments:
         # packed documents: sorted ids, some documents crossing shard boundaries
-        cuts = torch.rand(case.batch, s, generator=g) < 0.2
+        cuts = torch.rand(case.batch, s, generator=g, device="cpu") < 0.2
         cuts[:, 0] = False
-        extras["segment_ids"] = torch.cumsum(cuts.long(), dim=1)
+        extras["segment_ids"] = torch.cumsum(cuts.long(), dim=1).to(dev)
     if case.bias:
-        extras["attn_bias"] = torch.randn(case.batch, case.hq, s, s, generator=g, dtype=torch.float64).to(dtype)
-    dout = torch.randn(shape_q, generator=g, dtype=torch.float64).to(dtype)
+        extras["attn_bias"] = torch.randn(case.batch, case.hq, s, s, generator=g, dtype=torch.float64,
+                                          device="cpu").to(dev, dtype)
+    dout = torch.randn(shape_q, generator=g, dtype=torch.float64, device="cpu").to(dev, dtype)
     return q, k, v, extras, dout
 
 
