@@ -6,6 +6,7 @@ pipeline is the list ``PASSES`` run by ``run_passes``. See README.md for the inv
 node_facts.py         read-only questions about nodes (canonical op names, shapes, source lines)
 sites.py              typed analysis results kept in ``node.meta["ringfx"]`` and report records
 options.py            PassOptions: the ring (group name, size, layout) the graph will run on
+decompose_mha.py      nn.MultiheadAttention's opaque call -> projections + SDPA
 patterns.py           the table of attention spellings, one plain PyTorch function each
 find_attention.py     analysis: SDPA calls and softmax(q @ kᵀ) @ v chains -> AttentionSite
 classify_masks.py     analysis: each mask's provenance -> causal / window / key padding / ...
@@ -21,6 +22,7 @@ from typing import Optional
 import torch.fx as fx
 
 from .classify_masks import classify_masks_pass
+from .decompose_mha import decompose_mha_pass
 from .find_attention import find_attention_pass, sites_of
 from .options import PassOptions
 from .rewrite_attention import rewrite_attention_pass
@@ -28,7 +30,7 @@ from .sites import AttentionSite, MaskTerm, PassReport, SiteRecord
 
 log = logging.getLogger("ringfx.passes")
 
-PASSES = [find_attention_pass, classify_masks_pass, rewrite_attention_pass]
+PASSES = [decompose_mha_pass, find_attention_pass, classify_masks_pass, rewrite_attention_pass]
 
 
 def run_passes(gm: fx.GraphModule, *, options: Optional[PassOptions] = None,
@@ -56,4 +58,4 @@ def _retypeable(e: Exception) -> bool:
 
 
 __all__ = ["AttentionSite", "MaskTerm", "PASSES", "PassOptions", "PassReport", "SiteRecord",
-           "classify_masks_pass", "find_attention_pass", "rewrite_attention_pass", "run_passes", "sites_of"]
+           "classify_masks_pass", "decompose_mha_pass", "find_attention_pass", "rewrite_attention_pass", "run_passes", "sites_of"]

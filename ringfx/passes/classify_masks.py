@@ -3,7 +3,7 @@
 For every ``MaskTerm`` of every site recorded by ``find_attention_pass``::
 
     keep = causal[:, :, :S, :S]             # built from sizes / buffers  -> causal, window, none
-    s = s + (1.0 - pad[:, None, None, :]) * -1e4   # per key, from an input -> key_bias (gathered)
+    s = s + (1.0 - pad[:, None, None, :]) * -1e4   # per key, from an input -> key_padding (gathered bias)
     s = s.masked_fill(pad[:, None, None, :] == 0, -inf)   # per key, bool   -> key_padding
     keep = seg[:, None, :, None] == seg[:, None, None, :]  # two views of one input -> segment_ids
     s = s + user_mask                       # anything else from an input   -> dense (attn_bias)
@@ -136,7 +136,11 @@ def classify_term(gm, term: MaskTerm, n: int, values: dict, options: PassOptions
             term.kind, term.detail = "unsupported", f"mask {term.node.name} masks whole query rows"
         return
     if shape[-2] == 1 and shape[-1] == n:
-        term.kind = "key_bias" if term.form == "additive" else "key_padding"
+        if term.form == "additive" and _learned(ancestors):
+            term.kind, term.detail = "unsupported", f"mask {term.node.name} is computed from parameters (a learned bias)"
+            return
+        term.kind = "key_padding"
+        term.detail = "additive: gathered along the ring as a per-key bias" if term.form == "additive" else ""
         return
     if shape[-2] == n and shape[-1] == 1:
         term.kind, term.detail = ("none", "constant per query row") if term.form == "additive" else \
@@ -145,6 +149,9 @@ def classify_term(gm, term: MaskTerm, n: int, values: dict, options: PassOptions
     seg = _segment_ids(term)
     if seg is not None:
         term.kind, term.segment_node = "segment_ids", seg
+        return
+    if term.form == "additive" and _learned(ancestors):
+        term.kind, term.detail = "unsupported", f"mask {term.node.name} is computed from parameters (a learned bias)"
         return
     term.kind = "dense"
 
@@ -159,6 +166,13 @@ def _ancestors(node: fx.Node) -> list[fx.Node]:
         stack.extend(x.all_input_nodes)
     order = {n: i for i, n in enumerate(node.graph.nodes)}
     return sorted(seen, key=order.__getitem__)
+
+
+def _learned(nodes) -> bool:
+    """Depends on a parameter: the ring op treats attn_bias as a constant (no gradient)."""
+    from .node_facts import placeholder_source
+
+    return any(n.op == "placeholder" and "._parameters[" in (placeholder_source(n) or "") for n in nodes)
 
 
 def _random(nodes) -> bool:

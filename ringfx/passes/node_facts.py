@@ -74,12 +74,17 @@ def arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
     return node.kwargs.get(name, default)
 
 
+# Where passes record the value (a meta tensor) of the nodes they insert; not "val" or
+# "example_value", which later compilers may read as fake tensors of their own mode.
+VALUE_KEY = "ringfx_value"
+
+
 def value_of(node: Any) -> Any:
     """The example value recorded on a node by its tracer (a fake or real tensor, a
     ``TensorMetadata``, a SymInt...), or None."""
     if not isinstance(node, fx.Node):
         return None
-    for key in ("val", "example_value", "tensor_meta"):
+    for key in (VALUE_KEY, "val", "example_value", "tensor_meta"):
         if key in node.meta:
             return node.meta[key]
     return None

@@ -38,8 +38,8 @@ class MaskTerm:
 
     form: ``additive`` (added to the scores), ``keep`` (bool, True = attend) or ``drop``
     (bool, True = masked out). kind (set by classify_masks_pass): ``none`` (all-attend),
-    ``causal``, ``window``, ``key_padding`` (bool per key), ``key_bias`` (float per key:
-    gathered along the ring, O(S)), ``segment_ids``, ``dense`` (passed block-wise as
+    ``causal``, ``window``, ``key_padding`` (per key; a float one is gathered along the
+    ring as an O(S) bias), ``segment_ids``, ``dense`` (passed block-wise as
     ``attn_bias``) or ``unsupported`` (site is left alone; ``detail`` says why)."""
 
     node: fx.Node
