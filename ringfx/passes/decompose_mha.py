@@ -152,8 +152,10 @@ def _inline(gm: fx.GraphModule, node: fx.Node, a: dict) -> None:
         out = graph.graph_copy(sub.graph, values)
     stack = node.meta.get("stack_trace")
     for new in values.values():
-        if isinstance(new, fx.Node) and new.op != "placeholder" and "stack_trace" not in new.meta:
-            new.meta["stack_trace"] = stack
+        if isinstance(new, fx.Node) and new.op != "placeholder" and new not in a.values():
+            new.meta.setdefault("stack_trace", stack)
+            if op_name(new) == "sdpa":
+                new.meta["ringfx_pattern"] = "nn.MultiheadAttention"
     for user in list(node.users):
         if op_name(user) == "getitem" and user.args[1] == 0:
             user.replace_all_uses_with(out)

@@ -74,7 +74,8 @@ def sites_of(gm: fx.GraphModule) -> list[AttentionSite]:
 # --------------------------------------------------------------------------- SDPA
 
 def match_sdpa(node: fx.Node) -> Optional[AttentionSite]:
-    site = AttentionSite(output=node, pattern="sdpa", source_line=source_line(node), anchor=node)
+    site = AttentionSite(output=node, pattern=node.meta.get("ringfx_pattern", "sdpa"),
+                         source_line=source_line(node), anchor=node)
     site.chain = [node]
     q, k, v = (arg(node, i, n) for i, n in enumerate(("query", "key", "value")))
     mask = arg(node, 3, "attn_mask")
