@@ -21,6 +21,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from .backend import BackendConfig, CompiledGraph, ringfx_backend
+from .errors import UnsupportedError
 from .passes.sites import SiteRecord
 
 __all__ = ["ExplainReport", "RingModule", "explain", "transform"]
@@ -66,12 +67,18 @@ class RingModule(nn.Module):
         self.module = module
         self._compiled = compiled
         self.reports = reports
-        self.__signature__ = inspect.signature(module.forward)
+        self.__signature__ = inspect.signature(module.forward if isinstance(module, nn.Module) else module)
 
     def forward(self, *args, **kwargs):
         # a recompile past dynamo's limit would silently run the unrewritten model
-        with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
-            return self._compiled(*args, **kwargs)
+        try:
+            with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+                return self._compiled(*args, **kwargs)
+        except torch._dynamo.exc.BackendCompilerFailed as e:
+            inner = getattr(e, "inner_exception", None)
+            if isinstance(inner, (UnsupportedError, ValueError, TypeError)):
+                raise inner.with_traceback(None) from None
+            raise
 
     @property
     def sites(self) -> list[SiteRecord]:
