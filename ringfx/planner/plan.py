@@ -95,13 +95,20 @@ def _unique_param_count(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())  # parameters() already skips tied duplicates
 
 
-def _build_model(target: _Target, options: TrainingOptions, ring: bool) -> MemoryModel:
+def _build_model(target: _Target, options: TrainingOptions, ring: bool, fits: Optional[dict] = None) -> MemoryModel:
     def run(n):
         return simulate_step(target.module, target.make_inputs(n), training=options.training, ring=ring,
                              query_chunks=options.query_chunks, kernel=options.kernel,
                              activation_checkpointing=options.activation_checkpointing, loss_fn=target.loss_fn)
 
-    envelope, attention, exact = fit_peak_envelope(run, target.points)
+    # precision, optimizer and parameter sharding change only the static terms: one fit serves them all
+    key = (options.training, options.activation_checkpointing, options.query_chunks, options.kernel, ring)
+    if fits is not None and key in fits:
+        envelope, attention, exact = fits[key]
+    else:
+        envelope, attention, exact = fit_peak_envelope(run, target.points)
+        if fits is not None:
+            fits[key] = (envelope, attention, exact)
     shards = P if options.param_shards == "ring" else options.param_shards
     local = S / P
     moments = []
@@ -233,11 +240,12 @@ class _Search:
     def __init__(self, target: _Target, seq_len: int, budget: int, layout: Optional[str], causal: bool):
         self.target, self.seq_len, self.budget, self.layout, self.causal = target, seq_len, budget, layout, causal
         self.cache = {}
+        self.fits = {}
 
     def model(self, options: TrainingOptions, ring: bool) -> MemoryModel:
         key = (options, ring)
         if key not in self.cache:
-            self.cache[key] = _build_model(self.target, options, ring)
+            self.cache[key] = _build_model(self.target, options, ring, self.fits)
         return self.cache[key]
 
     def layout_for(self, ring_size: int) -> str:
@@ -266,6 +274,12 @@ class _Search:
                 opts = options.replace(query_chunks=chunks)
                 model = self.model(opts, ring=p > 1)
                 peak = model.peak_bytes(self.seq_len, p)
+                if peak > self.budget and chunks == chunk_options[0] and \
+                        peak - _chunkable_bytes(model, block, chunks) > self.budget:
+                    chunk_options = chunk_options[:1]  # chunking the queries cannot close the gap
+                    if smallest is None or peak < smallest[2]:
+                        smallest = (p, None, peak, model)
+                    break
                 if smallest is None or peak < smallest[2]:
                     smallest = (p, None, peak, model)
                 if peak <= self.budget:
@@ -278,6 +292,21 @@ class _Search:
                 reasons.append(f"P={p}: predicted peak {_gib(smallest[2] if smallest[0] == p else peak)} > budget "
                                f"{_gib(self.budget)}{tried}")
         return smallest
+
+
+def _chunkable_bytes(model: MemoryModel, block: int, chunks: int) -> int:
+    """Upper bound on what more query chunks could save: the per-step temporaries that
+    scale with the queries of one kernel call (``memory.ring_attention_buffers``)."""
+    from .memory import FP32, KERNEL_BACKWARD_WORKSPACE, MERGE_TEMPORARIES_FP32
+
+    if not model.attention or not model.ring:
+        return 0
+    att = max(model.attention, key=lambda a: a.q_block(1))
+    c = block // chunks
+    ws = KERNEL_BACKWARD_WORKSPACE[model.options.kernel] if model.options else 2.0
+    fwd = att.q_block(c) + att.rows(c) + MERGE_TEMPORARIES_FP32 * att.q_block(c, FP32)
+    bwd = att.q_block(c) + ws * att.q_block(c, FP32) + att.rows(c)
+    return int(max(fwd, bwd))
 
 
 def plan(
@@ -321,11 +350,11 @@ def plan(
     budget = int(spec.memory * (1 - headroom))
     sizes = _ring_sizes(spec.world_size, max_ring_size)
 
-    probe = _build_model(target, options, ring=True)
+    search = _Search(target, seq_len, budget, layout, causal)
+    probe = search.model(options, ring=True)
     if causal is None:
         causal = target.causal if target.causal is not None else any(a.causal for a in probe.attention)
-    search = _Search(target, seq_len, budget, layout, causal)
-    search.cache[(options, True)] = probe
+        search.causal = causal
     reasons = []
     if not probe.attention:
         reasons.append("no attention found in the model: the ring changes nothing but the sequence sharding")
@@ -391,9 +420,11 @@ def _suggestions(search: _Search, options: TrainingOptions, spec: DeviceSpec, ma
         return False
 
     if not describe(options, "more devices"):
-        out.append(f"more devices: no ring up to {far[-1]} devices fits with these options")
+        out.append(f"more devices: no ring up to {far[-1]} devices fits with these options (the parameters, "
+                   "gradients and optimizer state alone may not fit one device)")
     if not options.activation_checkpointing and options.training:
-        describe(options.replace(activation_checkpointing=True), "activation checkpointing on")
+        if not describe(options.replace(activation_checkpointing=True), "activation checkpointing on"):
+            out.append("activation checkpointing alone: not enough")
     if options.param_shards == 1 and options.training:
         describe(options.replace(param_shards="ring"), "shard parameters/grads/optimizer over the ring (FSDP)")
     if options.precision == "fp32":

@@ -1,0 +1,75 @@
+"""``python -m ringfx plan ...``: print a plan for a preset model, offline or on this machine.
+
+    python -m ringfx plan --model llama-8b-like --seq-len 1M --device-memory 80GiB --gpus 8
+
+``ringfx/__main__.py`` wires the ``plan`` subcommand to ``add_plan_arguments`` and
+``run_plan``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .device import parse_seq_len
+from .memory import KERNEL_BACKWARD_WORKSPACE, OPTIMIZERS, PRECISIONS
+from .presets import PRESETS
+
+
+def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, choices=sorted(PRESETS), help="a model preset (config numbers)")
+    parser.add_argument("--seq-len", required=True, type=parse_seq_len, help="tokens: 1M, 128K or 1048576")
+    parser.add_argument("--device-memory", help="per-device memory, e.g. 80GiB (default: this machine's GPU)")
+    parser.add_argument("--gpus", type=int, help="devices available for the ring (world size)")
+    parser.add_argument("--device", help="device name for FLOP/s and bandwidth defaults: H100, H200, A100, TPUv4")
+    parser.add_argument("--flops", help="dense FLOP/s of one device, e.g. 790T")
+    parser.add_argument("--bandwidth", help="link bandwidth to the ring neighbour, e.g. 450GB/s")
+    parser.add_argument("--headroom", type=float, default=0.1, help="fraction of memory kept free (default 0.1)")
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--inference", action="store_true", help="plan a forward pass only")
+    parser.add_argument("--precision", choices=PRECISIONS, default="bf16-mixed")
+    parser.add_argument("--optimizer", choices=OPTIMIZERS, default="adam")
+    parser.add_argument("--checkpointing", action="store_true", help="activation checkpointing per layer")
+    parser.add_argument("--fsdp", action="store_true", help="shard params/grads/optimizer state over the ring")
+    parser.add_argument("--kernel", choices=sorted(KERNEL_BACKWARD_WORKSPACE), default="cudnn")
+    parser.add_argument("--layout", choices=("contiguous", "zigzag"), help="default: zigzag when causal")
+    parser.add_argument("--json", action="store_true", help="print the plan's numbers as JSON")
+
+
+def run_plan(args: argparse.Namespace) -> int:
+    """Print the plan; exit status 0 when it fits, 1 when it does not, 2 on bad input."""
+    from .plan import plan
+
+    try:
+        result = plan(
+            args.model, args.seq_len, device=args.device, device_memory=args.device_memory, flops=args.flops,
+            bandwidth=args.bandwidth, world_size=args.gpus, headroom=args.headroom, batch_size=args.batch_size,
+            layout=args.layout, training=not args.inference, precision=args.precision, optimizer=args.optimizer,
+            activation_checkpointing=args.checkpointing, param_shards="ring" if args.fsdp else 1, kernel=args.kernel,
+        )
+    except (ValueError, TypeError) as err:
+        print(f"ringfx plan: {err}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps({
+            "feasible": result.feasible, "ring_size": result.ring_size, "layout": result.layout,
+            "block_size": result.block_size, "query_chunks": result.query_chunks,
+            "predicted_peak_bytes": result.predicted_peak, "budget_bytes": result.budget,
+            "breakdown": result.breakdown, "min_block": result.min_block, "overlap": result.overlap,
+            "step_time_s": result.step_time, "reasons": result.reasons, "suggestions": result.suggestions,
+            "memory_expression": str(result.memory_expression),
+        }, indent=2))
+    else:
+        print(result)
+    return 0 if result.feasible else 1
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ringfx plan", description=__doc__.splitlines()[0])
+    add_plan_arguments(parser)
+    return run_plan(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
