@@ -16,6 +16,7 @@ a real process group or a loopback ring.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 
 import torch
@@ -43,31 +44,33 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _merge_eager(out, lse, out_b, lse_b):
-    w = torch.sigmoid(lse_b - lse).nan_to_num_(0.0).unsqueeze(-1)
+    w = torch.sigmoid(lse_b - lse).nan_to_num(0.0).unsqueeze(-1)
     out.sub_(w * (out - out_b))
-    torch.logaddexp(lse, lse_b, out=lse)
-
-
-_merge_fused = None
+    lse.copy_(torch.logaddexp(lse, lse_b))
 
 
 def merge_partial(out, lse, out_b, lse_b):
     """Fold a block's partial (out_b, lse_b) into the running (out, lse), in place.
 
     out <- out - sigmoid(lse_b - lse) * (out - out_b);  lse <- logaddexp(lse, lse_b).
-    A row that neither side has seen (both lse -inf) stays as it is. On CUDA the
-    update is one fused kernel (torch.compile): one pass over the output block instead
-    of five elementwise kernels; set RINGFX_FUSED_MERGE=0 to run it unfused.
+    A row that neither side has seen (both lse -inf) stays as it is. On CUDA with
+    float32 accumulators this is one Triton kernel (one pass over the block) instead
+    of five elementwise kernels; RINGFX_FUSED_MERGE=0 turns that off.
     """
-    global _merge_fused
-    if out.is_cuda and _FUSED_MERGE:
-        if _merge_fused is None:
-            _merge_fused = torch.compile(_merge_eager, dynamic=None, fullgraph=True)
-        return _merge_fused(out, lse, out_b, lse_b)
+    if out.is_cuda and out.dtype == torch.float32 and _fused_merge() is not None:
+        return _fused_merge()(out, lse, out_b, lse_b)
     return _merge_eager(out, lse, out_b, lse_b)
 
 
-_FUSED_MERGE = os.environ.get("RINGFX_FUSED_MERGE", "1") != "0"
+@functools.lru_cache(maxsize=1)
+def _fused_merge():
+    if os.environ.get("RINGFX_FUSED_MERGE", "1") == "0":
+        return None
+    try:
+        from .merge_triton import merge_partial_triton
+    except ImportError:  # no Triton: the eager merge is used
+        return None
+    return merge_partial_triton
 
 
 # -- agreement across ranks ----------------------------------------------------------

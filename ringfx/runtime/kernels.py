@@ -106,11 +106,10 @@ class CudnnKernel:
         return out, lse.reshape(q.shape[:-1])
 
     def backward(self, dout, q, k, v, out, lse, mask, is_causal, scale):
-        empty = torch.empty(0, device=q.device)
-        seed = torch.zeros((), dtype=torch.int64, device=q.device)
-        bias = mask if mask is not None else empty
+        # None stands for the undefined tensors autograd's own formula passes (no bias,
+        # no nested sequences, no dropout)
         dq, dk, dv = aten._scaled_dot_product_cudnn_attention_backward(
-            dout, q, k, v, out, lse.unsqueeze(-1).contiguous(), seed, seed, bias, empty, empty,
+            dout, q, k, v, out, lse.unsqueeze(-1).contiguous(), None, None, mask, None, None,
             q.shape[-2], k.shape[-2], 0.0, is_causal, scale=scale,
         )
         return dq, dk, dv
@@ -127,10 +126,9 @@ class CudaFlashKernel:
         return res[0], res[1]
 
     def backward(self, dout, q, k, v, out, lse, mask, is_causal, scale):
-        empty = torch.empty(0, device=q.device)
         seed = torch.zeros(2, dtype=torch.int64, device=q.device)
         dq, dk, dv = aten._scaled_dot_product_flash_attention_backward(
-            dout, q, k, v, out, lse.contiguous(), empty, empty, q.shape[-2], k.shape[-2], 0.0, is_causal,
+            dout, q, k, v, out, lse.contiguous(), None, None, q.shape[-2], k.shape[-2], 0.0, is_causal,
             seed, seed, scale=scale,
         )
         return dq, dk, dv
