@@ -18,6 +18,7 @@ Options (``torch.compile(..., options={...})`` arrives here as ``options``):
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
@@ -100,7 +101,8 @@ def ringfx_backend(gm: fx.GraphModule, example_inputs, **kwargs) -> Callable:
         graph, values = fx.Graph(), {}
         graph.output(graph.graph_copy(gm.graph, values))
         original = fx.GraphModule(gm, graph)
-    gm, reports = run_passes(gm, options=config.pass_options)
+    pass_options = dataclasses.replace(config.pass_options, example_inputs=list(example_inputs))
+    gm, reports = run_passes(gm, options=pass_options)
     records = reports[-1].sites
     if config.collector is not None:
         index = len(config.collector)

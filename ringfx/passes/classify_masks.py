@@ -119,7 +119,7 @@ def classify_term(gm, term: MaskTerm, n: int, values: dict, options: PassOptions
         term.kind, term.detail = "unsupported", f"mask {term.node.name} has no recorded shape"
         return
     shape = (1,) * max(0, 2 - len(shape)) + tuple(shape)
-    if dtype_of(term.node) != torch.bool and term.form != "additive":
+    if dtype_of(term.node) != torch.bool and term.form not in ("additive", "subtracted"):
         term.kind, term.detail = "unsupported", f"mask {term.node.name} is not boolean"
         return
     ancestors = _ancestors(term.node)
@@ -130,27 +130,27 @@ def classify_term(gm, term: MaskTerm, n: int, values: dict, options: PassOptions
         _classify_static(gm, term, n, ancestors, values, options)
         return
     if shape[-2] == 1 and shape[-1] == 1:
-        if term.form == "additive":
+        if term.form in ("additive", "subtracted"):
             term.kind, term.detail = "none", "adds a constant per query row (softmax ignores it)"
         else:
             term.kind, term.detail = "unsupported", f"mask {term.node.name} masks whole query rows"
         return
     if shape[-2] == 1 and shape[-1] == n:
-        if term.form == "additive" and _learned(ancestors):
+        if term.form in ("additive", "subtracted") and _learned(ancestors):
             term.kind, term.detail = "unsupported", f"mask {term.node.name} is computed from parameters (a learned bias)"
             return
         term.kind = "key_padding"
-        term.detail = "additive: gathered along the ring as a per-key bias" if term.form == "additive" else ""
+        term.detail = "additive: gathered along the ring as a per-key bias" if term.form != "keep" else ""
         return
     if shape[-2] == n and shape[-1] == 1:
-        term.kind, term.detail = ("none", "constant per query row") if term.form == "additive" else \
+        term.kind, term.detail = ("none", "constant per query row") if term.form in ("additive", "subtracted") else \
             ("unsupported", f"mask {term.node.name} masks whole query rows")
         return
     seg = _segment_ids(term)
     if seg is not None:
         term.kind, term.segment_node = "segment_ids", seg
         return
-    if term.form == "additive" and _learned(ancestors):
+    if term.form in ("additive", "subtracted") and _learned(ancestors):
         term.kind, term.detail = "unsupported", f"mask {term.node.name} is computed from parameters (a learned bias)"
         return
     term.kind = "dense"
@@ -170,9 +170,7 @@ def _ancestors(node: fx.Node) -> list[fx.Node]:
 
 def _learned(nodes) -> bool:
     """Depends on a parameter: the ring op treats attn_bias as a constant (no gradient)."""
-    from .node_facts import placeholder_source
-
-    return any(n.op == "placeholder" and "._parameters[" in (placeholder_source(n) or "") for n in nodes)
+    return any(n.op == "placeholder" and _is_parameter(n) for n in nodes)
 
 
 def _random(nodes) -> bool:
@@ -186,8 +184,19 @@ def _is_size_input(node: fx.Node) -> bool:
 
 
 def _static(nodes) -> bool:
-    """Built only from sizes, parameters and buffers (no per-call input data)."""
-    return all(is_model_state(n) or _is_size_input(n) for n in nodes if n.op == "placeholder")
+    """Built only from sizes and buffers (no per-call input data, no parameters: a
+    parameter's value today says nothing about its value after a step)."""
+    return all((is_model_state(n) and not _is_parameter(n)) or _is_size_input(n)
+               for n in nodes if n.op == "placeholder")
+
+
+def _is_parameter(node: fx.Node) -> bool:
+    from .node_facts import placeholder_source
+
+    src = placeholder_source(node)
+    if src is None:
+        return "_parameters_" in str(node.target).lower()
+    return "._parameters[" in src
 
 
 def _segment_ids(term: MaskTerm) -> Optional[fx.Node]:
@@ -315,6 +324,8 @@ def _keep_matrix(value: torch.Tensor, form: str, m: int) -> tuple[Optional[torch
     if not bool((v == v[:1]).all()):
         return None, "the mask differs across batch or heads"
     v = v[0]
+    if form == "subtracted":
+        v, form = -v, "additive"
     if form == "additive":
         if not bool(((v == 0) | (v <= MASKED_FILL_LIMIT)).all()):
             return None, "it holds values other than 0 and -inf (a bias built from positions)"

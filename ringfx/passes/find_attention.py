@@ -115,14 +115,14 @@ def match_softmax_chain(softmax: fx.Node) -> Optional[AttentionSite]:
         return None  # softmax over something that is not q @ kᵀ: not attention
     scores, chain_back, terms, scale, features, problem = walk
     pv, chain_fwd, fwd_features, escape = _walk_probs(softmax)
-    if pv is None and escape is None:
-        return None  # probabilities never reach a matmul: not attention
-    site = AttentionSite(output=pv if pv is not None else softmax, pattern="", source_line=source_line(softmax),
+    if pv is None:
+        return None  # the probabilities never reach "@ v": not attention
+    site = AttentionSite(output=pv, pattern="", source_line=source_line(softmax),
                          anchor=softmax)
     site.chain = chain_back + [softmax] + chain_fwd
     site.terms, site.scale = terms, scale
     features = features + fwd_features
-    site.pattern = _spelling(op_name(scores), features, op_name(pv) if pv is not None else "?")
+    site.pattern = _spelling(op_name(scores), features, op_name(pv))
     if normalize_dim(dim, len(xs)) != len(xs) - 1:
         return site.skip(f"softmax over dim {dim}, not the key axis (last dim)")
     if problem:
@@ -189,6 +189,8 @@ def _reaches_scores(node, depth: int = 0) -> bool:
         return _reaches_scores(node.args[0], depth + 1)
     if name == "add":
         return any(_reaches_scores(a, depth + 1) for a in node.args[:2])
+    if name == "sub":
+        return _reaches_scores(node.args[0], depth + 1)
     if name == "masked_fill":
         return _reaches_scores(node.args[0], depth + 1)
     if name == "where" and len(node.args) == 3:
@@ -234,6 +236,13 @@ def _walk_scores(x: fx.Node):
             if scale_seen:
                 problem = problem or "the scores are scaled after an additive mask was added"
             features.append("add")
+        elif name == "sub" and len(x.args) >= 2 and isinstance(x.args[0], fx.Node) \
+                and isinstance(x.args[1], fx.Node) and _reaches_scores(x.args[0]) and x.kwargs.get("alpha", 1) == 1:
+            terms.append(MaskTerm(x.args[1], "subtracted"))
+            if scale_seen:
+                problem = problem or "the scores are scaled after an additive mask was added"
+            features.append("sub")
+            nxt = x.args[0]
         elif name == "masked_fill":
             if not _is_masked_value(arg(x, 2, "value")):
                 return None
@@ -253,47 +262,56 @@ def _walk_scores(x: fx.Node):
             features.append("where")
         else:
             return None
-        if chain and len(x.users) != 1:
+        if len(x.users) != 1:
             problem = problem or f"the scores are also used by {_describe_users(x)}"
         chain.append(x)
         x = nxt
-    if chain and len(x.users) != 1:
-        problem = problem or f"the scores are also used by {_describe_users(x)}"
-    elif not chain and len(x.users) != 1:
+    if len(x.users) != 1:
         problem = problem or f"the scores are also used by {_describe_users(x)}"
     return x, [x] + chain[::-1], terms[::-1], scale, features[::-1] + ["softmax"], problem
 
 
 def _walk_probs(softmax: fx.Node):
-    """Walk from softmax forward to ``probs @ v``: (pv, chain, features, escape)."""
-    chain, features = [], []
+    """Walk from softmax forward to ``probs @ v``: (pv, chain, features, escape).
+
+    pv is None when the probabilities never reach the left side of a product (not
+    attention); ``escape`` names a use that stops the rewrite (another user, dropout)."""
+    chain, features, escape = [], [], None
     y = softmax
     while True:
-        user = _single_user(y)
-        if user is None or user.op == "output":
-            return None, chain, features, f"attention probabilities escape: used by {_describe_users(y)}"
+        steps = [u for u in y.users if _continues(u, y)]
+        if len(steps) != 1:
+            return None, chain, features, escape
+        user = steps[0]
+        others = [u for u in y.users if u is not user]
+        if others and escape is None:
+            escape = "attention probabilities escape: also " + ", ".join(
+                "returned as a graph output" if u.op == "output" else f"used by {u.name} ({op_name(u)})"
+                for u in others)
         name = op_name(user)
-        if name in CASTS or name in SHAPE_ONLY:
-            pass
-        elif name == "dropout":
-            p = arg(user, 1, "p", 0.5)
-            training = arg(user, 2, "training", True)
-            if isinstance(p, fx.Node) or isinstance(training, fx.Node):
-                return None, chain, features, "dropout with a non-constant p or training flag"
+        if name in ("matmul", "bmm", "einsum"):
+            return user, chain + [user], features, escape
+        if name == "dropout":
+            p, training = arg(user, 1, "p", 0.5), arg(user, 2, "training", True)
             features.append("dropout")
-            if p > 0 and training:
-                chain.append(user)
-                return user, chain, features, "dropout active in training (p > 0)"
-        elif name in ("matmul", "bmm") and user.args[0] is y:
-            return user, chain + [user], features, None
-        elif name == "einsum" and _einsum_operands(user)[1][:1] == [y]:
-            return user, chain + [user], features, None
-        else:
-            if name in SCORE_OPS:
-                return None, chain, features, f"attention probabilities used by {user.name} ({name})"
-            return None, chain, features, f"attention probabilities used by {user.name} ({name})"
+            if isinstance(p, fx.Node) or isinstance(training, fx.Node):
+                escape = escape or "dropout with a non-constant p or training flag"
+            elif p > 0 and training:
+                escape = escape or "dropout active in training (p > 0): the ring op has no dropout"
         chain.append(user)
         y = user
+
+
+def _continues(user: fx.Node, y: fx.Node) -> bool:
+    """``user`` carries the probabilities ``y`` on towards ``@ v``."""
+    name = op_name(user)
+    if name in CASTS or name in SHAPE_ONLY or name == "dropout":
+        return bool(user.args) and user.args[0] is y
+    if name in ("matmul", "bmm"):
+        return len(user.args) >= 2 and user.args[0] is y and user.args[1] is not y
+    if name == "einsum":
+        return _einsum_operands(user)[1][:1] == [y]
+    return False
 
 
 # ---------------------------------------------------------------- products

@@ -142,7 +142,10 @@ def is_model_state(node: fx.Node) -> bool:
         return True
     if node.op != "placeholder":
         return False
-    src = placeholder_source(node) or ""
+    src = placeholder_source(node)
+    if src is None:  # dynamo's placeholder names say the same: L_self_modules_attn_buffers_bias_
+        name = str(node.target).lower()
+        return "_buffers_" in name or "_parameters_" in name
     return "._buffers[" in src or "._parameters[" in src or src.startswith("G[")
 
 

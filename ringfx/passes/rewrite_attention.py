@@ -77,7 +77,7 @@ def _rewrite(gm: fx.GraphModule, site: AttentionSite, options: PassOptions) -> N
         q, k, v = (_canonical(graph, o) for o in (site.q, site.k, site.v))
         kpms, biases, seg = [], [], None
         for term in site.terms:
-            if term.kind == "key_padding" and term.form != "additive" and _kpm_ok(term.node, scores_nd):
+            if term.kind == "key_padding" and term.form in ("keep", "drop") and _kpm_ok(term.node, scores_nd):
                 kpms.append(graph.call_function(ring_glue.key_padding_from_mask,
                                                 (term.node, term.form == "drop", batch)))
             elif term.kind in ("key_padding", "dense"):

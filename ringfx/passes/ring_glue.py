@@ -27,6 +27,8 @@ def bias_from_mask(mask: torch.Tensor, form: str, ndim: int, unsqueeze0: bool) -
         mask = mask.unsqueeze(0)
     if unsqueeze0:
         mask = mask.unsqueeze(0)
+    if form == "subtracted":
+        return -mask
     return torch.logical_not(mask) if form == "drop" else mask
 
 

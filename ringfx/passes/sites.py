@@ -36,7 +36,7 @@ class Operand:
 class MaskTerm:
     """One mask applied to the scores, as written by the model.
 
-    form: ``additive`` (added to the scores), ``keep`` (bool, True = attend) or ``drop``
+    form: ``additive`` (added to the scores), ``subtracted``, ``keep`` (bool, True = attend) or ``drop``
     (bool, True = masked out). kind (set by classify_masks_pass): ``none`` (all-attend),
     ``causal``, ``window``, ``key_padding`` (per key; a float one is gathered along the
     ring as an O(S) bias), ``segment_ids``, ``dense`` (passed block-wise as
