@@ -135,6 +135,26 @@ class _ModeledAttention(torch.autograd.Function):
         return dq, dk, dv, None
 
 
+class _ModeledRMSNorm(torch.autograd.Function):
+    """``F.rms_norm`` as CUDA runs it: one fused kernel that saves the input and the float32
+    reciprocal RMS (on CPU and meta it decomposes into several saved fp32 intermediates)."""
+
+    @staticmethod
+    def forward(ctx, x, weight):
+        out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        rstd = torch.empty((*x.shape[:-1], 1), dtype=torch.float32, device=x.device)
+        ctx.save_for_backward(x, weight, rstd)
+        ctx.has_weight = weight is not None
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, rstd = ctx.saved_tensors
+        dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        dw = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device) if ctx.has_weight else None
+        return dx, dw
+
+
 def _blob(nbytes) -> torch.Tensor:
     return torch.empty(int(math.ceil(float(nbytes))), dtype=torch.uint8, device="meta")
 
@@ -148,7 +168,8 @@ def _shape_of(q: torch.Tensor, k: torch.Tensor, causal: bool = False) -> Attenti
 
 
 class _AttentionSwap(TorchFunctionMode):
-    """Sends SDPA and ringfx ring attention to ``_ModeledAttention``; records the calls."""
+    """Sends SDPA and ringfx ring attention to ``_ModeledAttention`` (and ``F.rms_norm`` to
+    its fused CUDA form); records the attention calls."""
 
     def __init__(self, tracker, ring, query_chunks, kernel):
         super().__init__()
@@ -162,6 +183,12 @@ class _AttentionSwap(TorchFunctionMode):
             causal = bool(kwargs.get("is_causal", args[5] if len(args) > 5 else False))
             self.calls.append(_shape_of(q, k, causal))
             return _ModeledAttention.apply(q, k, v, self.model)
+        if func is F.rms_norm or func is torch.rms_norm:
+            x, shape = args[0], args[1]
+            weight = args[2] if len(args) > 2 else kwargs.get("weight")
+            if len(shape) == 1 and (weight is None or weight.dim() == 1):
+                return _ModeledRMSNorm.apply(x, weight)
+            return func(*args, **kwargs)
         if "ringfx" in str(func) and "ring_attention" in str(func) and "backward" not in str(func):
             q, k, v = args[:3]
             causal = bool(args[8]) if len(args) > 8 else bool(kwargs.get("causal", False))
