@@ -175,7 +175,7 @@ def ring_attention_buffers(att: AttentionShape, s, *, query_chunks: int = 1, ker
     ``backward_result`` (dq, dk, dv).
     """
     c = s / query_chunks if query_chunks > 1 else s  # queries per kernel call
-    ws = KERNEL_BACKWARD_WORKSPACE[kernel]
+    ws = sympy.Rational(str(KERNEL_BACKWARD_WORKSPACE[kernel]))
     return {
         "forward_persistent": [("out accumulator (fp32)", att.q_block(s, FP32)), ("lse (fp32, saved)", att.rows(s))],
         "forward_steps": [
@@ -199,7 +199,7 @@ def ring_attention_buffers(att: AttentionShape, s, *, query_chunks: int = 1, ker
 
 def sdpa_buffers(att: AttentionShape, s, *, kernel: str = "cudnn") -> dict:
     """One device, no ring (P = 1): a fused SDPA kernel (same keys as ``ring_attention_buffers``)."""
-    ws = KERNEL_BACKWARD_WORKSPACE[kernel]
+    ws = sympy.Rational(str(KERNEL_BACKWARD_WORKSPACE[kernel]))
     return {
         "forward_persistent": [],
         "forward_steps": [],

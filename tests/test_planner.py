@@ -1,0 +1,226 @@
+"""Planner: the memory model against hand counts, monotonicity, the paper's block sizes, the CLI."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+import sympy
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ringfx.planner import (DeviceSpec, ModelConfig, Plan, TrainingOptions, device_spec, memory_model,
+                            min_block_size, parse_bytes, parse_seq_len, plan)
+from ringfx.planner.cli import add_plan_arguments, run_plan
+from ringfx.planner.memory import (CUDA_LIBRARY_WORKSPACE, AttentionShape, P, S, attention_layer_peak,
+                                   ring_attention_buffers)
+
+# -- a toy whose memory is counted by hand ---------------------------------------------------------
+
+
+class Toy(nn.Module):
+    """x (B, L, h) -> fused qkv projection -> causal attention -> output projection."""
+
+    def __init__(self, h=16, heads=2):
+        super().__init__()
+        self.qkv = nn.Linear(h, 3 * h, bias=False)
+        self.o = nn.Linear(h, h, bias=False)
+        self.heads = heads
+
+    def forward(self, x):
+        b, n, h = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.heads, h // self.heads).permute(2, 0, 3, 1, 4)
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.o(a.transpose(1, 2).reshape(b, n, h))
+
+
+def toy_hand_count(s, h=16, heads=2, B=1, a=4):
+    """Peak bytes of the toy's fwd+bwd on one ring device, counted by hand (fp32, a = 4).
+
+    The peak is inside the attention backward. Alive then:
+      input x                       B*s*h*a
+      qkv output (q, k, v saved)    3*B*s*h*a
+      attention out, lse (saved)    B*s*h*a + B*heads*s*4
+      loss                          4
+      grad of the loss (ones)       4
+      grad of the attention output  B*s*h*a        (o's backward has run)
+      grad of o.weight              h*h*a          (accumulated already)
+      ring buffers (the contract):  dq acc fp32, dK/dV fp32 x2, KV x3, block dq/dk/dv,
+                                    kernel workspace (cuDNN: one fp32 q block) + row sums
+      parameters (static)           4*h*h*a, cuBLAS workspace
+    """
+    q = B * s * h * a                  # q-sized block, fp32 here
+    kv = 2 * B * s * h * a             # K and V packed
+    rows = B * heads * s * 4
+    ring = q + 2 * kv + 3 * kv + (q + kv) + (q + rows)
+    return (B * s * h * a) + 3 * B * s * h * a + (q + rows) + 4 + 4 + q + h * h * a + ring \
+        + 4 * h * h * a + CUDA_LIBRARY_WORKSPACE
+
+
+def toy_model():
+    return memory_model(Toy(), example_inputs=(torch.randn(1, 64, 16),), precision="fp32", optimizer="none")
+
+
+def test_toy_memory_expression_matches_hand_count():
+    model = toy_model()
+    for seq, ring in [(256, 2), (1024, 4), (4096, 8), (12288, 3)]:
+        assert model.peak_bytes(seq, ring) == toy_hand_count(seq // ring)
+    # symbolically, too: the expression is linear in S/P with the hand-counted slope
+    expr = sympy.expand(model.peak.subs({S: sympy.Symbol("x") * P}))
+    assert isinstance(model.peak, sympy.Expr)
+    assert expr.subs(sympy.Symbol("x"), 1000) == toy_hand_count(1000)
+
+
+def test_toy_breakdown_names_the_ring_buffers():
+    parts = toy_model().evaluate(4096, 4)
+    s = 1024
+    assert parts["attention buffers"] == toy_hand_count(s) - toy_hand_count(0) - (
+        4 * s * 16 * 4 + (s * 16 * 4 + 2 * s * 4) + s * 16 * 4)
+    assert parts["parameters"] == 4 * 16 * 16 * 4
+
+
+def test_attention_layer_peak_sdpa_matches_measured_multiples():
+    # H100, torch 2.11, bf16: cuDNN fwd+bwd peak = 10 q-sized tensors + lse (measured, see memory.py)
+    att = AttentionShape(batch=1, q_heads=32, kv_heads=32, head_dim=128, dtype_bytes=2, causal=True)
+    s = 65536
+    x = s * 32 * 128 * 2
+    assert attention_layer_peak(att, s, ring=False, kernel="cudnn") == 10 * x + 32 * s * 4
+    assert attention_layer_peak(att, s, ring=False, kernel="flash") == 12 * x + 32 * s * 4
+    # DESIGN.md §6: 786,432 tokens fit one H100 (80 GB) at H=32, D=128; 1,048,576 does not
+    fits = lambda n: attention_layer_peak(att, n, ring=False, kernel="cudnn") < 79.2 * 2**30  # noqa: E731
+    assert fits(786432) and not fits(1048576)
+
+
+def test_ring_buffers_follow_the_contract():
+    att = AttentionShape(batch=2, q_heads=8, kv_heads=2, head_dim=64, dtype_bytes=2)
+    b = ring_attention_buffers(att, 1000)
+    kv = 2 * 2 * 2 * 1000 * 64 * 2
+    assert dict(b["forward_steps"])["KV ring buffers"] == 3 * kv            # local + 2 receive
+    assert dict(b["backward_persistent"])["dK/dV ring buffers (fp32)"] == 2 * 2 * kv  # fp32, double-buffered
+    assert dict(b["forward_persistent"])["out accumulator (fp32)"] == 2 * 8 * 1000 * 64 * 4
+    chunked = ring_attention_buffers(att, 1000, query_chunks=4)
+    assert dict(chunked["forward_steps"])["merge temporaries (fp32)"] * 4 == \
+        dict(b["forward_steps"])["merge temporaries (fp32)"]
+
+
+# -- monotonicity ------------------------------------------------------------------------------------
+
+SMALL = ModelConfig("small", layers=2, hidden=256, heads=4, kv_heads=2, head_dim=64, ffn=512, vocab=1024)
+
+
+@pytest.fixture(scope="module")
+def small_plans():
+    def run(memory, gpus, **kw):
+        return plan(SMALL, "256K", device="H100", device_memory=memory, world_size=gpus, **kw)
+    return run
+
+
+@pytest.mark.parametrize("gpus", [8, 16, 64])
+def test_more_memory_never_needs_a_larger_ring(small_plans, gpus):
+    sizes = [small_plans(mem, gpus).ring_size for mem in ("4GiB", "8GiB", "16GiB", "48GiB", "80GiB")]
+    assert all(a >= b for a, b in zip(sizes, sizes[1:])), sizes
+    assert sizes[0] > sizes[-1]
+
+
+@pytest.mark.parametrize("memory", ["3GiB", "10GiB", "40GiB"])
+def test_more_devices_never_needs_a_larger_ring(small_plans, memory):
+    results = [small_plans(memory, gpus) for gpus in (8, 16, 32, 64)]
+    fitted = [r.ring_size for r in results if r.feasible]
+    assert fitted, "some world size should fit"
+    assert all(a >= b for a, b in zip(fitted, fitted[1:]))
+    # once feasible, it stays feasible with more devices
+    feasible = [r.feasible for r in results]
+    assert feasible == sorted(feasible)
+
+
+def test_peak_decreases_with_ring_size():
+    model = memory_model(SMALL)
+    peaks = [model.peak_bytes(262144, p) for p in (2, 4, 8, 16, 32)]
+    assert peaks == sorted(peaks, reverse=True)
+
+
+# -- the time model: the Ring Attention paper's Table 2 -------------------------------------------
+
+
+@pytest.mark.parametrize("flops,bandwidth,expected", [
+    (312e12, 300e9, 1.0e3),     # A100, NVLink
+    (312e12, 12.5e9, 24.5e3),   # A100, InfiniBand 100 Gb/s (the paper rounds to 24.5K)
+    (275e12, 268e9, 1.0e3),     # TPUv4
+])
+def test_paper_minimum_block_sizes(flops, bandwidth, expected):
+    c = min_block_size(flops, bandwidth)
+    assert c == pytest.approx(expected, rel=0.05)
+
+
+def test_min_block_scales_with_gqa_and_causal():
+    base = min_block_size(312e12, 300e9, q_heads=32, kv_heads=32)
+    assert min_block_size(312e12, 300e9, q_heads=32, kv_heads=8) == pytest.approx(base / 4)
+    assert min_block_size(312e12, 300e9, q_heads=32, kv_heads=32, causal=True) == pytest.approx(2 * base)
+
+
+def test_plan_reports_overlap_from_the_link():
+    nvlink = plan(SMALL, "64K", device="A100", device_memory="1GiB", world_size=4)
+    assert nvlink.feasible and nvlink.ring_size > 1
+    slow = plan(SMALL, "64K", device="A100", device_memory="1GiB", world_size=4, bandwidth="0.01GB/s")
+    assert nvlink.overlap and not slow.overlap
+    assert slow.step_time > nvlink.step_time
+
+
+# -- plan, infeasible, parsing, CLI -----------------------------------------------------------------
+
+
+def test_plan_table_and_fields():
+    result = plan(SMALL, "128K", device="H100", device_memory="2GiB", world_size=8)
+    assert isinstance(result, Plan) and result.feasible
+    assert result.layout == "zigzag"  # causal
+    assert result.block_size * result.ring_size == 131072
+    assert result.predicted_peak <= result.budget == int(2 * 2**30 * 0.9)
+    text = str(result)
+    for needle in ("ring size P", "zigzag", "predicted peak", "c >= F/B", "reasons"):
+        assert needle in text
+
+
+def test_infeasible_plan_says_what_would_fit():
+    result = plan(SMALL, "1M", device="H100", device_memory="1GiB", world_size=2)
+    assert not result.feasible
+    assert any("fits on a ring of" in s for s in result.suggestions)
+    assert "DOES NOT FIT" in str(result)
+
+
+def test_checkpointing_lowers_the_peak():
+    plain = memory_model(SMALL)
+    ckpt = memory_model(SMALL, activation_checkpointing=True)
+    assert ckpt.peak_bytes(262144, 4) < plain.peak_bytes(262144, 4)
+
+
+def test_fsdp_divides_static_terms_by_ring_size():
+    model = memory_model(SMALL, param_shards="ring")
+    assert model.evaluate(65536, 8)["optimizer state (Adam, fp32)"] * 8 == SMALL.param_count * 8
+
+
+def test_parsing():
+    assert parse_seq_len("1M") == 1048576 and parse_seq_len("128K") == 131072 and parse_seq_len(1048576) == 1048576
+    assert parse_bytes("80GiB") == 80 * 2**30 and parse_bytes("80GB") == 80 * 10**9
+    with pytest.raises(ValueError, match="seq_len"):
+        parse_seq_len("lots")
+    with pytest.raises(ValueError, match="device_memory"):
+        device_spec("H100")  # no memory given and no CUDA here
+    with pytest.raises(ValueError, match="precision"):
+        TrainingOptions(precision="fp8")
+    assert isinstance(device_spec("A100", device_memory="40GiB"), DeviceSpec)
+
+
+def test_module_needs_example_inputs():
+    with pytest.raises(ValueError, match="example_inputs"):
+        plan(Toy(), 1024, device_memory="1GiB")
+
+
+def test_cli(capsys):
+    parser = argparse.ArgumentParser()
+    add_plan_arguments(parser)
+    args = parser.parse_args(["--model", "gpt2-like", "--seq-len", "64K", "--device-memory", "80GiB", "--gpus", "8",
+                              "--device", "H100"])
+    assert run_plan(args) == 0
+    out = capsys.readouterr().out
+    assert "ring size P" in out and "gpt2-like" in out
