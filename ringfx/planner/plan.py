@@ -54,6 +54,11 @@ class _Target:
     loss_fn: Optional[Callable]
     matmul_flops_per_token: Optional[float]
     causal: Optional[bool]
+    fits: dict = dataclasses.field(default_factory=dict)  # envelope fits, shared by every plan of a config
+
+
+# configs build the same reference module every time: their fits are kept for the process
+_CONFIG_FITS: dict = {}
 
 
 def _resolve(model, *, example_inputs, seq_dim, loss_fn, batch_size) -> _Target:
@@ -62,8 +67,9 @@ def _resolve(model, *, example_inputs, seq_dim, loss_fn, batch_size) -> _Target:
     if isinstance(model, _presets.ModelConfig):
         cfg = model
         module = _presets.build_reference_model(cfg)
+        fits = _CONFIG_FITS.setdefault((cfg, batch_size), {}) if loss_fn is None else {}
         return _Target(cfg.name, module, lambda n: _presets.example_ids(cfg, n, batch_size), CONFIG_FIT_POINTS,
-                       loss_fn or _presets.lm_loss, _presets.flops_per_token(cfg) * batch_size, cfg.causal)
+                       loss_fn or _presets.lm_loss, _presets.flops_per_token(cfg) * batch_size, cfg.causal, fits)
     if isinstance(model, torch.nn.Module):  # an nn.Module or an fx.GraphModule
         if example_inputs is None:
             raise ValueError("example_inputs is required to plan a module or graph: pass the tuple of inputs of "
@@ -133,7 +139,7 @@ def memory_model(model, *, ring: bool = True, options: Optional[TrainingOptions]
     """
     options = (options or TrainingOptions()).replace(**option_overrides)
     target = _resolve(model, example_inputs=example_inputs, seq_dim=seq_dim, loss_fn=loss_fn, batch_size=batch_size)
-    return _build_model(target, options, ring)
+    return _build_model(target, options, ring, target.fits)
 
 
 # -- the plan --------------------------------------------------------------------------------------
@@ -240,7 +246,7 @@ class _Search:
     def __init__(self, target: _Target, seq_len: int, budget: int, layout: Optional[str], causal: bool):
         self.target, self.seq_len, self.budget, self.layout, self.causal = target, seq_len, budget, layout, causal
         self.cache = {}
-        self.fits = {}
+        self.fits = target.fits
 
     def model(self, options: TrainingOptions, ring: bool) -> MemoryModel:
         key = (options, ring)
