@@ -115,6 +115,56 @@ def _agree(gathered: torch.Tensor, cfg: RingConfig, has_seg: bool):
     return tuple(tuple((r[base + 2 * i], r[base + 2 * i + 1]) for i in range(n)) for r in rows)
 
 
+# -- overlap: float32 accumulation on a side stream --------------------------------
+
+
+class SideStream:
+    """Runs the memory-bound float32 work (merges, dQ/dK/dV accumulation, the dK/dV
+    transfers) on a second CUDA stream, so that it overlaps the next block's
+    compute-bound attention kernel on the main stream (the two-stream scheme of
+    TransformerEngine's p2p context parallelism). On the CPU it runs inline.
+
+    One side stream per device, shared by every (virtual) rank in the process, so that
+    a dK/dV buffer handed between loopback ranks stays in stream order. Never yield
+    to the ring driver inside ``with side:``: another rank program would run on it.
+    """
+
+    _streams: dict = {}
+
+    def __init__(self, device: torch.device):
+        self.stream = None
+        if device.type == "cuda" and os.environ.get("RINGFX_SIDE_STREAM", "1") != "0":
+            self.main = torch.cuda.current_stream(device)
+            key = (device.index, self.main.stream_id)
+            if key not in SideStream._streams:
+                SideStream._streams[key] = torch.cuda.Stream(device)
+            self.stream = SideStream._streams[key]
+
+    def __enter__(self):
+        """Enter the side stream after everything queued so far on the main stream."""
+        if self.stream is not None:
+            self.stream.wait_stream(self.main)
+            self._ctx = torch.cuda.stream(self.stream)
+            self._ctx.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self.stream is not None:
+            self._ctx.__exit__(*exc)
+
+    def keep(self, *tensors):
+        """Tensors made on the main stream and read on the side stream: do not reuse
+        their memory before the side stream is done with them."""
+        if self.stream is not None:
+            for t in tensors:
+                t.record_stream(self.stream)
+
+    def join(self):
+        """The main stream waits for all side-stream work."""
+        if self.stream is not None:
+            self.main.wait_stream(self.stream)
+
+
 # -- the rank programs ---------------------------------------------------------------
 
 
@@ -163,6 +213,7 @@ def forward_program(q, k, v, pad, seg, bias, cfg: RingConfig, rank: int, world: 
     lse = torch.full(q.shape[:-1], float("-inf"), dtype=acc, device=q.device)
     kv = torch.stack((k, v))
     pad_seg_q = (pad is not None, seg)
+    side = SideStream(q.device)
     for t in range(n_steps):
         src = (rank - t) % world
         if t + 1 < n_steps:
@@ -171,11 +222,14 @@ def forward_program(q, k, v, pad, seg, bias, cfg: RingConfig, rank: int, world: 
             blk = _Block(call, q_pos, src, world, s_local, cfg, spec, kv, tok, pad_seg_q, bias, q.dtype)
             kern = choose_kernel(cfg.kernel, q.device, q.dtype, q.shape[-1], blk.mask is not None)
             out_b, lse_b = gqa_forward(kern, q[:, :, blk.rows], blk.k, blk.v, blk.mask, call.is_causal, cfg.scale)
-            merge_partial(out[:, :, blk.rows], lse[:, :, blk.rows], out_b, lse_b.to(acc))
+            with side:
+                side.keep(out_b, lse_b)
+                merge_partial(out[:, :, blk.rows], lse[:, :, blk.rows], out_b, lse_b.to(acc))
         if t + 1 < n_steps:
             received = pending.wait()
             kv = received[0]
             tok = received[1] if tok is not None else None
+    side.join()
     return out.to(q.dtype), lse
 
 
@@ -189,6 +243,7 @@ def backward_program(dout, q, k, v, out, lse, pad, seg, bias, cfg: RingConfig, r
     dq = torch.zeros(q.shape, dtype=acc, device=q.device)
     kv = torch.stack((k, v))
     pad_seg_q = (pad is not None, seg)
+    side = SideStream(q.device)
     dkv_pending = None
     for t in range(n_steps):
         src = (rank - t) % world
@@ -201,22 +256,27 @@ def backward_program(dout, q, k, v, out, lse, pad, seg, bias, cfg: RingConfig, r
             r = blk.rows
             dq_b, dk_b, dv_b = gqa_backward(kern, dout[:, :, r], q[:, :, r], blk.k, blk.v, out[:, :, r],
                                             lse[:, :, r], blk.mask, call.is_causal, cfg.scale)
-            dq[:, :, r] += dq_b
-            block_grads.append((call.k, dk_b, dv_b))
-        # add this block's gradients into the accumulator that travelled here with it
-        if dkv_pending is None:
-            dkv = torch.zeros(kv.shape, dtype=acc, device=q.device)
-        else:
-            dkv = dkv_pending.wait()[0]
-        for (a, b), dk_b, dv_b in block_grads:
-            dkv[0][:, :, a:b] += dk_b
-            dkv[1][:, :, a:b] += dv_b
+            block_grads.append((r, call.k, dq_b, dk_b, dv_b))
+        # accumulate on the side stream: dQ here, dK/dV into the buffer that travelled
+        # here with this block; then send it on (the side stream orders the send)
+        with side:
+            if dkv_pending is None:
+                dkv = torch.zeros(kv.shape, dtype=acc, device=q.device)
+            else:
+                dkv = dkv_pending.wait()[0]
+            for r, (a, b), dq_b, dk_b, dv_b in block_grads:
+                side.keep(dq_b, dk_b, dv_b)
+                dq[:, :, r] += dq_b
+                dkv[0][:, :, a:b] += dk_b
+                dkv[1][:, :, a:b] += dv_b
         # the last hop sends each accumulator straight home (the ring may stop early)
-        dkv_pending = yield Exchange([dkv], shift=1 if t + 1 < n_steps else -(n_steps - 1))
+        dkv_pending = yield Exchange([dkv], shift=1 if t + 1 < n_steps else -(n_steps - 1), stream=side.stream)
         if t + 1 < n_steps:
             received = kv_pending.wait()
             kv = received[0]
             tok = received[1] if tok is not None else None
-    dkv = dkv_pending.wait()[0]
+    with side:
+        dkv = dkv_pending.wait()[0]
+    side.join()
     # two separate outputs: a custom op may not return views of one buffer
     return dq.to(q.dtype), dkv[0].to(k.dtype, copy=True), dkv[1].to(v.dtype, copy=True)

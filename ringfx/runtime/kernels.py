@@ -189,11 +189,14 @@ def choose_kernel(kernel: str, device: torch.device, dtype: torch.dtype, head_di
     if device.type != "cuda" or dtype == torch.float64:
         return _MATH
     half = dtype in (torch.float16, torch.bfloat16)
-    if kernel == "cudnn" or (kernel == "auto" and half and head_dim <= 128 and _cudnn_ok(device)):
-        return _CUDNN if not masked or kernel == "cudnn" else _EFFICIENT
-    if kernel == "flash" or (kernel == "auto" and half and head_dim <= 256):
-        return _CUDA_FLASH if not masked else _EFFICIENT
-    return _EFFICIENT
+    cudnn = half and head_dim <= 128 and _cudnn_ok(device)
+    if kernel == "efficient":
+        return _EFFICIENT
+    if kernel == "cudnn" or (kernel == "auto" and cudnn):
+        return _CUDNN  # takes a mask as an additive bias
+    if half and head_dim <= 256 and not masked and kernel in ("auto", "flash"):
+        return _CUDA_FLASH
+    return _MATH
 
 
 def _cudnn_ok(device) -> bool:

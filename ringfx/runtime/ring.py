@@ -115,6 +115,7 @@ class Exchange:
 
     tensors: Sequence[torch.Tensor]
     shift: int = 1
+    stream: Any = None  # CUDA stream to order the transfer after (None: the current one)
 
 
 @dataclasses.dataclass
@@ -211,7 +212,11 @@ def run_on_group(program: RankProgram, group: dist.ProcessGroup) -> Any:
         except StopIteration as stop:
             return stop.value
         if isinstance(request, Exchange):
-            answer = _post_exchange(request, group, rank, world, timeout)
+            if request.stream is not None:
+                with torch.cuda.stream(request.stream):
+                    answer = _post_exchange(request, group, rank, world, timeout)
+            else:
+                answer = _post_exchange(request, group, rank, world, timeout)
         elif isinstance(request, AllGather):
             out = [torch.empty_like(request.tensor) for _ in range(world)]
             try:
