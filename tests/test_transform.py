@@ -202,3 +202,23 @@ def test_backend_name_resolves_without_importing_ringfx():
     """)
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-3000:]
+
+
+@pytest.mark.parametrize("name", ["tiny_gpt2", "tiny_llama", "einsum_window", "tiny_bert"])
+def test_dynamic_sequence_length(name):
+    """With symbolic shapes the masks are still proven causal / windowed (by evaluation
+    at the example length and past it) and the scale may be a symbolic expression."""
+    import copy
+
+    from zoo import ZOO
+
+    entry = {e.name: e for e in ZOO}[name]
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = entry.make_module().eval()
+    ref = copy.deepcopy(model)
+    ring = transform(model, mesh=ringfx.LoopbackRing(2), dynamic=True)
+    for seq_len in (16, 24):
+        inputs = [i.value for i in entry.make_inputs(seq_len, 0)]
+        torch.testing.assert_close(ring(*inputs), ref(*inputs), atol=entry.tol, rtol=entry.tol)
+    assert ring.sites and all(s.decision == "rewritten" and s.mask_kind == entry.mask_kind for s in ring.sites)

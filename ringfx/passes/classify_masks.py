@@ -30,7 +30,7 @@ import torch.fx as fx
 
 from .find_attention import MASKED_FILL_LIMIT, sites_of
 from .node_facts import (arg, dtype_of, is_model_state, normalize_dim, op_name, real_value, scalar,
-                         shape_of)
+                         shape_of, value_of)
 from .options import PassOptions
 from .sites import REWRITE, AttentionSite, MaskTerm, PassReport, SiteRecord
 
@@ -95,10 +95,11 @@ def classify_site(gm, site: AttentionSite, options: PassOptions, values: dict) -
 
 
 def _canonical_len(site: AttentionSite) -> int:
+    """The traced sequence length (the example's value when shapes are symbolic)."""
     s = shape_of(site.q.node)
     if site.q.permute is not None:
         s = tuple(s[i] for i in site.q.permute)
-    return s[-2]
+    return _hint(s[-2])
 
 
 def _split(term: MaskTerm) -> list[MaskTerm]:
@@ -118,7 +119,7 @@ def classify_term(gm, term: MaskTerm, n: int, values: dict, options: PassOptions
     if shape is None:
         term.kind, term.detail = "unsupported", f"mask {term.node.name} has no recorded shape"
         return
-    shape = (1,) * max(0, 2 - len(shape)) + tuple(shape)
+    shape = (1,) * max(0, 2 - len(shape)) + tuple(_hint(shape))
     if dtype_of(term.node) != torch.bool and term.form not in ("additive", "subtracted"):
         term.kind, term.detail = "unsupported", f"mask {term.node.name} is not boolean"
         return
@@ -156,6 +157,17 @@ def classify_term(gm, term: MaskTerm, n: int, values: dict, options: PassOptions
     term.kind = "dense"
 
 
+_SIZE_QUERIES = frozenset({"size", "sym_size", "dim", "numel", "sym_numel"})
+
+
+def _is_size_query(node: fx.Node) -> bool:
+    """``x.size(1)``, ``x.shape`` ...: depends on a tensor's shape, not its data."""
+    name = op_name(node)
+    if name in _SIZE_QUERIES:
+        return True
+    return name == "getattr" and len(node.args) == 2 and node.args[1] == "shape"
+
+
 def _ancestors(node: fx.Node) -> list[fx.Node]:
     seen, stack = {}, [node]
     while stack:
@@ -163,7 +175,8 @@ def _ancestors(node: fx.Node) -> list[fx.Node]:
         if x in seen:
             continue
         seen[x] = None
-        stack.extend(x.all_input_nodes)
+        if not _is_size_query(x):
+            stack.extend(x.all_input_nodes)
     order = {n: i for i, n in enumerate(node.graph.nodes)}
     return sorted(seen, key=order.__getitem__)
 
@@ -181,6 +194,12 @@ def _is_size_input(node: fx.Node) -> bool:
     v = real_value(node)
     ex = node.meta.get("example_value")
     return isinstance(v, (int, torch.SymInt)) or isinstance(ex, (int, torch.SymInt))
+
+
+def _is_scalar_input(node: fx.Node) -> bool:
+    """A float graph input (dynamo lifts float attributes when shapes are dynamic)."""
+    ex = node.meta.get("example_value")
+    return isinstance(ex, (float, torch.SymFloat))
 
 
 def _static(nodes) -> bool:
@@ -233,6 +252,20 @@ def _view_base(node: fx.Node) -> Optional[fx.Node]:
 
 # ------------------------------------------------------ static evaluation
 
+def _hint(v):
+    """A concrete value for a size: the example's hint for a SymInt."""
+    if isinstance(v, torch.SymInt):
+        hint = getattr(v.node, "hint", None)
+        if hint is None:
+            from torch.fx.experimental import symbolic_shapes
+
+            hint = symbolic_shapes.guarding_hint_or_throw(v)
+        return int(hint)
+    if isinstance(v, (torch.Size, tuple, list)) and not isinstance(v, torch.Tensor):
+        return tuple(_hint(x) for x in v)
+    return v
+
+
 def _placeholder_values(gm: fx.GraphModule, options: PassOptions) -> dict:
     values = {}
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
@@ -240,7 +273,7 @@ def _placeholder_values(gm: fx.GraphModule, options: PassOptions) -> dict:
         v = real_value(node)
         if v is None and options.example_inputs is not None and i < len(options.example_inputs):
             v = options.example_inputs[i]
-        values[node] = v
+        values[node] = _hint(v)
     return values
 
 
@@ -288,7 +321,12 @@ def _evaluate(gm, nodes: list[fx.Node], out: fx.Node, values: dict, n: int, m: i
     try:
         for node in nodes:
             load = lambda a: fx.node.map_arg(a, lambda x: env[x])
-            if node.op == "placeholder":
+            if _is_size_query(node):
+                v = value_of(node)
+                if v is None:
+                    return None
+                env[node] = subst(_hint(v))
+            elif node.op == "placeholder":
                 v = values.get(node)
                 if v is None:
                     return None
@@ -308,7 +346,8 @@ def _evaluate(gm, nodes: list[fx.Node], out: fx.Node, values: dict, n: int, m: i
                     env[node] = gm.get_submodule(node.target)(*args, **kwargs)
         with torch.no_grad():
             result = env[out]
-    except Exception:  # a size that the subgraph cannot take (e.g. past a buffer's end)
+    except Exception as e:  # a size that the subgraph cannot take (e.g. past a buffer's end)
+        log.debug("evaluating %s at length %d failed at %s: %s", out.name, m, node.format_node(), e)
         return None
     return result.detach() if isinstance(result, torch.Tensor) else None
 

@@ -34,7 +34,7 @@ import torch
 import torch.fx as fx
 
 from .node_facts import (CASTS, SHAPE_ONLY, arg, dtype_of, normalize_dim, op_name, scalar,
-                         shape_of, source_line)
+                         shape_of, source_line, value_of)
 from .sites import META_KEY, REWRITE, AttentionSite, MaskTerm, Operand, PassReport, SiteRecord
 
 log = logging.getLogger("ringfx.passes")
@@ -84,10 +84,12 @@ def match_sdpa(node: fx.Node) -> Optional[AttentionSite]:
     site.scale = arg(node, 6, "scale", None)
     if not all(isinstance(x, fx.Node) for x in (q, k, v)):
         return site.skip("q, k or v is not a tensor of this graph")
-    if isinstance(dropout_p, fx.Node) or (dropout_p or 0.0) > 0.0:
+    if isinstance(dropout_p, fx.Node) or (dropout_p or 0.0) > 0.0:  # SDPA drops out even in eval
         return site.skip("dropout active (dropout_p > 0): the ring op runs without dropout")
-    if site.scale is not None and scalar(site.scale) is None:
-        return site.skip("scale is not a constant number")
+    if _symbolic_scalar(site.scale):
+        site.scale, site.scale_nodes = 1.0, [(site.scale, 1)]
+    elif site.scale is not None and scalar(site.scale) is None:
+        return site.skip("scale is not a number")
     nd = len(shape_of(q) or ())
     if nd not in (3, 4) or len(shape_of(k) or ()) != nd or len(shape_of(v) or ()) != nd:
         return site.skip(f"q/k/v have {nd} dims; expected (B, H, S, D) or (B*H, S, D)")
@@ -120,7 +122,8 @@ def match_softmax_chain(softmax: fx.Node) -> Optional[AttentionSite]:
     site = AttentionSite(output=pv, pattern="", source_line=source_line(softmax),
                          anchor=softmax)
     site.chain = chain_back + [softmax] + chain_fwd
-    site.terms, site.scale = terms, scale
+    site.terms, site.scale = terms, 1.0
+    _fold(site, scale)
     features = features + fwd_features
     site.pattern = _spelling(op_name(scores), features, op_name(pv))
     if normalize_dim(dim, len(xs)) != len(xs) - 1:
@@ -162,20 +165,41 @@ def _is_masked_value(x) -> bool:
     return v is not None and v <= MASKED_FILL_LIMIT
 
 
-def _scalar_factor(node: fx.Node) -> Optional[tuple[fx.Node, float]]:
-    """``t * c``, ``c * t``, ``t / c`` with a Python number c -> (t, factor)."""
+def _symbolic_scalar(x) -> bool:
+    """A node holding a Python number at run time (``v.size(-1) ** 0.5`` with dynamic shapes)."""
+    v = value_of(x)
+    return isinstance(x, fx.Node) and not isinstance(v, bool) and \
+        isinstance(v, (int, float, torch.SymInt, torch.SymFloat))
+
+
+def _scalar_factor(node: fx.Node):
+    """``t * c``, ``c * t``, ``t / c`` with a scalar c -> (t, factor); the factor is a
+    float, or ``(node, +1 | -1)`` for a symbolic scalar multiplied or divided by."""
     name = op_name(node)
     if name not in ("mul", "div") or len(node.args) < 2:
         return None
     a, b = node.args[0], node.args[1]
     if name == "mul":
-        if isinstance(a, fx.Node) and scalar(b) is not None:
-            return a, scalar(b)
-        if isinstance(b, fx.Node) and scalar(a) is not None:
-            return b, scalar(a)
-    elif isinstance(a, fx.Node) and scalar(b) not in (None, 0.0) and not node.kwargs.get("rounding_mode"):
-        return a, 1.0 / scalar(b)
+        for t, c in ((a, b), (b, a)):
+            if isinstance(t, fx.Node) and value_of(t) is not None and not _symbolic_scalar(t):
+                if scalar(c) is not None:
+                    return t, scalar(c)
+                if _symbolic_scalar(c):
+                    return t, (c, 1)
+    elif isinstance(a, fx.Node) and not node.kwargs.get("rounding_mode") and not _symbolic_scalar(a):
+        if scalar(b) not in (None, 0.0):
+            return a, 1.0 / scalar(b)
+        if _symbolic_scalar(b):
+            return a, (b, -1)
     return None
+
+
+def _fold(site: AttentionSite, factors) -> None:
+    for f in factors:
+        if isinstance(f, tuple):
+            site.scale_nodes.append(f)
+        else:
+            site.scale *= f
 
 
 def _reaches_scores(node, depth: int = 0) -> bool:
@@ -203,7 +227,7 @@ def _walk_scores(x: fx.Node):
 
     Returns (scores, chain, terms, scale, features, problem) or None if not attention."""
     chain, terms, features = [], [], []
-    scale, problem = 1.0, ""
+    scale, problem = [], ""
     scale_seen = False  # walking backwards: a scale seen before an add is applied after it
     while True:
         if not isinstance(x, fx.Node):
@@ -219,7 +243,7 @@ def _walk_scores(x: fx.Node):
         elif _scalar_factor(x):
             nxt, factor = _scalar_factor(x)
             scale_seen = True
-            scale *= factor
+            scale.append(factor)
             if "scale(scores)" not in features:
                 features.append("scale(scores)")
         elif name == "add" and len(x.args) >= 2 and isinstance(x.args[0], fx.Node) and isinstance(x.args[1], fx.Node):
@@ -294,7 +318,9 @@ def _walk_probs(softmax: fx.Node):
         if name == "dropout":
             p, training = arg(user, 1, "p", 0.5), arg(user, 2, "training", True)
             features.append("dropout")
-            if isinstance(p, fx.Node) or isinstance(training, fx.Node):
+            if training is False or p == 0:
+                pass
+            elif isinstance(p, fx.Node) or isinstance(training, fx.Node):
                 escape = escape or "dropout with a non-constant p or training flag"
             elif p > 0 and training:
                 escape = escape or "dropout active in training (p > 0): the ring op has no dropout"
@@ -324,12 +350,12 @@ def _einsum_operands(node: fx.Node) -> tuple[str, list]:
     return (eq.replace(" ", "") if isinstance(eq, str) else ""), ops
 
 
-def _strip_scale(node: fx.Node) -> tuple[fx.Node, float]:
-    factor = 1.0
+def _strip_scale(node: fx.Node) -> tuple[fx.Node, list]:
+    factors = []
     while _scalar_factor(node):
         node, f = _scalar_factor(node)
-        factor *= f
-    return node, factor
+        factors.append(f)
+    return node, factors
 
 
 def _swaps_last_two(node: fx.Node) -> bool:
@@ -373,14 +399,14 @@ def _decode_products(site: AttentionSite, scores: fx.Node, pv: fx.Node) -> str:
             k, fk2 = _strip_scale(kt.args[0])
             k_op = Operand(k)
         else:
-            k, fk2 = kt, 1.0
+            k, fk2 = kt, []
             nd = len(shape_of(kt) or ())
             if nd < 3:
                 return "scores operand has fewer than 3 dims"
             k_op = Operand(k, permute=tuple(range(nd - 2)) + (nd - 1, nd - 2))
-        if fq != 1.0 or fk * fk2 != 1.0:
+        if fq or fk or fk2:
             site.pattern = site.pattern.replace("/", "/scale(q,k)/", 1)
-        site.scale *= fq * fk * fk2
+        _fold(site, fq + fk + fk2)
         nd = len(shape_of(q) or ())
         if nd not in (3, 4):
             return f"scores are {nd}-D; expected (B, H, S, S) or (B*H, S, S)"
@@ -407,8 +433,8 @@ def _decode_products(site: AttentionSite, scores: fx.Node, pv: fx.Node) -> str:
         return f"einsum {eq!r} has batch axes missing from an operand"
     q, fq = _strip_scale(ops[0])
     k, fk = _strip_scale(ops[1])
-    site.scale *= fq * fk
-    if fq != 1.0 or fk != 1.0:
+    _fold(site, fq + fk)
+    if fq or fk:
         site.pattern = site.pattern.replace("/", "/scale(q,k)/", 1)
     perm_q = tuple(x.index(c) for c in batch + z[-2] + d)
     perm_k = tuple(y.index(c) for c in batch + z[-1] + d)
@@ -491,19 +517,28 @@ def _finish(site: AttentionSite) -> AttentionSite:
         return site.skip(f"q, k, v have different dtypes {sorted(map(str, dts))}")
     canon = [_canonical_shape(o, s) for o, s in ((site.q, qs), (site.k, ks), (site.v, vs))]
     (b, hq, sq, d), (bk, hk, sk, dk), (bv, hv, sv, dv) = canon
-    if not (b == bk == bv) or hk != hv or sk != sv or d != dk:
+    if not (_same(b, bk) and _same(b, bv) and _same(hk, hv) and _same(sk, sv) and _same(d, dk)):
         return site.skip(f"q/k/v shapes {canon} do not form one attention")
-    if hq % hk != 0:
-        return site.skip(f"{hq} query heads are not a multiple of {hk} key/value heads")
+    if not isinstance(hq, int) or not isinstance(hk, int) or hq % hk != 0:
+        return site.skip(f"{hq} query heads are not a (static) multiple of {hk} key/value heads")
     if hk != hq and site.gqa == "none":
         site.gqa = "broadcast"
-    if sq != sk:
+    if not _same(sq, sk):
         return site.skip(f"query length {sq} differs from key length {sk} (cross-attention or a KV cache): "
                          "a ring shards one sequence")
+    if site.scale is None and not isinstance(d, int):
+        return site.skip("head dim is symbolic and SDPA's default scale depends on it")
     if site.scale is None:
         site.scale = 1.0 / math.sqrt(d)
     site.scale = float(site.scale)
     return site
+
+
+def _same(a, b) -> bool:
+    """Sizes known equal: equal ints, or the same symbolic expression (no guard added)."""
+    if isinstance(a, int) and isinstance(b, int):
+        return a == b
+    return str(a) == str(b)
 
 
 def _canonical_shape(o: Operand, shape: tuple) -> tuple:

@@ -72,14 +72,13 @@ def _rewrite(gm: fx.GraphModule, site: AttentionSite, options: PassOptions) -> N
     graph = gm.graph
     out_node = site.output
     scores_nd = 3 if site.q.unsqueeze0 else 4
-    batch = _batch(site)
     with graph.inserting_before(out_node):
         q, k, v = (_canonical(graph, o) for o in (site.q, site.k, site.v))
         kpms, biases, seg = [], [], None
         for term in site.terms:
             if term.kind == "key_padding" and term.form in ("keep", "drop") and _kpm_ok(term.node, scores_nd):
                 kpms.append(graph.call_function(ring_glue.key_padding_from_mask,
-                                                (term.node, term.form == "drop", batch)))
+                                                (term.node, term.form == "drop", q)))
             elif term.kind in ("key_padding", "dense"):
                 b = graph.call_function(ring_glue.bias_from_mask,
                                         (term.node, term.form, scores_nd, site.q.unsqueeze0))
@@ -95,9 +94,12 @@ def _rewrite(gm: fx.GraphModule, site: AttentionSite, options: PassOptions) -> N
             bias = biases[0]
         elif biases:
             bias = graph.call_function(ring_glue.combine_biases, (dtype_of(site.q.node), *biases))
+        scale = float(site.scale)
+        for node, power in site.scale_nodes:
+            scale = graph.call_function(operator.mul if power > 0 else operator.truediv, (scale, node))
         ring = graph.call_function(ring_attention_target(), (
             q, k, v, kpm, seg, bias, options.group_name, options.layout, bool(site.causal),
-            float(site.scale), int(site.window or 0), options.kernel))
+            scale, int(site.window or 0), options.kernel))
         out = graph.call_function(operator.getitem, (ring, 0))
         if site.out_squeeze0:
             out = graph.call_method("squeeze", (out, 0))
@@ -111,20 +113,14 @@ def _rewrite(gm: fx.GraphModule, site: AttentionSite, options: PassOptions) -> N
     _erase_unused(graph, list(site.chain) + [out_node])
 
 
-def _batch(site: AttentionSite) -> int:
-    s = shape_of(site.q.node)
-    if site.q.permute is not None:
-        s = tuple(s[i] for i in site.q.permute)
-    return 1 if site.q.unsqueeze0 else int(s[0])
-
-
 def _kpm_ok(mask: fx.Node, nd: int) -> bool:
     """A bool per-key mask is key padding when only batch and key axes vary."""
     shape = shape_of(mask)
+    one = lambda d: isinstance(d, int) and d == 1
     if shape is None or nd != 4:
-        return bool(shape) and all(d == 1 for d in shape[:-1])
+        return bool(shape) and all(one(d) for d in shape[:-1])
     shape = (1,) * (4 - len(shape)) + tuple(shape)
-    return shape[1] == 1 and shape[2] == 1
+    return one(shape[1]) and one(shape[2])
 
 
 _PURE = ("call_function", "call_method")

@@ -3,7 +3,7 @@
 They turn a mask as the model wrote it into the ring op's descriptors. Each is a plain
 function of tensors, so eager execution, AOTAutograd and inductor all trace through it.
 
-    kpm  = key_padding_from_mask(mask, drop=True, batch=B)   # (B, 1, 1, S) -> (B, S) bool
+    kpm  = key_padding_from_mask(mask, drop=True, q=q)       # (B, 1, 1, S) -> (B, S) bool
     bias = bias_from_mask(mask, "additive", ndim=4, unsqueeze0=False)
     bias = gather_key_columns(bias, "loopback:4", "zigzag")  # key columns in global order
 """
@@ -13,11 +13,12 @@ from __future__ import annotations
 import torch
 
 
-def key_padding_from_mask(mask: torch.Tensor, drop: bool, batch: int) -> torch.Tensor:
-    """A per-key bool mask broadcastable to (B, 1, 1, S) as the ring op's (B, S), True = key kept."""
+def key_padding_from_mask(mask: torch.Tensor, drop: bool, q: torch.Tensor) -> torch.Tensor:
+    """A per-key bool mask broadcastable to (B, 1, 1, S) as the ring op's (B, S), True =
+    key kept (``q``: the op's (B, H, S, D) queries, for the batch size)."""
     s = mask.shape[-1]
     kpm = mask.reshape(-1, s) if mask.dim() > 1 else mask.reshape(1, s)
-    kpm = kpm.expand(batch, s)
+    kpm = kpm.expand(q.shape[0], s)
     return torch.logical_not(kpm) if drop else kpm
 
 

@@ -63,6 +63,8 @@ class AttentionSite:
     out_permute: Optional[tuple[int, ...]] = None  # ring output (B,H,S,D) -> model layout
     out_squeeze0: bool = False
     scale: Optional[float] = None  # None: 1/sqrt(D)
+    # symbolic factors of the scale (dynamic shapes: ``/ v.size(-1) ** 0.5``): (node, ±1)
+    scale_nodes: list = field(default_factory=list)
     causal: bool = False
     window: int = 0
     gqa: str = "none"
