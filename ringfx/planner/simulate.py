@@ -40,6 +40,8 @@ INPUTS, ACTIVATIONS, ATTENTION, BACKWARD, GRADIENTS, BUFFERS = (
     "inputs", "activations", "attention buffers", "backward temporaries", "gradients", "buffers")
 
 
+_storage_expired = torch._C.StorageBase._expired
+
 CATEGORIES = (INPUTS, BUFFERS, ACTIVATIONS, ATTENTION, BACKWARD, GRADIENTS)
 
 
@@ -55,7 +57,8 @@ class _LiveBytes(TorchDispatchMode):
         self.trace = []           # one tuple of category totals per event, in CATEGORIES order
 
     def _sweep(self):
-        dead = [key for key, entry in self.live.items() if entry[0].expired()]
+        expired = _storage_expired  # the builtin behind StorageWeakRef.expired, without its wrappers
+        dead = [key for key, entry in self.live.items() if expired(entry[0].cdata)]
         for key in dead:
             _, nbytes, category = self.live.pop(key)
             self.totals[category] -= nbytes
