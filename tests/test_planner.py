@@ -134,6 +134,14 @@ def test_more_devices_never_needs_a_larger_ring(small_plans, memory):
     assert feasible == sorted(feasible)
 
 
+def test_a_world_size_that_is_not_a_power_of_two_never_forces_a_larger_ring(small_plans):
+    for memory in ("3GiB", "6GiB", "12GiB"):
+        r8, r9, r12 = (small_plans(memory, gpus) for gpus in (8, 9, 12))
+        if r8.feasible:
+            assert r9.feasible and r12.feasible
+            assert r9.ring_size <= r8.ring_size and r12.ring_size <= r8.ring_size
+
+
 def test_peak_decreases_with_ring_size():
     model = memory_model(SMALL)
     peaks = [model.peak_bytes(262144, p) for p in (2, 4, 8, 16, 32)]

@@ -12,6 +12,8 @@ import argparse
 import json
 import sys
 
+import torch
+
 from .device import parse_seq_len
 from .memory import KERNEL_BACKWARD_WORKSPACE, OPTIMIZERS, PRECISIONS
 from .presets import PRESETS
@@ -41,9 +43,14 @@ def run_plan(args: argparse.Namespace) -> int:
     """Print the plan; exit status 0 when it fits, 1 when it does not, 2 on bad input."""
     from .plan import plan
 
+    device = args.device
+    if device is None and not torch.cuda.is_available():
+        device = "H100"
+        print("ringfx plan: no CUDA device here and no --device: assuming H100 FLOP/s and NVLink bandwidth",
+              file=sys.stderr)
     try:
         result = plan(
-            args.model, args.seq_len, device=args.device, device_memory=args.device_memory, flops=args.flops,
+            args.model, args.seq_len, device=device, device_memory=args.device_memory, flops=args.flops,
             bandwidth=args.bandwidth, world_size=args.gpus, headroom=args.headroom, batch_size=args.batch_size,
             layout=args.layout, training=not args.inference, precision=args.precision, optimizer=args.optimizer,
             activation_checkpointing=args.checkpointing, param_shards="ring" if args.fsdp else 1, kernel=args.kernel,

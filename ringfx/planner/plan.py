@@ -176,11 +176,11 @@ class Plan:
 
     def __str__(self) -> str:
         o, d = self.options, self.device
-        mode = "training" if o.training else "forward only"
         ckpt = "on" if o.activation_checkpointing else "off"
+        mode = (f"training ({o.precision}, optimizer {o.optimizer}, checkpointing {ckpt}, param shards "
+                f"{o.param_shards})") if o.training else f"forward only ({o.param_dtype})".replace("torch.", "")
         lines = [
-            f"ringfx plan: {self.model}, S = {self.seq_len:,} tokens, {mode} "
-            f"({o.precision}, optimizer {o.optimizer}, checkpointing {ckpt}, param shards {o.param_shards})",
+            f"ringfx plan: {self.model}, S = {self.seq_len:,} tokens, {mode}",
             f"device: {d.name} ({d.source}): {_gib(d.memory)}, budget {_gib(self.budget)} "
             f"({self.headroom:.0%} headroom)"
             + (f", {d.flops / 1e12:.0f} TFLOP/s" if d.flops else "")
@@ -223,8 +223,11 @@ class Plan:
 
 
 def _ring_sizes(world_size: Optional[int], max_ring_size: int) -> list:
+    """Every ring size up to the world size (a ring need not use every device: the rest can
+    hold data-parallel replicas or stay idle, so more devices never force a larger ring);
+    offline, powers of two."""
     if world_size:
-        return [p for p in range(1, world_size + 1) if world_size % p == 0]
+        return list(range(1, world_size + 1))
     sizes, p = [], 1
     while p <= max_ring_size:
         sizes.append(p)
@@ -266,12 +269,11 @@ class _Search:
         """(ring size, query chunks, peak, model) of the first ring size that fits, else the
         smallest peak seen as (ring size, None, peak, model)."""
         smallest = None
+        skipped = []
         for p in sizes:
             layout = self.layout_for(p)
             if not self.divisible(p, layout):
-                if reasons is not None:
-                    need = 2 * p if layout == "zigzag" else p
-                    reasons.append(f"P={p}: skipped, S={self.seq_len} is not divisible by {need} ({layout} layout)")
+                skipped.append(p)
                 continue
             block = self.seq_len // p
             chunk_options = _query_chunk_options(block, options.query_chunks) if (chunking and p > 1) else \
@@ -290,6 +292,7 @@ class _Search:
                     smallest = (p, None, peak, model)
                 if peak <= self.budget:
                     if reasons is not None:
+                        _note_skipped(reasons, skipped, self.seq_len)
                         extra = f" with {chunks} query chunks" if chunks > 1 else ""
                         reasons.append(f"P={p}: predicted peak {_gib(peak)} <= budget {_gib(self.budget)}{extra}: fits")
                     return p, chunks, peak, model
@@ -297,7 +300,15 @@ class _Search:
                 tried = f" (query chunks up to {chunk_options[-1]})" if len(chunk_options) > 1 else ""
                 reasons.append(f"P={p}: predicted peak {_gib(smallest[2] if smallest[0] == p else peak)} > budget "
                                f"{_gib(self.budget)}{tried}")
+        if reasons is not None:
+            _note_skipped(reasons, skipped, self.seq_len)
         return smallest
+
+
+def _note_skipped(reasons: list, skipped: list, seq_len: int):
+    if skipped:
+        shown = ", ".join(map(str, skipped[:12])) + (", ..." if len(skipped) > 12 else "")
+        reasons.append(f"P={shown}: skipped, S={seq_len} is not divisible by P (2P for zigzag)")
 
 
 def _chunkable_bytes(model: MemoryModel, block: int, chunks: int) -> int:
