@@ -5,6 +5,9 @@ Two measurements, each compared with ``torch.cuda.max_memory_allocated``:
 1. one attention layer fwd+bwd (q, k, v requiring grad, the incoming gradient given) at
    several sequence lengths, per SDPA backend (P = 1: plain ``F.scaled_dot_product_attention``);
    predicted by ``ringfx.planner.memory.attention_layer_peak``;
+1b. one rank of a ring (P = 4) running the runtime's forward and backward rank programs,
+   the transfers stubbed by copies (what a receive allocates), predicted from the runtime
+   contract (``ring_attention_buffers``);
 2. a small LLaMA-style model (``tiny-llama`` preset, bf16) forward + loss + backward, with and
    without activation checkpointing; predicted by ``ringfx.planner.memory_model(...)`` at P = 1.
 
@@ -69,6 +72,65 @@ def attention_layer_rows(seq_lens, heads=32, head_dim=128, causal=True):
     return rows
 
 
+class _Received:
+    def __init__(self, tensors):
+        self._tensors = tensors
+
+    def wait(self):
+        return self._tensors
+
+
+def _drive_one_rank(program, world):
+    """Run one rank's ring program alone: a receive allocates what NCCL's would (a buffer
+    like each sent tensor; here a copy, so the numbers stay finite)."""
+    from ringfx.runtime.ring import AllGather, Exchange
+
+    answer = None
+    while True:
+        try:
+            request = program.send(answer)
+        except StopIteration as stop:
+            return stop.value
+        if isinstance(request, Exchange):
+            answer = _Received([t.clone() for t in request.tensors] if request.shift % world else list(request.tensors))
+        elif isinstance(request, AllGather):
+            answer = torch.stack([request.tensor] * world)
+        else:
+            raise TypeError(f"unknown ring request {request!r}")
+
+
+def ring_rank_rows(local_lens, world=4, heads=32, kv_heads=32, head_dim=128, causal=True, kernel="cudnn"):
+    """One rank of a ring of ``world`` (the runtime's rank programs, transfers stubbed)."""
+    try:
+        from ringfx.runtime.algorithm import RingConfig, backward_program, forward_program
+    except ImportError as err:  # the runtime's internals moved
+        return [{"case": f"ring rank P={world}", "seq_len": 0, "error": str(err)}]
+    rows = []
+    layout = "zigzag" if causal else "contiguous"
+    for s in local_lens:
+        cfg = RingConfig(layout, causal, head_dim ** -0.5, 0, kernel)
+
+        def step():
+            q = torch.randn(1, heads, s, head_dim, device="cuda", dtype=torch.bfloat16)
+            k, v = (torch.randn(1, kv_heads, s, head_dim, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+            dout = torch.randn_like(q)
+            out, lse = _drive_one_rank(forward_program(q, k, v, None, None, None, cfg, 0, world), world)
+            grads = _drive_one_rank(backward_program(dout, q, k, v, out, lse, None, None, None, cfg, 0, world), world)
+            del grads
+
+        try:
+            measured = _measure(step)
+        except Exception as err:  # noqa: BLE001 - report, do not stop the other rows
+            rows.append({"case": f"ring rank P={world} ({kernel})", "seq_len": s * world, "error": str(err)[:200]})
+            continue
+        att = AttentionShape(batch=1, q_heads=heads, kv_heads=kv_heads, head_dim=head_dim, dtype_bytes=2,
+                             causal=causal)
+        predicted = int(attention_layer_peak(att, s, ring=True, kernel=kernel))
+        rows.append({"case": f"ring rank P={world} ({kernel}{', GQA' if kv_heads != heads else ''})",
+                     "seq_len": s * world, "predicted": predicted, "measured": measured})
+    return rows
+
+
 def model_rows(seq_lens, preset="tiny-llama"):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -110,11 +172,15 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="benchmarks/results/planner_accuracy.json")
     parser.add_argument("--attn-seq", default="16384,65536,131072,262144")
     parser.add_argument("--model-seq", default="4096,16384,32768")
+    parser.add_argument("--ring-local-seq", default="16384,65536", help="local lengths S/P for the ring rank rows")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("planner_accuracy: needs a CUDA GPU", file=sys.stderr)
         return 2
     rows = attention_layer_rows([int(x) for x in args.attn_seq.split(",")])
+    ring_local = [int(x) for x in args.ring_local_seq.split(",")]
+    rows += ring_rank_rows(ring_local)
+    rows += ring_rank_rows(ring_local, kv_heads=8)
     rows += model_rows([int(x) for x in args.model_seq.split(",")])
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
     print(f"{'case':34} {'S':>8} {'predicted GiB':>14} {'measured GiB':>13} {'error':>8}")

@@ -133,6 +133,10 @@ def static_terms(param_count: int, options: TrainingOptions) -> dict:
 #             dtype.
 # (ringfx/runtime/algorithm.py of today holds one KV receive buffer fewer than this; the
 #  contract is the conservative bound.)  Adjust the constants here, nowhere else.
+# GQA (Hq > Hkv) under a causal mask: the runtime expands one block's K/V to Hq heads for the
+# kernel call (ringfx/runtime/kernels.py gqa_forward/gqa_backward), and in backward sums the
+# expanded dK/dV back: per-step temporaries of Hq-headed K/V (and dK/dV) blocks.
+GQA_EXPANDS_CAUSAL_BLOCKS = True
 KV_BUFFERS_FORWARD = 3          # local packed KV + 2 receive buffers
 KV_BUFFERS_BACKWARD = 3
 DKV_BUFFERS_BACKWARD = 2        # float32 dK/dV accumulators travelling, double-buffered
@@ -176,13 +180,16 @@ def ring_attention_buffers(att: AttentionShape, s, *, query_chunks: int = 1, ker
     """
     c = s / query_chunks if query_chunks > 1 else s  # queries per kernel call
     ws = sympy.Rational(str(KERNEL_BACKWARD_WORKSPACE[kernel]))
+    expanded = []
+    if GQA_EXPANDS_CAUSAL_BLOCKS and att.causal and att.q_heads != att.kv_heads:
+        expanded = [("GQA K/V expanded to Hq heads", 2 * att.q_block(s))]
     return {
         "forward_persistent": [("out accumulator (fp32)", att.q_block(s, FP32)), ("lse (fp32, saved)", att.rows(s))],
         "forward_steps": [
             ("KV ring buffers", KV_BUFFERS_FORWARD * att.kv_block(s)),
             ("block output + lse", att.q_block(c) + att.rows(c)),
             ("merge temporaries (fp32)", MERGE_TEMPORARIES_FP32 * att.q_block(c, FP32)),
-        ],
+        ] + expanded,
         "forward_result": [("out", att.q_block(s))],
         "backward_persistent": [
             ("dq accumulator (fp32)", att.q_block(s, FP32)),
@@ -192,7 +199,7 @@ def ring_attention_buffers(att: AttentionShape, s, *, query_chunks: int = 1, ker
             ("KV ring buffers", KV_BUFFERS_BACKWARD * att.kv_block(s)),
             ("block dq/dk/dv", att.q_block(c) + att.kv_block(s)),
             ("kernel workspace", ws * att.q_block(c, FP32) + att.rows(c)),
-        ],
+        ] + [(name + " (and dK/dV)", 2 * n) for name, n in expanded],
         "backward_result": [("dq, dk, dv", att.q_block(s) + att.kv_block(s))],
     }
 

@@ -100,9 +100,9 @@ class _ModeledAttention(torch.autograd.Function):
     """Allocates the contract's buffers; computes nothing."""
 
     @staticmethod
-    def forward(ctx, q, k, v, model):
+    def forward(ctx, q, k, v, model, causal):
         tracker, ring, query_chunks, kernel = model
-        att = _shape_of(q, k)
+        att = _shape_of(q, k, causal)
         s = q.shape[-2]
         buffers = ring_attention_buffers(att, s, query_chunks=query_chunks, kernel=kernel) if ring else \
             sdpa_buffers(att, s, kernel=kernel)
@@ -115,7 +115,7 @@ class _ModeledAttention(torch.autograd.Function):
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
         del persistent
-        ctx.model = model
+        ctx.model, ctx.causal = model, causal
         ctx.save_for_backward(q, k, v, out, lse)
         return out
 
@@ -123,7 +123,7 @@ class _ModeledAttention(torch.autograd.Function):
     def backward(ctx, dout):
         tracker, ring, query_chunks, kernel = ctx.model
         q, k, v, out, lse = ctx.saved_tensors
-        att = _shape_of(q, k)
+        att = _shape_of(q, k, ctx.causal)
         s = q.shape[-2]
         buffers = ring_attention_buffers(att, s, query_chunks=query_chunks, kernel=kernel) if ring else \
             sdpa_buffers(att, s, kernel=kernel)
@@ -135,7 +135,7 @@ class _ModeledAttention(torch.autograd.Function):
         tracker.category = category
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         del persistent
-        return dq, dk, dv, None
+        return dq, dk, dv, None, None
 
 
 class _ModeledRMSNorm(torch.autograd.Function):
@@ -185,7 +185,7 @@ class _AttentionSwap(TorchFunctionMode):
             q, k, v = args[:3]
             causal = bool(kwargs.get("is_causal", args[5] if len(args) > 5 else False))
             self.calls.append(_shape_of(q, k, causal))
-            return _ModeledAttention.apply(q, k, v, self.model)
+            return _ModeledAttention.apply(q, k, v, self.model, causal)
         if func is F.rms_norm or func is torch.rms_norm:
             x, shape = args[0], args[1]
             weight = args[2] if len(args) > 2 else kwargs.get("weight")
@@ -196,7 +196,7 @@ class _AttentionSwap(TorchFunctionMode):
             q, k, v = args[:3]
             causal = bool(args[8]) if len(args) > 8 else bool(kwargs.get("causal", False))
             self.calls.append(_shape_of(q, k, causal))
-            out = _ModeledAttention.apply(q, k, v, self.model)
+            out = _ModeledAttention.apply(q, k, v, self.model, causal)
             return out, torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
         return func(*args, **kwargs)
 
