@@ -133,22 +133,32 @@ def test_one_info_line_per_pass(caplog):
 # ------------------------------------------------------------- mask analysis
 
 class WideWindow(Heads):
-    """A causal sliding window wider than the traced (local) length."""
+    """A causal sliding window, possibly as wide as or wider than the traced (local) length."""
+
+    def __init__(self, window):
+        super().__init__()
+        self.window = window
 
     def forward(self, x):
         q, k, v = self.split(x)
         n = x.shape[1]
         i, j = torch.arange(n)[:, None], torch.arange(n)[None, :]
         s = q @ k.transpose(-2, -1) / math.sqrt(4)
-        s = s.masked_fill((j > i) | (i - j >= 20), float("-inf"))
+        s = s.masked_fill((j > i) | (i - j >= self.window), float("-inf"))
         return self.merge(s.softmax(-1) @ v)
 
 
-def test_window_wider_than_the_shard_is_not_mistaken_for_causal():
-    gm, report = rewrite(WideWindow(), hidden(8, 0)[0].value)
-    assert report.sites[0].mask_kind == "causal+window(20)"
+@pytest.mark.parametrize("window", [3, 8, 20])
+def test_window_as_wide_as_the_shard_is_not_mistaken_for_causal(window):
+    gm, report = rewrite(WideWindow(window), hidden(8, 0)[0].value)  # traced length 8
+    assert report.sites[0].mask_kind == f"causal+window({window})"
     (ring,) = [n for n in gm.graph.nodes if n.target is torch.ops.ringfx.ring_attention.default]
-    assert ring.args[8] is True and ring.args[10] == 20
+    assert ring.args[8] is True and ring.args[10] == window
+
+
+def test_window_too_wide_to_check_is_left_alone():
+    gm, report = rewrite(WideWindow(10_000), hidden(8, 0)[0].value)
+    assert report.sites[0].decision == "left alone" and "10000" in report.sites[0].reason
 
 
 def test_padding_mask_becomes_key_padding_descriptor_not_dense():

@@ -47,9 +47,10 @@ def classify_masks_pass(gm: fx.GraphModule, *, options: Optional[PassOptions] = 
     options = options or PassOptions()
     report = PassReport("classify_masks")
     placeholder_values = _placeholder_values(gm, options)
+    cache: dict = {}  # one evaluation per distinct size-built mask (layers repeat them)
     for site in sites_of(gm):
         if site.decision == REWRITE:
-            classify_site(gm, site, options, placeholder_values)
+            classify_site(gm, site, options, placeholder_values, cache)
         report.sites.append(SiteRecord.of(site))
     report.skipped = sum(s.decision != "rewritten" for s in report.sites)
     log.info("classify_masks: %d sites, masks %s", len(report.sites),
@@ -57,11 +58,11 @@ def classify_masks_pass(gm: fx.GraphModule, *, options: Optional[PassOptions] = 
     return gm, report
 
 
-def classify_site(gm, site: AttentionSite, options: PassOptions, values: dict) -> None:
+def classify_site(gm, site: AttentionSite, options: PassOptions, values: dict, cache=None) -> None:
     sq = _canonical_len(site)
     site.terms = [t for term in site.terms for t in _split(term)]
     for term in site.terms:
-        classify_term(gm, term, sq, values, options)
+        classify_term(gm, term, sq, values, options, cache)
     kinds = [t.kind for t in site.terms]
     bad = [t for t in site.terms if t.kind == "unsupported"]
     if bad:
@@ -114,7 +115,7 @@ def _split(term: MaskTerm) -> list[MaskTerm]:
 
 # --------------------------------------------------------------- one term
 
-def classify_term(gm, term: MaskTerm, n: int, values: dict, options: PassOptions) -> None:
+def classify_term(gm, term: MaskTerm, n: int, values: dict, options: PassOptions, cache=None) -> None:
     shape = shape_of(term.node)
     if shape is None:
         term.kind, term.detail = "unsupported", f"mask {term.node.name} has no recorded shape"
@@ -128,7 +129,7 @@ def classify_term(gm, term: MaskTerm, n: int, values: dict, options: PassOptions
         term.kind, term.detail = "unsupported", f"mask {term.node.name} depends on a random op"
         return
     if _static(ancestors):
-        _classify_static(gm, term, n, ancestors, values, options)
+        _classify_static(gm, term, n, ancestors, values, options, cache)
         return
     if shape[-2] == 1 and shape[-1] == 1:
         if term.form in ("additive", "subtracted"):
@@ -277,7 +278,19 @@ def _placeholder_values(gm: fx.GraphModule, options: PassOptions) -> dict:
     return values
 
 
+# Ops whose integer arguments are sizes (shapes, lengths, slice bounds): only these take
+# the substituted length when a mask is re-evaluated at another length. A constant in a
+# comparison (``i - j < 4096``) or an offset (``triu(diagonal=1)``) keeps its value, so a
+# window equal to or wider than the traced length still shows up as a window.
+_SIZE_ARG_OPS = frozenset({"full", "ones", "zeros", "empty", "arange", "new_full", "new_ones", "new_zeros",
+                           "new_empty", "view", "reshape", "expand", "getitem", "narrow", "tril_indices",
+                           "triu_indices", "ones_like", "zeros_like", "full_like", "empty_like"})
+_EVAL_SIZES = (5, 11, 23)  # small lengths every size-built mask is also checked at
+_MAX_EVAL = 4096  # longest length worth materialising for a check
+
+
 def _int_constants(nodes) -> set[int]:
+    """Integer constants outside size arguments (candidate window widths)."""
     found = set()
 
     def visit(x):
@@ -294,13 +307,15 @@ def _int_constants(nodes) -> set[int]:
             visit(tuple(x.values()))
 
     for n in nodes:
-        visit(n.args)
-        visit(n.kwargs)
+        if op_name(n) not in _SIZE_ARG_OPS:
+            visit(n.args)
+            visit(n.kwargs)
     return found
 
 
 def _evaluate(gm, nodes: list[fx.Node], out: fx.Node, values: dict, n: int, m: int) -> Optional[torch.Tensor]:
-    """Run the mask's subgraph with every integer n (a literal or a size input) set to m."""
+    """Run the mask's subgraph with the length n set to m: in size inputs, size queries and
+    the size arguments of shape-making ops (``_SIZE_ARG_OPS``)."""
 
     def subst(x):
         if isinstance(x, bool):
@@ -337,7 +352,9 @@ def _evaluate(gm, nodes: list[fx.Node], out: fx.Node, values: dict, n: int, m: i
                     obj = getattr(obj, part)
                 env[node] = obj
             else:
-                args, kwargs = subst(load(node.args)), subst(load(node.kwargs))
+                args, kwargs = load(node.args), load(node.kwargs)
+                if op_name(node) in _SIZE_ARG_OPS:
+                    args, kwargs = subst(args), subst(kwargs)
                 if node.op == "call_function":
                     env[node] = node.target(*args, **kwargs)
                 elif node.op == "call_method":
@@ -389,9 +406,52 @@ def _pattern_of(keep: torch.Tensor) -> Optional[tuple[str, int]]:
     return None
 
 
-def _classify_static(gm, term: MaskTerm, n: int, nodes, values, options: PassOptions) -> None:
-    sizes = [n] + [k * n + 1 for k in options.check_sizes]
-    sizes += sorted({c + n + 1 for c in _int_constants(nodes) if n < c <= 16384})
+def _structure_key(nodes, values, n: int, form: str):
+    """Two mask subgraphs with this key compute the same mask (one per layer is common)."""
+    index = {node: i for i, node in enumerate(nodes)}
+
+    def norm(a):
+        return fx.node.map_arg(a, lambda x: ("node", index[x]))
+
+    parts = [n, form]
+    for node in nodes:
+        if node.op == "placeholder":
+            v = values.get(node)
+            parts.append(("ph", id(v) if isinstance(v, torch.Tensor) else v))
+        elif node.op == "get_attr" or _is_size_query(node):
+            parts.append((node.op, str(node.target), str(_hint(value_of(node))) if _is_size_query(node) else ""))
+        else:
+            parts.append((node.op, node.target, repr(norm(node.args)), repr(norm(node.kwargs))))
+    return tuple(parts)
+
+
+def _classify_static(gm, term: MaskTerm, n: int, nodes, values, options: PassOptions, cache=None) -> None:
+    key = None
+    if cache is not None:
+        try:
+            key = _structure_key(nodes, values, n, term.form)
+            hash(key)
+        except TypeError:
+            key = None
+        if key is not None and key in cache:
+            term.kind, term.window, term.detail = cache[key]
+            return
+    _classify_static_uncached(gm, term, n, nodes, values, options)
+    if key is not None:
+        cache[key] = (term.kind, term.window, term.detail)
+
+
+def _classify_static_uncached(gm, term: MaskTerm, n: int, nodes, values, options: PassOptions) -> None:
+    constants = _int_constants(nodes)
+    too_wide = sorted(c for c in constants if c > _MAX_EVAL)
+    if too_wide:
+        term.kind = "unsupported"
+        term.detail = (f"mask {term.node.name} holds the constant {too_wide[0]}, which may be a window wider "
+                       f"than ringfx checks by evaluation ({_MAX_EVAL}); build it from sizes only or pass "
+                       f"the window to ringfx.ring_attention")
+        return
+    sizes = ([n] if n <= _MAX_EVAL else []) + [m for m in _EVAL_SIZES if m != n]
+    sizes += sorted({c + 7 for c in constants if c + 7 > _EVAL_SIZES[0] and c + 7 not in sizes})
     seen: list[tuple[int, tuple[str, int]]] = []
     for m in sizes:
         value = _evaluate(gm, nodes, term.node, values, n, m)
@@ -410,7 +470,7 @@ def _classify_static(gm, term: MaskTerm, n: int, nodes, values, options: PassOpt
                            f"a sliding window or all-attend (checked at length {m})")
             return
         seen.append((m, pattern))
-    if not seen or seen[0][0] != n:
+    if not seen or (n <= _MAX_EVAL and seen[0][0] != n):
         term.kind, term.detail = "unsupported", f"mask {term.node.name} could not be evaluated"
         return
     windows = {p[1] for _, p in seen if p[0].startswith("window")}

@@ -23,8 +23,6 @@ class PassOptions:
     # come from dynamo; dynamo records them on the placeholders).
     example_inputs: Optional[Sequence[Any]] = None
     kernel: str = "auto"  # per-block kernel of the ring op
-    # Evaluate size-built masks at these extra multiples of the traced length too.
-    check_sizes: tuple[int, ...] = (2, 3)
 
     def __post_init__(self):
         if self.layout not in ("contiguous", "zigzag"):
