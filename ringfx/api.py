@@ -12,6 +12,7 @@ same way but runs the *original* graphs, recording the rewritten ones.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from dataclasses import dataclass, field
 from typing import Any
@@ -129,7 +130,32 @@ def explain(model, *args, **kwargs) -> ExplainReport:
         out = torch._dynamo.explain(model)(*args, **kwargs)
         breaks = [f"{getattr(b, 'reason', b)}" for b in out.break_reasons]
     torch._dynamo.reset()
-    return ExplainReport([s for g in collected for s in g.sites], [g.graph_module for g in collected], breaks)
+    sites = [s for g in collected for s in g.sites]
+    names = pattern_names()
+    for s in sites:
+        name = names.get((s.pattern, s.mask_kind))
+        if name is not None:
+            s.pattern = f"{name} [{s.pattern}]"
+    return ExplainReport(sites, [g.graph_module for g in collected], breaks)
+
+
+@functools.lru_cache(maxsize=1)
+def pattern_names() -> dict:
+    """``(spelling, mask kind) -> table name`` for the spellings of ``passes.patterns``,
+    found by tracing each pattern function as a model would be traced."""
+    from .passes.patterns import PATTERNS
+
+    names = {}
+    for pattern in PATTERNS:
+        found: list[CompiledGraph] = []
+        config = BackendConfig.from_options({"inner": "eager", "strict": False, "execute": "original",
+                                             "collector": found})
+        torch._dynamo.reset()
+        torch.compile(pattern.fn, backend=_bound_backend(config), dynamic=False)(*pattern.example_inputs(8))
+        for site in (s for g in found for s in g.sites):
+            names.setdefault((site.pattern, site.mask_kind), pattern.name)
+    torch._dynamo.reset()
+    return names
 
 
 def _bound_backend(config: BackendConfig):

@@ -124,6 +124,8 @@ def match_softmax_chain(softmax: fx.Node) -> Optional[AttentionSite]:
     site.chain = chain_back + [softmax] + chain_fwd
     site.terms, site.scale = terms, 1.0
     _fold(site, scale)
+    if arg(softmax, 2, "dtype", None) is not None and "upcast" not in features:
+        features.insert(len(features) - 1, "upcast")  # softmax(..., dtype=torch.float32)
     features = features + fwd_features
     site.pattern = _spelling(op_name(scores), features, op_name(pv))
     if normalize_dim(dim, len(xs)) != len(xs) - 1:
@@ -523,6 +525,8 @@ def _finish(site: AttentionSite) -> AttentionSite:
         return site.skip(f"{hq} query heads are not a (static) multiple of {hk} key/value heads")
     if hk != hq and site.gqa == "none":
         site.gqa = "broadcast"
+    if site.gqa != "none":
+        site.pattern += f"+gqa({site.gqa})"
     if not _same(sq, sk):
         return site.skip(f"query length {sq} differs from key length {sk} (cross-attention or a KV cache): "
                          "a ring shards one sequence")
