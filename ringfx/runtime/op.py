@@ -63,7 +63,8 @@ def ring_attention_op(
 
 @ring_attention_op.register_fake
 def _(q, k, v, key_padding_mask, segment_ids, attn_bias, group_name, layout, causal, scale, window, kernel):
-    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(q.shape[:-1], dtype=acc_dtype(q.dtype))
+    return (torch.empty(q.shape, dtype=q.dtype, device=q.device),
+            torch.empty(q.shape[:-1], dtype=acc_dtype(q.dtype), device=q.device))
 
 
 @torch.library.custom_op("ringfx::ring_attention_backward", mutates_args=())
@@ -81,7 +82,8 @@ def ring_attention_backward_op(
 @ring_attention_backward_op.register_fake
 def _(dout, q, k, v, out, lse, key_padding_mask, segment_ids, attn_bias, group_name, layout, causal, scale, window,
       kernel):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    # the real op returns contiguous gradients whatever the inputs' strides
+    return tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
 
 
 def _setup_context(ctx, inputs, output):
