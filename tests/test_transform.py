@@ -49,7 +49,7 @@ def test_zoo_gloo_ring(world):
     from ringfx.testing import spawn_gloo
 
     entries = [e for e in ZOO if e.real_ring]
-    layouts = ["contiguous", "zigzag"] if world == 2 else ["contiguous"]
+    layouts = ["contiguous", "zigzag"]
     results = spawn_gloo(world, gloo_zoo_worker, [e.name for e in entries], layouts, timeout=300)
     by_name = {e.name: e for e in entries}
     for rank_results in results:
@@ -222,3 +222,28 @@ def test_dynamic_sequence_length(name):
         inputs = [i.value for i in entry.make_inputs(seq_len, 0)]
         torch.testing.assert_close(ring(*inputs), ref(*inputs), atol=entry.tol, rtol=entry.tol)
     assert ring.sites and all(s.decision == "rewritten" and s.mask_kind == entry.mask_kind for s in ring.sites)
+
+
+def test_backend_hands_the_rest_to_inductor_by_default():
+    from ringfx.backend import ringfx_backend
+
+    graphs = []
+
+    def f(q):
+        return F.scaled_dot_product_attention(q, q, q, is_causal=True).sum(-1) * 2
+
+    torch._dynamo.reset()
+    q = torch.randn(1, 2, 8, 4)
+    out = torch.compile(f, backend=ringfx_backend, options={"collector": graphs})(q)
+    torch.testing.assert_close(out, f(q))
+    (graph,) = graphs
+    assert [s.decision for s in graph.sites] == ["rewritten"]
+    assert any(n.target is torch.ops.ringfx.ring_attention.default for n in graph.graph_module.graph.nodes)
+
+
+def test_backend_rejects_unknown_options():
+    from ringfx.backend import ringfx_backend
+
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="unknown ringfx option"):
+        torch.compile(lambda x: x.sin(), backend=ringfx_backend, options={"innr": "eager"})(torch.ones(2))
