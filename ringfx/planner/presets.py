@@ -10,7 +10,6 @@ measure it.  ``gpt2-like`` keeps GPT-2's sizes in this LLaMA-style block.
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import torch
 import torch.nn as nn
@@ -157,5 +156,3 @@ def flops_per_token(cfg: ModelConfig) -> float:
     h, q, kv = cfg.hidden, cfg.heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim
     return 2.0 * (cfg.layers * (h * q + 2 * h * kv + q * h + 3 * h * cfg.ffn) + cfg.vocab * h)
 
-
-_ = math  # keep the import for readers computing sizes by hand

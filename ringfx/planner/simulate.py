@@ -25,6 +25,7 @@ import math
 from fractions import Fraction
 from typing import Callable, Optional
 
+import sympy
 import torch
 import torch.nn.functional as F
 from torch.multiprocessing.reductions import StorageWeakRef
@@ -32,7 +33,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
 
-from .memory import AttentionShape, ring_attention_buffers, sdpa_buffers
+from .memory import AttentionShape, ring_attention_buffers, s_local, sdpa_buffers
 
 log = logging.getLogger("ringfx.planner")
 
@@ -108,12 +109,15 @@ class _ModeledAttention(torch.autograd.Function):
             sdpa_buffers(att, s, kernel=kernel)
         category = tracker.category
         tracker.category = ATTENTION
-        persistent = [_blob(n) for _, n in buffers["forward_persistent"][:1]]  # out accumulator (ring)
+        # the ring's float32 lse accumulator is the lse it saves: a real tensor, not a blob
+        persistent = [_blob(n) for _, n in buffers["forward_persistent"][:1]]
+        tracker.category = category
+        lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
+        tracker.category = ATTENTION
         steps = [_blob(n) for _, n in buffers["forward_steps"]]
         del steps
         tracker.category = category
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-        lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
         del persistent
         ctx.model, ctx.causal = model, causal
         ctx.save_for_backward(q, k, v, out, lse)
@@ -316,52 +320,45 @@ def fit_peak_envelope(run: Callable[[int], StepPeak], points) -> tuple:
 
     Live bytes after event i of the step are a polynomial p_i(s) in the local length (the
     same program runs at every length; tensors grow with s).  Each event's polynomial
-    (degree <= 2: 3 points) is read off the traces at ``points[:3]`` and checked against
-    ``points[3]``; events below another at every s are dropped.  Returns
+    (degree <= 2: 3 points) is read off the traces at ``points[:3]`` (exact rationals) and
+    checked against ``points[3]``; only events that are the peak at some s (sampled from 1
+    to 2^40 tokens) are kept.  Returns
     ``(envelope, attention calls, exact)`` where ``envelope`` is a list of
     ``{category: polynomial in s}`` (one per surviving event) and ``exact`` says whether
     all four traces agreed.
     """
-    import sympy
-
-    from .memory import s_local
-
     runs = [run(int(n)) for n in points]
     lengths = {len(r.trace) for r in runs}
     if len(lengths) != 1:
         raise ValueError(f"the model runs a different program at different lengths ({sorted(lengths)} events); "
                          "its memory cannot be fitted symbolically")
-    import numpy as np
-
     xs = [int(n) for n in points[:3]]
-    traces = np.array([r.trace for r in runs], dtype=np.float64)       # (4, events, categories)
-    traces, first = np.unique(traces[:3].transpose(1, 0, 2).reshape(traces.shape[1], -1), axis=0,
-                              return_index=True)
-    events = np.array([r.trace for r in runs], dtype=object)[:, first, :]  # exact ints, (runs, kept, categories)
-    # Lagrange on three points, exactly: coefficients (c0, c1, c2) of each event and category
+    # events with the same live bytes at the three fitting lengths are the same polynomial
+    first = {}
+    for i, key in enumerate(zip(*(r.trace for r in runs[:3]))):
+        first.setdefault(key, i)
+    events = sorted(first.values())
     (x0, x1, x2) = xs
-    def coefficients(y0, y1, y2):
+
+    def coefficients(y0, y1, y2):  # Lagrange on three points, exactly: (c0, c1, c2)
         d0, d1, d2 = (x0 - x1) * (x0 - x2), (x1 - x0) * (x1 - x2), (x2 - x0) * (x2 - x1)
         c2 = Fraction(y0, d0) + Fraction(y1, d1) + Fraction(y2, d2)
         c1 = -(Fraction(y0 * (x1 + x2), d0) + Fraction(y1 * (x0 + x2), d1) + Fraction(y2 * (x0 + x1), d2))
         c0 = Fraction(y0 * x1 * x2, d0) + Fraction(y1 * x0 * x2, d1) + Fraction(y2 * x0 * x1, d2)
         return c0, c1, c2
-    n_events = events.shape[1]
-    coeffs = [[coefficients(*(int(events[k, i, c]) for k in range(3))) for c in range(len(CATEGORIES))]
-              for i in range(n_events)]
-    totals = np.array([[float(sum(cc[d] for cc in line)) for d in range(3)] for line in coeffs])  # (events, 3)
+
+    coeffs = [[coefficients(*(runs[k].trace[i][c] for k in range(3))) for c in range(len(CATEGORIES))]
+              for i in events]
+    totals = [tuple(float(sum(cc[d] for cc in line)) for d in range(3)) for line in coeffs]
     exact = True
     if len(points) > 3:
         x3 = int(points[3])
-        for i in range(n_events):
-            predicted = sum(cc[0] + cc[1] * x3 + cc[2] * x3 * x3 for cc in coeffs[i])
-            if predicted != sum(int(v) for v in events[3, i]):
-                exact = False
-                break
+        exact = all(sum(cc[0] + cc[1] * x3 + cc[2] * x3 * x3 for cc in line) == sum(runs[3].trace[i])
+                    for line, i in zip(coeffs, events))
     # keep the events that are the peak somewhere: sampled at s = 2^(k/4) up to 2^40 tokens
-    samples = np.array([2.0 ** (k / 4) for k in range(161)] + [float(n) for n in points])
-    values = totals[:, :1] + totals[:, 1:2] * samples + totals[:, 2:3] * samples ** 2
-    kept = sorted(set(int(i) for i in values.argmax(axis=0)))
+    samples = [2.0 ** (k / 4) for k in range(161)] + [float(n) for n in points]
+    kept = sorted({max(range(len(totals)), key=lambda j: totals[j][0] + totals[j][1] * x + totals[j][2] * x * x)
+                   for x in samples})
     envelope = []
     for i in kept:
         terms = {}
