@@ -161,9 +161,6 @@ def test_transform_handles_attention_in_every_graph():
 
 # --------------------------------------------------------------------- backend
 
-@pytest.mark.xfail(reason="runtime: the fake of ring_attention_backward keeps the inputs' strides while the "
-                          "real op returns contiguous gradients; AOTAutograd then views a non-contiguous grad",
-                   strict=False)
 def test_backend_with_aot_eager_inner_is_exact():
     from ringfx.backend import ringfx_backend
     from zoo import TinyLlama, tokens
