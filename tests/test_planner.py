@@ -6,6 +6,7 @@ import argparse
 
 import pytest
 import sympy
+from hypothesis import given, settings, strategies as st
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -254,3 +255,19 @@ def test_graph_module_and_rewritten_op_are_modelled_like_the_module():
     ring = memory_model(ToyRing(), example_inputs=x, precision="fp32", optimizer="none")
     assert ring.peak_bytes(4096, 4) == expected
     assert len(ring.attention) == 1 and ring.attention[0].causal
+
+
+@settings(max_examples=15, deadline=None)
+@given(memory_gib=st.integers(1, 60), extra_gib=st.integers(0, 40), gpus=st.integers(1, 40),
+       extra_gpus=st.integers(0, 40))
+def test_monotone_in_memory_and_devices(memory_gib, extra_gib, gpus, extra_gpus):
+    def ring(mem, n):
+        r = plan(SMALL, "256K", device="H100", device_memory=f"{mem}GiB", world_size=n)
+        return r.ring_size if r.feasible else None
+
+    base = ring(memory_gib, gpus)
+    if base is None:
+        return
+    more_memory, more_devices = ring(memory_gib + extra_gib, gpus), ring(memory_gib, gpus + extra_gpus)
+    assert more_memory is not None and more_memory <= base
+    assert more_devices is not None and more_devices <= base
