@@ -189,13 +189,17 @@ def choose_kernel(kernel: str, device: torch.device, dtype: torch.dtype, head_di
     if device.type != "cuda" or dtype == torch.float64:
         return _MATH
     half = dtype in (torch.float16, torch.bfloat16)
-    cudnn = half and head_dim <= 128 and _cudnn_ok(device)
-    if kernel == "efficient":
-        return _EFFICIENT
-    if kernel == "cudnn" or (kernel == "auto" and cudnn):
+    if kernel == "efficient" and half:
+        # its bf16/fp16 backward returned garbage dK/dV when fed a merged lse on
+        # torch 2.11 / H100 (float32 is exact); refuse rather than be silently wrong
+        raise ValueError("kernel='efficient' is validated for float32 only; use kernel='auto' "
+                         "(cuDNN, with masks as a bias) or 'flash' for bf16/fp16")
+    if kernel == "cudnn" or (kernel == "auto" and half and head_dim <= 128 and _cudnn_ok(device)):
         return _CUDNN  # takes a mask as an additive bias
     if half and head_dim <= 256 and not masked and kernel in ("auto", "flash"):
         return _CUDA_FLASH
+    if dtype == torch.float32 and kernel in ("auto", "efficient"):
+        return _EFFICIENT
     return _MATH
 
 
