@@ -271,3 +271,14 @@ def test_monotone_in_memory_and_devices(memory_gib, extra_gib, gpus, extra_gpus)
     more_memory, more_devices = ring(memory_gib + extra_gib, gpus), ring(memory_gib, gpus + extra_gpus)
     assert more_memory is not None and more_memory <= base
     assert more_devices is not None and more_devices <= base
+
+
+def test_plan_from_inputs_reads_the_sequence_length():
+    x = torch.randn(1, 4096, 16)
+    result = __import__("ringfx.planner", fromlist=["plan_from_inputs"]).plan_from_inputs(
+        Toy(), (x,), world_size=4, device="H100", device_memory="1MiB", headroom=0.0)
+    assert result.seq_len == 4096
+    expected = toy_model()
+    sizes = [p for p in (1, 2, 3, 4) if 4096 % (2 * p) == 0 and p > 1]
+    fits = [p for p in sizes if expected.peak_bytes(4096, p) <= 2**20]
+    assert result.feasible == bool(fits) and (not fits or result.ring_size == fits[0])

@@ -11,11 +11,11 @@ cli.py       ``python -m ringfx plan ...``
 
 from .device import DeviceSpec, device_spec, parse_bytes, parse_seq_len
 from .memory import MemoryModel, TrainingOptions
-from .plan import Plan, memory_model, plan
+from .plan import Plan, memory_model, plan, plan_from_inputs
 from .presets import PRESETS, ModelConfig
 from .timing import min_block_size
 
 __all__ = [
     "DeviceSpec", "MemoryModel", "ModelConfig", "PRESETS", "Plan", "TrainingOptions", "device_spec",
-    "memory_model", "min_block_size", "parse_bytes", "parse_seq_len", "plan",
+    "memory_model", "min_block_size", "parse_bytes", "parse_seq_len", "plan", "plan_from_inputs",
 ]

@@ -430,7 +430,11 @@ def _suggestions(search: _Search, options: TrainingOptions, spec: DeviceSpec, ma
     far = _ring_sizes(None, max(max_ring_size, 2**16))
 
     def describe(opts, what):
-        found = search.first_fit(opts, far, chunking=True)
+        try:
+            found = search.first_fit(opts, far, chunking=True)
+        except ValueError as err:  # e.g. checkpointing asked of a model without a layer list
+            log.info("suggestion %r not evaluated: %s", what, err)
+            return True
         if found and found[1] is not None:
             out.append(f"{what}: fits on a ring of {found[0]} devices (peak {_gib(found[2])})")
             return True
@@ -451,3 +455,18 @@ def _suggestions(search: _Search, options: TrainingOptions, spec: DeviceSpec, ma
     if options.training and not options.activation_checkpointing and options.param_shards == 1:
         describe(options.replace(activation_checkpointing=True, param_shards="ring"), "checkpointing + FSDP")
     return out
+
+
+def plan_from_inputs(model: torch.nn.Module, example_inputs, *, seq_dim: int = 1, world_size: Optional[int] = None,
+                     **kwargs) -> Plan:
+    """Plan for one call of ``model`` on full-length ``example_inputs`` (what
+    ``ringfx.transform(model, plan="auto")`` has at its first call): the sequence length
+    is the size of ``seq_dim`` of the first tensor input; ``world_size`` the ring's devices.
+    Other keywords as :func:`plan`.
+    """
+    example_inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+    first = next((t for t in example_inputs if isinstance(t, torch.Tensor) and t.dim() > seq_dim), None)
+    if first is None:
+        raise ValueError(f"example_inputs: no tensor has a dimension seq_dim={seq_dim}; pass seq_dim=")
+    return plan(model, int(first.shape[seq_dim]), example_inputs=example_inputs, seq_dim=seq_dim,
+                world_size=world_size, **kwargs)
