@@ -12,13 +12,15 @@ Default numbers and where they come from:
 - Bandwidth between ring neighbours, one direction: NVLink on H100/H200 450 GB/s
   (NVLink4, 900 GB/s both directions), on A100 300 GB/s (the paper's figure); across
   nodes 100 Gb/s InfiniBand = 12.5 GB/s per GPU (the paper's figure).  A ring that spans
-  nodes runs at the speed of its slowest hop.
+  nodes runs at the speed of its slowest hop (``LOCAL_WORLD_SIZE`` from torchrun, else the
+  local GPU count, says how many share a node); GPUs without peer access get PCIe's 25 GB/s.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import re
 from typing import Optional, Union
 
@@ -84,6 +86,7 @@ KNOWN_DEVICES = {
     "TPUV4": (275e12, 268e9),
 }
 INFINIBAND_BANDWIDTH = 12.5e9   # 100 Gb/s per GPU, the paper's cross-node figure
+PCIE_BANDWIDTH = 25e9           # PCIe 4.0 x16, one direction, for GPUs without peer access
 GPUS_PER_NODE = 8
 
 
@@ -168,7 +171,13 @@ def device_spec(
         known = _known(name) or (None, None)
         count = _machine_world_size()
         peer = _peer_links(torch.cuda.device_count())
-        spec = DeviceSpec(name=name, memory=free, flops=known[0], bandwidth=known[1], world_size=count,
+        # torchrun tells how many ranks share a node: a ring longer than that crosses nodes
+        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", torch.cuda.device_count()) or GPUS_PER_NODE)
+        bandwidth = known[1]
+        if peer is False and bandwidth is not None:
+            bandwidth = min(bandwidth, PCIE_BANDWIDTH)  # no peer access: no NVLink between these GPUs
+        spec = DeviceSpec(name=name, memory=free, flops=known[0], bandwidth=bandwidth, world_size=count,
+                          gpus_per_node=per_node,
                           source=f"machine (cuda: {free / 2**30:.1f} of {total / 2**30:.1f} GiB free"
                                  f"{', peer access' if peer else ''})")
     elif isinstance(device, str) and device not in ("cuda", "auto"):
