@@ -61,6 +61,14 @@ def hidden_pad(s, seed):
     return hidden(s, seed) + [ZooInput(keep_mask(s))]
 
 
+def hidden_right_pad(s, seed):
+    """Right padding only: with a causal mask, left padding leaves query rows that see no
+    key at all, whose output is arbitrary (uniform weights in the model, 0 from the ring)."""
+    keep = torch.ones(2, s, dtype=torch.bool)
+    keep[0, s - s // 4:] = False
+    return hidden(s, seed) + [ZooInput(keep)]
+
+
 def hidden_seg(s, seed):
     seg = torch.stack([torch.arange(s) * 3 // s, torch.arange(s) * 2 // s])
     return hidden(s, seed) + [ZooInput(seg)]
@@ -276,6 +284,17 @@ class RepeatKvFp32(Heads):  # HF LLaMA eager: repeat_kv, additive causal triu(fi
         return self.merge(torch.matmul(p, v))
 
 
+class CausalPlusPadding(Heads):  # HF-style 4-D mask: where(causal & padding, 0, finfo.min) added to the scores
+    def forward(self, x, keep):
+        q, k, v = self.split(x)
+        s_len = x.shape[1]
+        causal = torch.tril(torch.ones(s_len, s_len, dtype=torch.bool, device=x.device))
+        allowed = causal[None, None, :, :] & keep[:, None, None, :]
+        bias = torch.where(allowed, 0.0, torch.finfo(torch.float32).min)
+        s = q @ k.transpose(-2, -1) / math.sqrt(D) + bias
+        return self.merge(s.softmax(-1) @ v)
+
+
 class DenseUserMask(Heads):  # an arbitrary additive (B, 1, S, S) mask from the caller
     def forward(self, x, bias):
         q, k, v = self.split(x)
@@ -450,6 +469,7 @@ ZOO: list[ZooEntry] = [
     ZooEntry("gpt2_attention", Gpt2Attention, hidden, 1, "causal", tol=1e-5),
     ZooEntry("repeat_interleave_padding", RepeatInterleavePadding, hidden_pad, 1, "key_padding"),
     ZooEntry("repeat_kv_fp32", RepeatKvFp32, hidden, 1, "causal", tol=1e-5),
+    ZooEntry("causal_plus_padding", CausalPlusPadding, hidden_right_pad, 1, "causal+key_padding"),
     ZooEntry("dense_user_mask", DenseUserMask, hidden_dense, 1, "dense", real_ring=False),
     ZooEntry("mha_batch_first", MhaBatchFirst, hidden, 1, "none"),
     ZooEntry("mha_seq_first_causal", MhaSeqFirstCausal, hidden, 1, "causal"),

@@ -104,13 +104,38 @@ def _canonical_len(site: AttentionSite) -> int:
 
 
 def _split(term: MaskTerm) -> list[MaskTerm]:
-    """``a + b`` (additive), ``a & b`` (keep), ``a | b`` (drop) -> separate terms."""
-    name = op_name(term.node)
+    """Normalise a mask into independent terms::
+
+        a + b (additive), a & b (keep), a | b (drop)  -> the terms of a and of b
+        where(keep, 0, -inf) / masked_fill(zeros, drop, -inf) (additive) -> keep / drop
+        ~keep (keep) -> drop, ~drop (drop) -> keep
+
+    so that e.g. ``where(causal & pad[:, None, None, :], 0, min)`` is seen as causal plus
+    key padding instead of one dense mask."""
+    node, name = term.node, op_name(term.node)
+    args = node.args
     pairs = {"additive": "add", "keep": "logical_and", "drop": "logical_or"}
-    if name == pairs.get(term.form) and len(term.node.args) >= 2 and \
-            all(isinstance(a, fx.Node) for a in term.node.args[:2]) and term.node.kwargs.get("alpha", 1) == 1:
-        return [t for a in term.node.args[:2] for t in _split(MaskTerm(a, term.form))]
+    if name == pairs.get(term.form) and len(args) >= 2 and \
+            all(isinstance(a, fx.Node) for a in args[:2]) and node.kwargs.get("alpha", 1) == 1:
+        return [t for a in args[:2] for t in _split(MaskTerm(a, term.form))]
+    if term.form == "additive" and name == "where" and len(args) == 3 and isinstance(args[0], fx.Node):
+        zero = lambda x: scalar(x) == 0.0
+        if zero(args[1]) and _masked(args[2]):
+            return _split(MaskTerm(args[0], "keep"))
+        if _masked(args[1]) and zero(args[2]):
+            return _split(MaskTerm(args[0], "drop"))
+    if term.form == "additive" and name in ("masked_fill", "masked_fill_") and len(args) >= 3 \
+            and _masked(args[2]) and op_name(args[0]) in ("zeros", "zeros_like", "new_zeros") \
+            and isinstance(args[1], fx.Node) and len(args[0].users) == 1:
+        return _split(MaskTerm(args[1], "drop"))
+    if term.form in ("keep", "drop") and name == "logical_not" and isinstance(args[0], fx.Node):
+        return _split(MaskTerm(args[0], "drop" if term.form == "keep" else "keep"))
     return [term]
+
+
+def _masked(x) -> bool:
+    v = scalar(x)
+    return v is not None and v <= MASKED_FILL_LIMIT
 
 
 # --------------------------------------------------------------- one term
