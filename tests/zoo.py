@@ -418,9 +418,9 @@ class TinyLlama(nn.Module):
 
     def forward(self, input_ids, position_ids):
         x = self.embed_tokens(input_ids)
-        freqs = position_ids[:, :, None].to(DTYPE) * self.inv_freq[None, None, :]
+        freqs = position_ids[:, :, None].to(self.inv_freq.dtype) * self.inv_freq[None, None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
-        cos, sin = emb.cos()[:, None], emb.sin()[:, None]  # (B, 1, S, D)
+        cos, sin = emb.cos()[:, None].to(x.dtype), emb.sin()[:, None].to(x.dtype)  # (B, 1, S, D)
         for layer in self.layers:
             x = layer(x, cos, sin)
         return self.norm(x)
@@ -482,7 +482,7 @@ ZOO: list[ZooEntry] = [
 # ------------------------------------------------------------ comparison
 
 def compare_case(entry: ZooEntry, group, layout: str = "contiguous", seq_len: int = 16, seed: int = 0,
-                 all_reduce: bool = False) -> dict:
+                 all_reduce: bool = False, dtype: torch.dtype = DTYPE) -> dict:
     """Run ``entry`` untransformed on the full sequence and transformed on this process's
     shard; return the largest output and parameter-gradient errors.
 
@@ -498,9 +498,12 @@ def compare_case(entry: ZooEntry, group, layout: str = "contiguous", seq_len: in
 
     torch._dynamo.reset()
     torch.manual_seed(seed)
-    model = entry.make_module().eval()
+    model = entry.make_module().eval().to(dtype)
     ref = copy.deepcopy(model)
     inputs = entry.make_inputs(seq_len, seed)
+    for i in inputs:
+        if i.value.is_floating_point():
+            i.value = i.value.to(dtype)
     ref_out = ref(*[i.value for i in inputs])
     w = torch.randn(ref_out.shape, generator=_gen(seed + 7), dtype=ref_out.dtype)
     (ref_out * w).sum().backward()
