@@ -107,7 +107,8 @@ def static_terms(param_count: int, options: TrainingOptions) -> dict:
     n = sympy.Integer(param_count)
     shards = P if options.param_shards == "ring" else options.param_shards
     param_bytes = dtype_bytes(options.param_dtype)
-    terms = {"parameters": n * param_bytes / shards, "library workspace (cuBLAS)": sympy.Integer(CUDA_LIBRARY_WORKSPACE)}
+    terms = {"parameters": n * param_bytes / shards,
+             "library workspace (cuBLAS)": sympy.Integer(CUDA_LIBRARY_WORKSPACE)}
     if options.training:
         if options.precision.endswith("-mixed"):
             terms["master weights (fp32)"] = n * FP32 / shards

@@ -193,7 +193,8 @@ class Plan:
                 ("ring size P", f"{self.ring_size}"),
                 ("layout", f"{self.layout}"),
                 ("block c = S/P", f"{self.block_size:,} tokens"),
-                ("query chunks", f"{self.query_chunks} (kernel calls of {self.block_size // self.query_chunks:,} queries)"),
+                ("query chunks", f"{self.query_chunks} (kernel calls of "
+                                 f"{self.block_size // self.query_chunks:,} queries)"),
                 ("predicted peak / device", f"{_gib(self.predicted_peak)} of {_gib(self.budget)}"),
             ]
             rows += [(f"  {name}", _gib(value)) for name, value in self.breakdown.items() if value]

@@ -62,13 +62,13 @@ def attention_time(att, seq_len: int, ring_size: int, flops: float, bandwidth: f
     c = seq_len // ring_size
     causal_factor = 0.5 if att.causal else 1.0
     compute = 4.0 * att.batch * att.q_heads * c * c * att.head_dim * causal_factor / (flops * efficiency)
-    transfer = 0.0 if ring_size == 1 else 2.0 * att.batch * att.kv_heads * c * att.head_dim * att.dtype_bytes / bandwidth
+    kv_elements = 2.0 * att.batch * att.kv_heads * c * att.head_dim
+    transfer = 0.0 if ring_size == 1 else kv_elements * att.dtype_bytes / bandwidth
     steps = ring_size
     forward = steps * max(compute, transfer)
     backward = 0.0
     if training:
-        transfer_b = 0.0 if ring_size == 1 else \
-            2.0 * att.batch * att.kv_heads * c * att.head_dim * (att.dtype_bytes + 4) / bandwidth
+        transfer_b = 0.0 if ring_size == 1 else kv_elements * (att.dtype_bytes + 4) / bandwidth
         backward = steps * max(BACKWARD_FLOP_RATIO * compute, transfer_b)
     c_min = min_block_size(flops * efficiency, bandwidth, q_heads=att.q_heads, kv_heads=att.kv_heads,
                            dtype_bytes=att.dtype_bytes, causal=att.causal)
