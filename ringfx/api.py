@@ -15,7 +15,6 @@ from __future__ import annotations
 import functools
 import inspect
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 import torch.fx as fx

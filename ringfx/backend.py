@@ -23,7 +23,6 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
-import torch
 import torch.distributed as dist
 import torch.fx as fx
 

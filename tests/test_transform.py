@@ -20,7 +20,7 @@ import torch.nn.functional as F
 import ringfx
 from ringfx.api import explain, transform
 from ringfx.errors import UnsupportedError
-from zoo import ZOO, compare_case, gloo_zoo_worker, hidden
+from zoo import ZOO, compare_case, gloo_zoo_worker
 
 ZOO_IDS = [e.name for e in ZOO]
 

@@ -29,8 +29,7 @@ import torch
 import torch.fx as fx
 
 from .find_attention import MASKED_FILL_LIMIT, sites_of
-from .node_facts import (arg, dtype_of, is_model_state, normalize_dim, op_name, real_value, scalar,
-                         shape_of, value_of)
+from .node_facts import dtype_of, is_model_state, op_name, real_value, scalar, shape_of, value_of
 from .options import PassOptions
 from .sites import REWRITE, AttentionSite, MaskTerm, PassReport, SiteRecord
 

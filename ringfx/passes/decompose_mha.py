@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import operator
 from typing import Optional
 
 import torch
@@ -166,15 +165,7 @@ def _inline(gm: fx.GraphModule, node: fx.Node, a: dict) -> None:
 def _trace(fn, n_inputs: int, examples: dict, names: list) -> fx.GraphModule:
     """Trace ``fn`` symbolically, then record each node's shape and dtype (as a meta
     tensor in ``meta[VALUE_KEY]``) so that later passes can read them."""
-    import inspect
-
-    params = [inspect.Parameter(f"t{i}", inspect.Parameter.POSITIONAL_ONLY) for i in range(n_inputs)]
-
-    def wrapper(*args):
-        return fn(*args)
-
-    wrapper.__signature__ = inspect.Signature(params)
-    sub = _symbolic(wrapper, n_inputs)
+    sub = _symbolic(fn, n_inputs)
     env = {}
     placeholders = [n for n in sub.graph.nodes if n.op == "placeholder"]
     for p, name in zip(placeholders, names):
@@ -191,6 +182,7 @@ def _trace(fn, n_inputs: int, examples: dict, names: list) -> fx.GraphModule:
 
 
 def _symbolic(fn, n_inputs: int) -> fx.GraphModule:
+    """``fx.symbolic_trace`` for a function of ``n_inputs`` positional tensors."""
     graph = fx.Graph()
     tracer = fx.Tracer()
     tracer.graph = graph

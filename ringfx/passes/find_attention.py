@@ -35,7 +35,7 @@ import torch.fx as fx
 
 from .node_facts import (CASTS, SHAPE_ONLY, arg, dtype_of, normalize_dim, op_name, scalar,
                          shape_of, source_line, value_of)
-from .sites import META_KEY, REWRITE, AttentionSite, MaskTerm, Operand, PassReport, SiteRecord
+from .sites import META_KEY, AttentionSite, MaskTerm, Operand, PassReport, SiteRecord
 
 log = logging.getLogger("ringfx.passes")
 
@@ -138,11 +138,6 @@ def match_softmax_chain(softmax: fx.Node) -> Optional[AttentionSite]:
     if problem:
         return site.skip(problem)
     return _finish(site)
-
-
-def _single_user(node: fx.Node) -> Optional[fx.Node]:
-    users = list(node.users)
-    return users[0] if len(users) == 1 else None
 
 
 def _describe_users(node: fx.Node) -> str:
