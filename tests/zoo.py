@@ -482,7 +482,7 @@ ZOO: list[ZooEntry] = [
 # ------------------------------------------------------------ comparison
 
 def compare_case(entry: ZooEntry, group, layout: str = "contiguous", seq_len: int = 16, seed: int = 0,
-                 all_reduce: bool = False, dtype: torch.dtype = DTYPE) -> dict:
+                 all_reduce: bool = False, dtype: torch.dtype = DTYPE, reduce_group=None) -> dict:
     """Run ``entry`` untransformed on the full sequence and transformed on this process's
     shard; return the largest output and parameter-gradient errors.
 
@@ -516,7 +516,7 @@ def compare_case(entry: ZooEntry, group, layout: str = "contiguous", seq_len: in
     for (name, p), (_, p_ref) in zip(model.named_parameters(), ref.named_parameters()):
         g = p.grad if p.grad is not None else torch.zeros_like(p)
         if all_reduce:
-            dist.all_reduce(g, group=group)
+            dist.all_reduce(g, group=reduce_group or group)
         g_ref = p_ref.grad if p_ref.grad is not None else torch.zeros_like(p_ref)
         grad_err = max(grad_err, (g - g_ref).abs().max().item())
     return {
@@ -541,4 +541,11 @@ def gloo_zoo_worker(rank: int, world: int, names: list, layouts: list) -> list:
             r = compare_case(by_name[name], dist.group.WORLD, layout=layout, all_reduce=True)
             r["layout"] = layout
             results.append(r)
+    # the ring given as a 1-D DeviceMesh, as torch's context_parallel takes it
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("cp",))
+    r = compare_case(by_name["tiny_llama"], mesh, layout="zigzag", all_reduce=True, reduce_group=mesh.get_group())
+    r["layout"] = "zigzag (DeviceMesh)"
+    results.append(r)
     return results
