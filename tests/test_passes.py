@@ -213,6 +213,8 @@ class Attn(Heads):
             return self.merge((s + self.alibi * torch.ones(n, n, dtype=x.dtype)).softmax(-1) @ v)
         if self.variant == "scale_after_mask":
             return self.merge(((s + x.new_zeros(n, n)) * 0.5).softmax(-1) @ v)
+        if self.variant == "unrecognised_op":  # a temperature clamp: not a spelling ringfx can prove
+            return self.merge(s.clamp(min=-5.0).softmax(-1) @ v)
         if self.variant == "cross_attention":
             k2 = k[:, :, : n // 2]
             return self.merge((q @ k2.transpose(-2, -1)).softmax(-1) @ v[:, :, : n // 2])
@@ -230,6 +232,7 @@ NEGATIVE = {
     "learned_bias": "learned bias",
     "scale_after_mask": "scaled after",
     "cross_attention": "differs from key length",
+    "unrecognised_op": "not a recognised",
 }
 
 

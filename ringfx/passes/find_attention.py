@@ -113,12 +113,19 @@ def match_softmax_chain(softmax: fx.Node) -> Optional[AttentionSite]:
     if not isinstance(dim, int):
         return None
     walk = _walk_scores(x)
-    if walk is None:
-        return None  # softmax over something that is not q @ kᵀ: not attention
-    scores, chain_back, terms, scale, features, problem = walk
     pv, chain_fwd, fwd_features, escape = _walk_probs(softmax)
     if pv is None:
         return None  # the probabilities never reach "@ v": not attention
+    if walk is None:
+        scores = _square_product_upstream(x)
+        if scores is None:
+            return None  # softmax over something that is not q @ kᵀ: not attention
+        # softmax(f(q @ kᵀ)) @ v with an f we cannot prove: attention we must not ignore
+        site = AttentionSite(output=pv, pattern=f"{op_name(scores)}/?/softmax/{op_name(pv)}",
+                             source_line=source_line(softmax), anchor=softmax)
+        return site.skip(f"the ops between {scores.name} ({op_name(scores)}) and softmax are not a "
+                         "recognised scale / mask spelling")
+    scores, chain_back, terms, scale, features, problem = walk
     site = AttentionSite(output=pv, pattern="", source_line=source_line(softmax),
                          anchor=softmax)
     site.chain = chain_back + [softmax] + chain_fwd
@@ -138,6 +145,25 @@ def match_softmax_chain(softmax: fx.Node) -> Optional[AttentionSite]:
     if problem:
         return site.skip(problem)
     return _finish(site)
+
+
+def _square_product_upstream(x: fx.Node, depth: int = 6) -> Optional[fx.Node]:
+    """A q @ kᵀ-like product (last two dims square, as the softmax input's) a few ops above."""
+    target = shape_of(x)
+    frontier, seen = [x], set()
+    for _ in range(depth):
+        nxt = []
+        for n in frontier:
+            if n in seen or not isinstance(n, fx.Node):
+                continue
+            seen.add(n)
+            s = shape_of(n)
+            if op_name(n) in SCORE_OPS and s and target and len(s) >= 2 and \
+                    tuple(s[-2:]) == tuple(target[-2:]) and str(s[-1]) == str(s[-2]):
+                return n
+            nxt.extend(n.all_input_nodes)
+        frontier = nxt
+    return None
 
 
 def _describe_users(node: fx.Node) -> str:
