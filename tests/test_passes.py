@@ -215,6 +215,8 @@ class Attn(Heads):
             return self.merge(((s + x.new_zeros(n, n)) * 0.5).softmax(-1) @ v)
         if self.variant == "unrecognised_op":  # a temperature clamp: not a spelling ringfx can prove
             return self.merge(s.clamp(min=-5.0).softmax(-1) @ v)
+        if self.variant == "head_mask":  # HF head_mask: probabilities scaled per head
+            return self.merge((s.softmax(-1) * self.alibi) @ v)
         if self.variant == "cross_attention":
             k2 = k[:, :, : n // 2]
             return self.merge((q @ k2.transpose(-2, -1)).softmax(-1) @ v[:, :, : n // 2])
@@ -233,6 +235,7 @@ NEGATIVE = {
     "scale_after_mask": "scaled after",
     "cross_attention": "differs from key length",
     "unrecognised_op": "not a recognised",
+    "head_mask": "not a recognised",
 }
 
 

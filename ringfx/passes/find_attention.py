@@ -114,6 +114,13 @@ def match_softmax_chain(softmax: fx.Node) -> Optional[AttentionSite]:
         return None
     walk = _walk_scores(x)
     pv, chain_fwd, fwd_features, escape = _walk_probs(softmax)
+    if pv is None and walk is not None:
+        pv = _product_downstream(softmax)
+        if pv is not None:  # softmax(q @ kᵀ) reaches "@ v" through an op we cannot prove
+            site = AttentionSite(output=pv, pattern=f"{op_name(walk[0])}/softmax/?/{op_name(pv)}",
+                                 source_line=source_line(softmax), anchor=softmax)
+            return site.skip(escape or "the ops between softmax and the product with v are not a recognised "
+                                       "cast / dropout spelling")
     if pv is None:
         return None  # the probabilities never reach "@ v": not attention
     if walk is None:
@@ -162,6 +169,25 @@ def _square_product_upstream(x: fx.Node, depth: int = 6) -> Optional[fx.Node]:
                     tuple(s[-2:]) == tuple(target[-2:]) and str(s[-1]) == str(s[-2]):
                 return n
             nxt.extend(n.all_input_nodes)
+        frontier = nxt
+    return None
+
+
+def _product_downstream(softmax: fx.Node, depth: int = 4) -> Optional[fx.Node]:
+    """A matmul / bmm / einsum a few ops below softmax that takes the probabilities on
+    its left (the ``@ v`` of an attention with an unrecognised op in between)."""
+    frontier, reached = [softmax], {softmax}
+    for _ in range(depth):
+        nxt = []
+        for n in frontier:
+            for u in n.users:
+                if u in reached:
+                    continue
+                first = _einsum_operands(u)[1][:1] if op_name(u) == "einsum" else u.args[:1]
+                if op_name(u) in ("matmul", "bmm", "einsum") and first and first[0] in reached:
+                    return u
+                reached.add(u)
+                nxt.append(u)
         frontier = nxt
     return None
 
