@@ -22,7 +22,7 @@ import os
 import torch
 
 from .blocks import MaskSpec, build_mask, plan_step, step_count
-from .kernels import choose_kernel, gqa_backward, gqa_forward
+from .kernels import block_forward, choose_kernel, gqa_backward
 from .layout import LAYOUTS, chunk_ranges, local_positions
 from .ring import AllGather, Exchange
 
@@ -224,7 +224,8 @@ def forward_program(q, k, v, pad, seg, bias, cfg: RingConfig, rank: int, world: 
         for call in plan_step(cfg.layout, rank, src, world, s_local, spec, seg_ranges):
             blk = _Block(call, q_pos, src, world, s_local, cfg, spec, kv, tok, pad_seg_q, bias, q.dtype)
             kern = choose_kernel(cfg.kernel, q.device, q.dtype, q.shape[-1], blk.mask is not None)
-            out_b, lse_b = gqa_forward(kern, q[:, :, blk.rows], blk.k, blk.v, blk.mask, call.is_causal, cfg.scale)
+            out_b, lse_b = block_forward(kern, q[:, :, blk.rows], blk.k, blk.v, blk.mask, call.is_causal,
+                                         cfg.scale)
             with side:
                 side.keep(out_b, lse_b)
                 merge_partial(out[:, :, blk.rows], lse[:, :, blk.rows], out_b, lse_b.to(acc))

@@ -71,21 +71,14 @@ class MathKernel:
 
 class CpuFlashKernel:
     """``aten._scaled_dot_product_flash_attention_for_cpu``: any float dtype, takes a mask
-    of the query's dtype. A row that its mask hides entirely comes back with lse 0 and
-    out 0; we set its lse to -inf so that the merge ignores it."""
+    of the query's dtype."""
 
     name = "flash"
 
     def forward(self, q, k, v, mask, is_causal, scale):
         if mask is not None:
             mask = mask.to(q.dtype)
-        out, lse = aten._scaled_dot_product_flash_attention_for_cpu(
-            q, k, v, 0.0, is_causal, attn_mask=mask, scale=scale
-        )
-        if mask is not None:
-            seen = (mask > float("-inf")).any(-1).expand(lse.shape)
-            lse = lse.masked_fill(~seen, float("-inf"))
-        return out, lse
+        return aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, is_causal, attn_mask=mask, scale=scale)
 
     def backward(self, dout, q, k, v, out, lse, mask, is_causal, scale):
         if mask is not None:
@@ -226,6 +219,18 @@ def _fold_mask(mask, hq, hkv):
     if h == 1:
         return mask.repeat(1, 1, g, 1)
     return mask.expand(b, hq, sq, sk).reshape(b, hkv, g * sq, sk)
+
+
+def block_forward(kern, q, k, v, mask, is_causal, scale):
+    """A kernel's forward on one block (GQA folded), with rows that the mask hides
+    entirely set to lse = -inf, out = 0: kernels disagree there (the CPU flash kernel
+    reports lse 0, others NaN), and the merge must ignore such rows."""
+    out, lse = gqa_forward(kern, q, k, v, mask, is_causal, scale)
+    if mask is not None:
+        seen = (mask > float("-inf")).any(-1).expand(lse.shape)
+        lse = lse.masked_fill(~seen, float("-inf"))
+        out = out.masked_fill(~seen[..., None], 0.0)
+    return out, lse
 
 
 def gqa_forward(kern, q, k, v, mask, is_causal, scale):
