@@ -267,3 +267,21 @@ def test_backend_rejects_unknown_options():
     torch._dynamo.reset()
     with pytest.raises(Exception, match="unknown ringfx option"):
         torch.compile(lambda x: x.sin(), backend=ringfx_backend, options={"innr": "eager"})(torch.ones(2))
+
+
+def test_dense_mask_on_a_zigzag_loopback_ring():
+    """A dense (B, 1, S, S) mask follows the tokens on both axes; its key columns are put
+    back in global order for the ring op."""
+    import copy
+
+    from zoo import DenseUserMask, hidden_dense
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = DenseUserMask()
+    ref = copy.deepcopy(model)
+    x, bias = (i.value for i in hidden_dense(16, 0))
+    ring = ringfx.LoopbackRing(4)
+    shard = lambda t, d: ringfx.shard(t, d, layout="zigzag", group=ring)
+    out = transform(model, mesh=ring, layout="zigzag")(shard(x, 1), shard(shard(bias, 2), 3))
+    torch.testing.assert_close(out, shard(ref(x, bias), 1))
