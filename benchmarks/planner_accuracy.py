@@ -19,6 +19,7 @@ Prints a table and writes JSON.  Importable on CPU (nothing runs at import).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import sys
@@ -140,6 +141,8 @@ def model_rows(seq_lens, preset="tiny-llama"):
         predicted_model = memory_model(cfg, ring=False, precision="bf16", optimizer="none",
                                        activation_checkpointing=ckpt, kernel="cudnn")
         for s in seq_lens:
+            gc.collect()  # checkpointed layers hold their forward in a cycle: free the last model now
+            torch.cuda.empty_cache()
             torch.manual_seed(0)
             model = build_reference_model(cfg, device="cuda")
             if ckpt:
