@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import logging
 from dataclasses import dataclass, field
 
 import torch
@@ -25,6 +26,8 @@ from .errors import UnsupportedError
 from .passes.sites import SiteRecord
 
 __all__ = ["ExplainReport", "RingModule", "explain", "transform"]
+
+log = logging.getLogger("ringfx.api")
 
 
 @dataclass
@@ -67,18 +70,24 @@ class RingModule(nn.Module):
         self.module = module
         self._compiled = compiled
         self.reports = reports
+        self._warned = False
         self.__signature__ = inspect.signature(module.forward if isinstance(module, nn.Module) else module)
 
     def forward(self, *args, **kwargs):
         # a recompile past dynamo's limit would silently run the unrewritten model
         try:
             with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
-                return self._compiled(*args, **kwargs)
+                out = self._compiled(*args, **kwargs)
         except torch._dynamo.exc.BackendCompilerFailed as e:
             inner = getattr(e, "inner_exception", None)
             if isinstance(inner, (UnsupportedError, ValueError, TypeError)):
                 raise inner.with_traceback(None) from None
             raise
+        if not self._warned and not self.sites:
+            self._warned = True
+            log.warning("ringfx.transform: no attention found in %d captured graph(s) of %s; it runs unchanged "
+                        "(see ringfx.explain)", len(self.reports), type(self.module).__name__)
+        return out
 
     @property
     def sites(self) -> list[SiteRecord]:
