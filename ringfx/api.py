@@ -136,13 +136,13 @@ def explain(model, *args, **kwargs) -> ExplainReport:
     if len(collected) > 1:
         torch._dynamo.reset()
         out = torch._dynamo.explain(model)(*args, **kwargs)
-        breaks = [f"{getattr(b, 'reason', b)}" for b in out.break_reasons]
+        breaks = [_first_line(getattr(b, "reason", b)) for b in out.break_reasons]
     torch._dynamo.reset()
     sites = [s for g in collected for s in g.sites]
     names = pattern_names()
     for s in sites:
         name = names.get((s.pattern, s.mask_kind))
-        if name is not None:
+        if name is not None and name != s.pattern:
             s.pattern = f"{name} [{s.pattern}]"
     return ExplainReport(sites, [g.graph_module for g in collected], breaks)
 
@@ -164,6 +164,11 @@ def pattern_names() -> dict:
             names.setdefault((site.pattern, site.mask_kind), pattern.name)
     torch._dynamo.reset()
     return names
+
+
+def _first_line(reason) -> str:
+    lines = [l.strip() for l in str(reason).splitlines() if l.strip()]
+    return lines[0] if lines else "unknown"
 
 
 def _bound_backend(config: BackendConfig):
