@@ -82,18 +82,19 @@ _META_FIELDS = ("local sequence length", "batch", "query heads", "kv heads", "he
                 "causal", "window", "layout", "key padding mask", "segment ids", "attn bias")
 
 
-def _metadata(q, k, pad, seg, bias, cfg: RingConfig, s_local: int) -> torch.Tensor:
+def _metadata(q, k, pad, seg, bias, cfg: RingConfig, s_local: int) -> AllGather:
+    """The request that makes every rank agree on shapes and options (and share the
+    segment-id range of each of its chunks). Built on the CPU: only segment ids need a
+    look at device data."""
     b, hq, _, d = q.shape
     fields = [s_local, b, hq, k.shape[1], d, _DTYPES.index(q.dtype), int(cfg.causal), cfg.window,
               LAYOUTS.index(cfg.layout), pad is not None, seg is not None, bias is not None]
     seg_ranges = [0, 0, 0, 0]
     if seg is not None:
-        n = 1 if cfg.layout == "contiguous" else 2
-        parts = seg.reshape(seg.shape[0], n, -1)
-        seg_ranges = torch.stack([parts.amin(dim=(0, 2)), parts.amax(dim=(0, 2))], 1).reshape(-1)
-        seg_ranges = torch.cat([seg_ranges, seg_ranges.new_zeros(4 - seg_ranges.numel())])
-        return torch.cat([torch.tensor(fields, dtype=torch.int64, device=q.device), seg_ranges.to(torch.int64)])
-    return torch.tensor(fields + seg_ranges, dtype=torch.int64, device=q.device)
+        parts = seg.reshape(seg.shape[0], 1 if cfg.layout == "contiguous" else 2, -1)
+        ranges = torch.stack([parts.amin(dim=(0, 2)), parts.amax(dim=(0, 2))], 1).reshape(-1).tolist()
+        seg_ranges = ranges + [0] * (4 - len(ranges))
+    return AllGather(torch.tensor(fields + seg_ranges, dtype=torch.int64), device=q.device)
 
 
 def _agree(gathered: torch.Tensor, cfg: RingConfig, has_seg: bool):
@@ -209,7 +210,7 @@ def _setup(q, k, v, pad, seg, bias, cfg: RingConfig, rank: int, world: int):
 
 def forward_program(q, k, v, pad, seg, bias, cfg: RingConfig, rank: int, world: int):
     s_local, spec, tok, q_pos = _setup(q, k, v, pad, seg, bias, cfg, rank, world)
-    seg_ranges = _agree((yield AllGather(_metadata(q, k, pad, seg, bias, cfg, s_local))), cfg, seg is not None)
+    seg_ranges = _agree((yield _metadata(q, k, pad, seg, bias, cfg, s_local)), cfg, seg is not None)
     n_steps = step_count(cfg.layout, world, s_local, spec, seg_ranges)
     acc = acc_dtype(q.dtype)
     out = torch.zeros(q.shape, dtype=acc, device=q.device)
@@ -239,7 +240,7 @@ def forward_program(q, k, v, pad, seg, bias, cfg: RingConfig, rank: int, world: 
 
 def backward_program(dout, q, k, v, out, lse, pad, seg, bias, cfg: RingConfig, rank: int, world: int):
     s_local, spec, tok, q_pos = _setup(q, k, v, pad, seg, bias, cfg, rank, world)
-    seg_ranges = _agree((yield AllGather(_metadata(q, k, pad, seg, bias, cfg, s_local))), cfg, seg is not None)
+    seg_ranges = _agree((yield _metadata(q, k, pad, seg, bias, cfg, s_local)), cfg, seg is not None)
     n_steps = step_count(cfg.layout, world, s_local, spec, seg_ranges)
     acc = acc_dtype(q.dtype)
     # rows that saw no key: exp(s - inf) = 0 instead of exp(-inf + inf) = NaN

@@ -120,9 +120,12 @@ class Exchange:
 
 @dataclasses.dataclass
 class AllGather:
-    """Gather one small tensor from every rank; answered with a (P, ...) tensor."""
+    """Gather one small tensor from every rank; answered with a (P, ...) tensor.
+    ``device``: where a real group's collective runs (the loopback ring stays put, so a
+    CPU tensor costs it no device synchronisation)."""
 
     tensor: torch.Tensor
+    device: Any = None
 
 
 class _Ready:
@@ -218,9 +221,10 @@ def run_on_group(program: RankProgram, group: dist.ProcessGroup) -> Any:
             else:
                 answer = _post_exchange(request, group, rank, world, timeout)
         elif isinstance(request, AllGather):
-            out = [torch.empty_like(request.tensor) for _ in range(world)]
+            tensor = request.tensor.to(request.device or request.tensor.device).contiguous()
+            out = [torch.empty_like(tensor) for _ in range(world)]
             try:
-                dist.all_gather(out, request.tensor.contiguous(), group=group)
+                dist.all_gather(out, tensor, group=group)
             except Exception as e:  # noqa: BLE001 - a dead or stuck peer ends here
                 raise _peer_failure(group, e) from e
             answer = torch.stack(out)
