@@ -31,7 +31,7 @@ class RMSNorm(nn.Module):
 
 def rotate(x, pos, theta=10000.0):
     d = x.shape[-1]
-    freqs = pos[..., None].to(x.dtype) / theta ** (torch.arange(0, d, 2, dtype=x.dtype) / d)
+    freqs = pos[..., None].to(x.dtype) / theta ** (torch.arange(0, d, 2, dtype=x.dtype, device=x.device) / d)
     cos, sin = freqs.cos()[:, None], freqs.sin()[:, None]
     x1, x2 = x[..., : d // 2], x[..., d // 2:]
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1)
