@@ -21,7 +21,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from .backend import BackendConfig, CompiledGraph, ringfx_backend
+from .backend import BackendConfig, CompiledGraph, resolve_group_name, ringfx_backend
 from .errors import UnsupportedError
 from .passes.sites import SiteRecord
 
@@ -104,19 +104,67 @@ def transform(model: nn.Module, mesh=None, **options) -> RingModule:
         **options: ``layout`` ("contiguous" | "zigzag"), ``inner`` ("eager" default,
             "aot_eager", "inductor", or a backend), ``strict`` (True: raise
             ``UnsupportedError`` for attention that cannot be rewritten on P > 1),
-            ``kernel``, ``dynamic`` (passed to torch.compile; default False).
+            ``kernel``, ``dynamic`` (passed to torch.compile; default False),
+            ``plan`` ("auto" with ``example_inputs=`` full-length inputs and planner
+            keywords such as ``device_memory="80GiB"``, or a ``ringfx.Plan``): check the
+            ring against the planner and take its layout (kept as ``.plan``).
 
     The caller shards the sequence inputs with ``ringfx.shard`` (same layout and ring).
     """
     if not callable(model):
         raise TypeError(f"transform(model=...) needs an nn.Module or callable, got {type(model).__name__}")
     dynamic = options.pop("dynamic", False)
+    chosen = _apply_plan(model, mesh, options)
     options.setdefault("inner", "eager")
     reports: list[CompiledGraph] = []
     config = BackendConfig.from_options({**options, "mesh": mesh, "collector": reports})
     backend = _bound_backend(config)
     compiled = torch.compile(model, backend=backend, dynamic=dynamic)
-    return RingModule(model, compiled, reports)
+    ring = RingModule(model, compiled, reports)
+    ring.plan = chosen
+    return ring
+
+
+_PLAN_KEYS = ("example_inputs", "seq_dim", "device_memory", "flops", "bandwidth", "headroom", "causal",
+              "batch_size", "loss_fn", "training", "precision", "optimizer", "activation_checkpointing",
+              "param_shards")
+
+
+def _apply_plan(model, mesh, options: dict):
+    """``plan="auto"`` (with ``example_inputs=``: full-length inputs) or a ``Plan``: check
+    that the ring fits the plan and take its layout. The chosen plan is returned (and
+    kept as ``transform(...).plan``); shard the inputs with ``plan.layout``."""
+    chosen = options.pop("plan", None)
+    plan_kwargs = {k: options.pop(k) for k in _PLAN_KEYS if k in options}
+    if chosen is None:
+        if plan_kwargs:
+            raise ValueError(f"{sorted(plan_kwargs)} are planner options; pass them with plan='auto'")
+        return None
+    from .planner import Plan, plan_from_inputs
+    from .runtime import ring_size
+
+    world = ring_size(resolve_group_name(mesh))
+    if isinstance(chosen, str) and chosen == "auto":
+        if "example_inputs" not in plan_kwargs:
+            raise ValueError("plan='auto' needs example_inputs=(...): the model's full-length inputs "
+                             "(on the meta device is fine), from which the planner reads S and traces memory")
+        example = plan_kwargs.pop("example_inputs")
+        chosen = plan_from_inputs(model, example, world_size=world, **plan_kwargs)
+    elif not isinstance(chosen, Plan):
+        raise TypeError(f"plan= must be 'auto' or a ringfx.Plan, not {type(chosen).__name__}")
+    if not chosen.feasible:
+        raise ValueError(f"the planner finds no ring that fits:\n{chosen}")
+    if chosen.ring_size > world:
+        raise ValueError(f"the plan needs a ring of {chosen.ring_size} devices but the mesh has {world}:\n{chosen}")
+    if chosen.ring_size < world:
+        # more devices never need more memory per device: the whole mesh fits too
+        logging.getLogger("ringfx.api").info(
+            "the plan fits on %d devices; running on the whole ring of %d", chosen.ring_size, world)
+    if chosen.layout in ("contiguous", "zigzag"):  # a plan for one device names no layout
+        if "layout" in options and options["layout"] != chosen.layout:
+            raise ValueError(f"layout={options['layout']!r} contradicts the plan's layout {chosen.layout!r}")
+        options["layout"] = chosen.layout
+    return chosen
 
 
 def explain(model, *args, **kwargs) -> ExplainReport:
