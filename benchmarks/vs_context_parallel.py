@@ -36,7 +36,7 @@ inputs inside it), so neither method holds the whole problem on every rank. Repo
   strikes one rank mid-ring while the others wait in NCCL cannot be recovered; the
   process group's ``--timeout`` then ends the run, and the JSON written so far survives.
 
-Accuracy: at the smallest S of each mode all methods run on the same full q/k/v (CP with
+Accuracy: at ``--check-seq`` (default: the first S) in each mode, all methods run on the same full q/k/v (CP with
 its documented usage, ``buffers=[q, k, v, dout]`` sharded in place) and output and
 gradients are compared with SDPA on the whole sequence (relative Frobenius error).
 
@@ -286,6 +286,7 @@ def main(argv=None):
     p.add_argument("--kernel", default="auto", help="ringfx per-block kernel")
     p.add_argument("--cp-backends", default="cudnn,flash", help="SDPA backends context_parallel may use")
     p.add_argument("--cp-gqa", choices=("auto", "native", "expand"), default="auto")
+    p.add_argument("--check-seq", default=None, help="S of the accuracy check; default: the first --seq")
     p.add_argument("--iters", type=int, default=3)
     p.add_argument("--no-backward", action="store_true")
     p.add_argument("--ideal-max-seq", default="256K", help="largest S timed on one GPU for %% of ideal")
@@ -312,6 +313,9 @@ def main(argv=None):
         raise SystemExit(f"S must be divisible by 2·P = {2 * world} (zigzag and CP load balancing): {bad}")
     if bench.hq % bench.hkv:
         raise SystemExit(f"--heads {bench.hq} must be a multiple of --kv-heads {bench.hkv}")
+    check_seq = parse_tokens(args.check_seq) if args.check_seq else seqs[0]
+    if check_seq % (2 * world):
+        raise SystemExit(f"--check-seq must be divisible by 2·P = {2 * world}")
     max_seq = parse_tokens(args.max_seq)
     passes = [False] if args.no_backward else [False, True]
     out_path = args.out.replace("{P}", str(world))
@@ -334,10 +338,10 @@ def main(argv=None):
         for method in methods:
             choice = args.cp_gqa if method != "ringfx" and bench.hkv != bench.hq else "none"
             if choice == "auto":
-                choice = bench.choose_cp_gqa(method, seqs[0], causal)
+                choice = bench.choose_cp_gqa(method, check_seq, causal)
             cp_gqa[method] = choice
-            checks[method] = bench.check(method, seqs[0], causal, choice)
-        s, probing = seqs[0], False
+            checks[method] = bench.check(method, check_seq, causal, choice)
+        probing = False
         todo = list(seqs)
         while todo:
             s = todo.pop(0)
@@ -353,7 +357,7 @@ def main(argv=None):
                 row = {"kind": "probe" if probing else "timing", "seq": s, "mode": mode, "method": method,
                        "layout": layout_of(causal) if method == "ringfx" else ("head-tail" if causal else "contiguous"),
                        "cp_gqa": cp_gqa[method], "status": f"oom in {oom}" if oom else "ok",
-                       "check_seq": seqs[0], "rel_error_vs_sdpa": max(checks[method].values()),
+                       "check_seq": check_seq, "rel_error_vs_sdpa": max(checks[method].values()),
                        "rel_errors": checks[method]}
                 for bwd in passes:
                     tag = "fwd_bwd" if bwd else "fwd"
