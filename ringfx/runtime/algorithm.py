@@ -172,6 +172,18 @@ class SideStream:
 # -- the rank programs ---------------------------------------------------------------
 
 
+def _deliver(values, dtypes, into):
+    """The results in their output dtypes: new tensors (never views of one buffer: a
+    custom op's outputs may not alias), or written into ``into``, a loopback ring's
+    slices of the full outputs."""
+    if into is None:
+        return tuple(v.to(dt, copy=True) if v._base is not None else v.to(dt) for v, dt in zip(values, dtypes))
+    for dest, v in zip(into, values):
+        dest.copy_(v)
+    return into
+
+
+
 class _Block:
     """Slices of one step's call: queries, resident keys, and the call's mask."""
 
@@ -208,7 +220,7 @@ def _setup(q, k, v, pad, seg, bias, cfg: RingConfig, rank: int, world: int):
     return s_local, spec, tok, q_pos
 
 
-def forward_program(q, k, v, pad, seg, bias, cfg: RingConfig, rank: int, world: int):
+def forward_program(q, k, v, pad, seg, bias, cfg: RingConfig, rank: int, world: int, into=None):
     s_local, spec, tok, q_pos = _setup(q, k, v, pad, seg, bias, cfg, rank, world)
     seg_ranges = _agree((yield _metadata(q, k, pad, seg, bias, cfg, s_local)), cfg, seg is not None)
     n_steps = step_count(cfg.layout, world, s_local, spec, seg_ranges)
@@ -235,10 +247,11 @@ def forward_program(q, k, v, pad, seg, bias, cfg: RingConfig, rank: int, world: 
             kv = received[0]
             tok = received[1] if tok is not None else None
     side.join()
-    return out.to(q.dtype), lse
+    return _deliver((out, lse), (q.dtype, acc), into)
 
 
-def backward_program(dout, q, k, v, out, lse, pad, seg, bias, cfg: RingConfig, rank: int, world: int):
+def backward_program(dout, q, k, v, out, lse, pad, seg, bias, cfg: RingConfig, rank: int, world: int,
+                     into=None):
     s_local, spec, tok, q_pos = _setup(q, k, v, pad, seg, bias, cfg, rank, world)
     seg_ranges = _agree((yield _metadata(q, k, pad, seg, bias, cfg, s_local)), cfg, seg is not None)
     n_steps = step_count(cfg.layout, world, s_local, spec, seg_ranges)
@@ -283,5 +296,4 @@ def backward_program(dout, q, k, v, out, lse, pad, seg, bias, cfg: RingConfig, r
     with side:
         dkv = dkv_pending.wait()[0]
     side.join()
-    # two separate outputs: a custom op may not return views of one buffer
-    return dq.to(q.dtype), dkv[0].to(k.dtype, copy=True), dkv[1].to(v.dtype, copy=True)
+    return _deliver((dq, dkv[0], dkv[1]), (q.dtype, k.dtype, v.dtype), into)

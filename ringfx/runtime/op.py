@@ -35,15 +35,21 @@ def _split(x, world, dim):
     return list(x.chunk(world, dim))
 
 
-def _run(program, tensors, dims, cfg, group_name):
+def _run(program, tensors, dims, cfg, group_name, outputs):
     """Run ``program`` on every rank this process plays: one for a real group, P for a
-    loopback ring (inputs split along the sequence, outputs concatenated back)."""
+    loopback ring (inputs split along the sequence; each virtual rank writes its results
+    straight into its slice of the full outputs, so the loopback adds no concatenation).
+    ``outputs``: (shape, dtype) of each result."""
     group = resolve_group(group_name)
     if isinstance(group, LoopbackRing):
         world = group.size
         parts = [_split(t, world, d) for t, d in zip(tensors, dims)]
-        results = run_loopback([program(*(p[r] for p in parts), cfg, r, world) for r in range(world)])
-        return tuple(torch.cat([res[i] for res in results], dim=2) for i in range(len(results[0])))
+        device = tensors[0].device
+        full = [torch.empty(shape, dtype=dtype, device=device) for shape, dtype in outputs]
+        slices = [t.chunk(world, 2) for t in full]
+        run_loopback([program(*(p[r] for p in parts), cfg, r, world, into=tuple(s[r] for s in slices))
+                      for r in range(world)])
+        return tuple(full)
     check_backend(group, tensors[0].device)
     return run_on_group(program(*tensors, cfg, torch.distributed.get_rank(group),
                                 torch.distributed.get_world_size(group)), group)
@@ -58,7 +64,7 @@ def ring_attention_op(
     cfg = RingConfig(layout, causal, scale, window, kernel)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     return _run(forward_program, (q, k, v, key_padding_mask, segment_ids, attn_bias), (2, 2, 2, 1, 1, -2),
-                cfg, group_name)
+                cfg, group_name, [(q.shape, q.dtype), (q.shape[:-1], acc_dtype(q.dtype))])
 
 
 @ring_attention_op.register_fake
@@ -76,7 +82,8 @@ def ring_attention_backward_op(
     cfg = RingConfig(layout, causal, scale, window, kernel)
     tensors = (dout.contiguous(), q.contiguous(), k.contiguous(), v.contiguous(), out.contiguous(), lse.contiguous(),
                key_padding_mask, segment_ids, attn_bias)
-    return _run(backward_program, tensors, (2, 2, 2, 2, 2, 2, 1, 1, -2), cfg, group_name)
+    return _run(backward_program, tensors, (2, 2, 2, 2, 2, 2, 1, 1, -2), cfg, group_name,
+                [(t.shape, t.dtype) for t in (q, k, v)])
 
 
 @ring_attention_backward_op.register_fake
