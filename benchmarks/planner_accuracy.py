@@ -84,20 +84,13 @@ class _Received:
 def _drive_one_rank(program, world):
     """Run one rank's ring program alone: a receive allocates what NCCL's would (a buffer
     like each sent tensor; here a copy, so the numbers stay finite)."""
-    from ringfx.runtime.ring import AllGather, Exchange
+    from ringfx.runtime.ring import drive
 
-    answer = None
-    while True:
-        try:
-            request = program.send(answer)
-        except StopIteration as stop:
-            return stop.value
-        if isinstance(request, Exchange):
-            answer = _Received([t.clone() for t in request.tensors] if request.shift % world else list(request.tensors))
-        elif isinstance(request, AllGather):
-            answer = torch.stack([request.tensor] * world)
-        else:
-            raise TypeError(f"unknown ring request {request!r}")
+    return drive(
+        program,
+        lambda req: _Received([t.clone() for t in req.tensors] if req.shift % world else list(req.tensors)),
+        lambda req: torch.stack([req.tensor] * world),
+    )
 
 
 def ring_rank_rows(local_lens, world=4, heads=32, kv_heads=32, head_dim=128, causal=True, kernel="cudnn"):

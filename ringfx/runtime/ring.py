@@ -204,10 +204,9 @@ def group_timeout(group: dist.ProcessGroup) -> datetime.timedelta | None:
         return None
 
 
-def run_on_group(program: RankProgram, group: dist.ProcessGroup) -> Any:
-    """Drive one rank program over a real process group."""
-    rank, world = dist.get_rank(group), dist.get_world_size(group)
-    timeout = group_timeout(group)
+def drive(program: RankProgram, exchange, all_gather) -> Any:
+    """Run one rank program to its end, answering each ``Exchange`` with
+    ``exchange(request)`` and each ``AllGather`` with ``all_gather(request)``."""
     answer = None
     while True:
         try:
@@ -215,21 +214,34 @@ def run_on_group(program: RankProgram, group: dist.ProcessGroup) -> Any:
         except StopIteration as stop:
             return stop.value
         if isinstance(request, Exchange):
-            if request.stream is not None:
-                with torch.cuda.stream(request.stream):
-                    answer = _post_exchange(request, group, rank, world, timeout)
-            else:
-                answer = _post_exchange(request, group, rank, world, timeout)
+            answer = exchange(request)
         elif isinstance(request, AllGather):
-            tensor = request.tensor.to(request.device or request.tensor.device).contiguous()
-            out = [torch.empty_like(tensor) for _ in range(world)]
-            try:
-                dist.all_gather(out, tensor, group=group)
-            except Exception as e:  # noqa: BLE001 - a dead or stuck peer ends here
-                raise _peer_failure(group, e) from e
-            answer = torch.stack(out)
+            answer = all_gather(request)
         else:
             raise TypeError(f"unknown ring request {request!r}")
+
+
+def run_on_group(program: RankProgram, group: dist.ProcessGroup) -> Any:
+    """Drive one rank program over a real process group."""
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    timeout = group_timeout(group)
+
+    def exchange(request: Exchange):
+        if request.stream is None:
+            return _post_exchange(request, group, rank, world, timeout)
+        with torch.cuda.stream(request.stream):
+            return _post_exchange(request, group, rank, world, timeout)
+
+    def all_gather(request: AllGather):
+        tensor = request.tensor.to(request.device or request.tensor.device).contiguous()
+        out = [torch.empty_like(tensor) for _ in range(world)]
+        try:
+            dist.all_gather(out, tensor, group=group)
+        except Exception as e:  # noqa: BLE001 - a dead or stuck peer ends here
+            raise _peer_failure(group, e) from e
+        return torch.stack(out)
+
+    return drive(program, exchange, all_gather)
 
 
 def _post_exchange(request: Exchange, group, rank, world, timeout):
