@@ -15,6 +15,7 @@ from __future__ import annotations
 import datetime
 import os
 import socket
+import sys
 import tempfile
 
 import torch
@@ -34,11 +35,13 @@ def _entry(rank, world_size, port, timeout, result_dir, fn, args):
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
         timeout=datetime.timedelta(seconds=timeout),
     )
-    try:
-        result = fn(rank, world_size, *args)
-        torch.save(result, os.path.join(result_dir, f"{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+    result = fn(rank, world_size, *args)  # an exception travels back to spawn_gloo
+    torch.save(result, os.path.join(result_dir, f"{rank}.pt"))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # skip gloo's teardown: after a peer died or timed out, its pending transfers can
+    # abort the process on the way out, after the result is already safe
+    os._exit(0)
 
 
 def spawn_gloo(world_size: int, fn, *args, timeout: float = 120.0) -> list:

@@ -73,19 +73,26 @@ def test_disagreeing_options_raise():
 def _peer_fails(rank, world, mode, timeout):
     q = torch.randn(1, 2, 8, 8, requires_grad=True)
     if rank == 1:
+        if mode == "dead-mid-ring":
+            ringfx.ring_attention(q, q, q, causal=True)  # the forward ring completes ...
+            os._exit(0)  # ... and this rank dies before the backward ring
         if mode == "dead":
             os._exit(0)  # dies without a word, sockets close
         time.sleep(timeout + 4)  # stuck: never joins the ring
         return None
+    out = ringfx.ring_attention(q, q, q, causal=True) if mode == "dead-mid-ring" else None
     start = time.monotonic()
     try:
-        ringfx.ring_attention(q, q, q, causal=True)
+        if out is not None:
+            out.sum().backward()
+        else:
+            ringfx.ring_attention(q, q, q, causal=True)
     except RuntimeError as e:
         return time.monotonic() - start, str(e)
     return None
 
 
-@pytest.mark.parametrize("mode", ["dead", "stuck"])
+@pytest.mark.parametrize("mode", ["dead", "dead-mid-ring", "stuck"])
 def test_failed_peer_raises_within_timeout(mode):
     timeout = 4
     results = spawn_gloo(3, _peer_fails, mode, timeout, timeout=timeout)
