@@ -227,7 +227,7 @@ def forward_program(q, k, v, pad, seg, bias, cfg: RingConfig, rank: int, world: 
     acc = acc_dtype(q.dtype)
     out = torch.zeros(q.shape, dtype=acc, device=q.device)
     lse = torch.full(q.shape[:-1], float("-inf"), dtype=acc, device=q.device)
-    kv = torch.stack((k, v))
+    kv = torch.stack((k, v)) if n_steps > 1 else (k, v)  # one buffer to send; none to send alone
     pad_seg_q = (pad is not None, seg)
     side = SideStream(q.device)
     for t in range(n_steps):
@@ -259,7 +259,7 @@ def backward_program(dout, q, k, v, out, lse, pad, seg, bias, cfg: RingConfig, r
     # rows that saw no key: exp(s - inf) = 0 instead of exp(-inf + inf) = NaN
     lse = lse.masked_fill(lse == float("-inf"), float("inf"))
     dq = torch.zeros(q.shape, dtype=acc, device=q.device)
-    kv = torch.stack((k, v))
+    kv = torch.stack((k, v)) if n_steps > 1 else (k, v)  # one buffer to send; none to send alone
     pad_seg_q = (pad is not None, seg)
     side = SideStream(q.device)
     dkv_pending = None
@@ -279,7 +279,7 @@ def backward_program(dout, q, k, v, out, lse, pad, seg, bias, cfg: RingConfig, r
         # here with this block; then send it on (the side stream orders the send)
         with side:
             if dkv_pending is None:
-                dkv = torch.zeros(kv.shape, dtype=acc, device=q.device)
+                dkv = torch.zeros((2, *k.shape), dtype=acc, device=q.device)
             else:
                 dkv = dkv_pending.wait()[0]
             for r, (a, b), dq_b, dk_b, dv_b in block_grads:
