@@ -123,3 +123,14 @@ def _cuda_on_gloo(rank, world):
         ringfx.ring_attention(q, q, q)
     except ValueError as e:
         return str(e)
+
+
+def _world_timeout(rank, world):
+    from ringfx.runtime.ring import group_timeout
+    import torch.distributed as dist
+
+    return group_timeout(dist.group.WORLD).total_seconds()
+
+
+def test_group_timeout_is_read_from_the_backend():
+    assert spawn_gloo(1, _world_timeout, timeout=7) == [7.0]

@@ -52,7 +52,7 @@ def _run(program, tensors, dims, cfg, group_name, outputs):
         return tuple(full)
     check_backend(group, tensors[0].device)
     return run_on_group(program(*tensors, cfg, torch.distributed.get_rank(group),
-                                torch.distributed.get_world_size(group)), group)
+                                torch.distributed.get_world_size(group)), group, tensors[0].device)
 
 
 @torch.library.custom_op("ringfx::ring_attention", mutates_args=())

@@ -196,12 +196,20 @@ def _peer_failure(group, error) -> RuntimeError:
     )
 
 
-def group_timeout(group: dist.ProcessGroup) -> datetime.timedelta | None:
+def group_timeout(group: dist.ProcessGroup, device: torch.device | None = None) -> datetime.timedelta | None:
+    """The group's collective timeout (what bounds a wait on a dead or stuck peer), read
+    from the backend that serves ``device``; None where the backend does not expose it
+    (its own watchdog still applies)."""
+    candidates = [group]
     try:
-        t = group.options._timeout  # type: ignore[attr-defined]
-        return t if isinstance(t, datetime.timedelta) else None
-    except Exception:  # noqa: BLE001 - not every backend exposes it
-        return None
+        candidates.insert(0, group._get_backend(device or torch.device("cpu")))
+    except Exception:  # noqa: BLE001 - no backend for this device type
+        pass
+    for obj in candidates:
+        t = getattr(getattr(obj, "options", None), "_timeout", None)
+        if isinstance(t, datetime.timedelta):
+            return t
+    return None
 
 
 def drive(program: RankProgram, exchange, all_gather) -> Any:
@@ -221,10 +229,10 @@ def drive(program: RankProgram, exchange, all_gather) -> Any:
             raise TypeError(f"unknown ring request {request!r}")
 
 
-def run_on_group(program: RankProgram, group: dist.ProcessGroup) -> Any:
-    """Drive one rank program over a real process group."""
+def run_on_group(program: RankProgram, group: dist.ProcessGroup, device: torch.device | None = None) -> Any:
+    """Drive one rank program over a real process group (``device``: the tensors')."""
     rank, world = dist.get_rank(group), dist.get_world_size(group)
-    timeout = group_timeout(group)
+    timeout = group_timeout(group, device)
 
     def exchange(request: Exchange):
         if request.stream is None:
