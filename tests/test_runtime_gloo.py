@@ -41,32 +41,23 @@ def test_matrix_on_gloo_ring(world):
     assert not failures, failures
 
 
-def _uneven_shards(rank, world):
-    s = 4 if rank else 6
-    q = torch.randn(1, 2, s, 8)
+def _value_error_message(rank, world, s_local, causal_ranks):
+    """Call the op with this rank's local length and causal flag; return the ValueError."""
+    q = torch.randn(1, 2, s_local[rank], 8)
     try:
-        ringfx.ring_attention(q, q, q)
+        ringfx.ring_attention(q, q, q, causal=rank in causal_ranks)
     except ValueError as e:
         return str(e)
     return None
 
 
 def test_different_local_lengths_raise_on_every_rank():
-    messages = spawn_gloo(3, _uneven_shards)
+    messages = spawn_gloo(3, _value_error_message, [6, 4, 4], ())
     assert all(m and "different local sequence lengths [6, 4, 4]" in m for m in messages), messages
 
 
-def _disagreeing_options(rank, world):
-    q = torch.randn(1, 2, 4, 8)
-    try:
-        ringfx.ring_attention(q, q, q, causal=bool(rank))
-    except ValueError as e:
-        return str(e)
-    return None
-
-
 def test_disagreeing_options_raise():
-    messages = spawn_gloo(2, _disagreeing_options)
+    messages = spawn_gloo(2, _value_error_message, [4, 4], (1,))
     assert all(m and "disagree on the causal" in m for m in messages), messages
 
 
