@@ -10,6 +10,7 @@ decompose_mha.py      nn.MultiheadAttention's opaque call -> projections + SDPA
 patterns.py           the table of attention spellings, one plain PyTorch function each
 find_attention.py     analysis: SDPA calls and softmax(q @ kᵀ) @ v chains -> AttentionSite
 classify_masks.py     analysis: each mask's provenance -> causal / window / key padding / ...
+sequence_axis.py      guard: attention that contracts over the sequence (channel attention) is left alone
 rewrite_attention.py  transformation: each accepted site -> one torch.ops.ringfx.ring_attention
 pipeline.py           PASSES and run_passes: the list and the loop
 ring_glue.py          tensor functions the rewritten graph calls to build mask descriptors
@@ -23,8 +24,9 @@ from .find_attention import find_attention_pass, sites_of
 from .options import PassOptions
 from .pipeline import PASSES, run_passes
 from .rewrite_attention import rewrite_attention_pass
+from .sequence_axis import check_sequence_axis_pass
 from .sites import AttentionSite, MaskTerm, PassReport, SiteRecord
 
 __all__ = ["AttentionSite", "MaskTerm", "PASSES", "PassOptions", "PassReport", "SiteRecord",
-           "classify_masks_pass", "decompose_mha_pass", "find_attention_pass", "rewrite_attention_pass",
+           "check_sequence_axis_pass", "classify_masks_pass", "decompose_mha_pass", "find_attention_pass", "rewrite_attention_pass",
            "run_passes", "sites_of"]

@@ -17,9 +17,11 @@ from .decompose_mha import decompose_mha_pass
 from .find_attention import find_attention_pass
 from .options import PassOptions
 from .rewrite_attention import rewrite_attention_pass
+from .sequence_axis import check_sequence_axis_pass
 from .sites import PassReport
 
-PASSES = [decompose_mha_pass, find_attention_pass, classify_masks_pass, rewrite_attention_pass]
+PASSES = [decompose_mha_pass, find_attention_pass, classify_masks_pass, check_sequence_axis_pass,
+          rewrite_attention_pass]
 
 
 def run_passes(gm: fx.GraphModule, *, options: Optional[PassOptions] = None,

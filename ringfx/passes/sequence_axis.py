@@ -1,0 +1,132 @@
+"""Guard: attention must contract over per-token features, not over the sequence.
+
+Ring attention shards the sequence, which is the scores' row and column axis; the axis
+that ``q @ kᵀ`` contracts over (the head dim) must hold per-token features. "Channel
+attention" contracts over the sequence itself, and is wrong on a sharded sequence (each
+rank would sum over its own tokens only)::
+
+    x: (B, S, C)                       # a user input, sharded along S
+    q = x.transpose(1, 2)              # (B, C, S): the head dim is the sequence
+    s = q @ q.transpose(-2, -1)        # contracts over S   -> left alone, reported
+
+The pass follows the head-dim axis of q and k back through layout and elementwise ops.
+When it ends on an axis of a user input other than the last one, the site is left
+alone. Where it cannot follow (an op it does not know), it assumes nothing and leaves
+the decision as it was: a guard against a known wrong rewrite, not a proof — the full
+sequence-axis analysis is DESIGN.md §4.4. Runs only for rings of more than one rank.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Optional
+
+import torch.fx as fx
+
+from .find_attention import sites_of
+from .node_facts import CASTS, SHAPE_ONLY, is_model_state, normalize_dim, op_name, shape_of
+from .options import PassOptions
+from .sites import REWRITE, PassReport, SiteRecord
+
+log = logging.getLogger("ringfx.passes")
+
+_ELEMENTWISE = frozenset({"mul", "div", "add", "sub", "neg", "dropout", "rsqrt", "sqrt", "exp", "sin", "cos",
+                          "silu", "gelu", "relu", "tanh", "sigmoid", "pow", "detach", "masked_fill", "where"})
+_VIEWS = frozenset({"view", "reshape", "flatten", "unflatten"})
+
+
+def check_sequence_axis_pass(gm: fx.GraphModule, *, options: Optional[PassOptions] = None
+                             ) -> tuple[fx.GraphModule, PassReport]:
+    options = options or PassOptions()
+    report = PassReport("check_sequence_axis")
+    for site in sites_of(gm):
+        if site.decision == REWRITE and options.ring_size > 1:
+            for name, operand in (("q", site.q), ("k", site.k)):
+                origin = _head_dim_origin(operand)
+                if origin is not None:
+                    node, axis = origin
+                    site.skip(f"{name}·kᵀ contracts over axis {axis} of the input '{node.name}' "
+                              f"{tuple(shape_of(node))}, not over per-token features: attention over a "
+                              "non-sequence axis (e.g. channel attention) is wrong on a sharded sequence")
+                    break
+        report.sites.append(SiteRecord.of(site))
+    report.skipped = sum(r.decision != "rewritten" for r in report.sites)
+    log.info("check_sequence_axis: %d site(s) attend over a non-sequence axis", report.skipped)
+    return gm, report
+
+
+def _head_dim_origin(operand) -> Optional[tuple[fx.Node, int]]:
+    """(user input, axis) the operand's head dim comes from, if it is a non-last axis of
+    a user input; None if it is per-token features or cannot be followed."""
+    if operand is None or not isinstance(operand.node, fx.Node):
+        return None
+    shape = shape_of(operand.node)
+    if shape is None:
+        return None
+    axis = operand.permute[-1] if operand.permute is not None else len(shape) - 1
+    return _follow(operand.node, normalize_dim(axis, len(shape)), 0)
+
+
+def _follow(node, axis: int, depth: int) -> Optional[tuple[fx.Node, int]]:
+    if not isinstance(node, fx.Node) or depth > 64:
+        return None
+    shape = shape_of(node)
+    if shape is None:
+        return None
+    if node.op == "placeholder":
+        if is_model_state(node) or axis == len(shape) - 1:
+            return None
+        return node, axis
+    if node.op != "call_function" and node.op != "call_method":
+        return None
+    name = op_name(node)
+    src = node.args[0] if node.args else None
+    src_shape = shape_of(src) if isinstance(src, fx.Node) else None
+    if name in CASTS or name in SHAPE_ONLY or name in ("type_as",):
+        return _follow(src, axis, depth + 1)
+    if name == "transpose" and src_shape is not None:
+        d0, d1 = (normalize_dim(d, len(src_shape)) for d in node.args[1:3])
+        return _follow(src, d1 if axis == d0 else d0 if axis == d1 else axis, depth + 1)
+    if name == "permute" and src_shape is not None:
+        dims = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (tuple, list)) else node.args[1:]
+        return _follow(src, normalize_dim(dims[axis], len(src_shape)), depth + 1)
+    if name == "unsqueeze" and src_shape is not None:
+        d = normalize_dim(node.args[1], len(shape))
+        return None if axis == d else _follow(src, axis - (axis > d), depth + 1)
+    if name in _VIEWS and src_shape is not None:
+        mapped = _view_axis(src_shape, shape, axis)
+        return None if mapped is None else _follow(src, mapped, depth + 1)
+    if name == "linear":
+        return None if axis == len(shape) - 1 else _follow(src, axis, depth + 1)
+    if name in ("matmul", "bmm"):
+        other = node.args[1]
+        if axis == len(shape) - 1:
+            other_shape = shape_of(other)
+            return None if other_shape is None else _follow(other, len(other_shape) - 1, depth + 1)
+        return _follow(src, axis - (len(shape) - len(src_shape)), depth + 1) if src_shape else None
+    if name in _ELEMENTWISE:
+        # follow an operand that carries this axis (aligned from the right, not broadcast)
+        for a in node.args:
+            a_shape = shape_of(a) if isinstance(a, fx.Node) else None
+            k = axis - (len(shape) - len(a_shape)) if a_shape is not None else -1
+            if a_shape is not None and k >= 0 and a_shape[k] == shape[axis] and a_shape[k] != 1:
+                return _follow(a, k, depth + 1)
+        return None
+    if name == "getitem" and src_shape is not None and len(src_shape) == len(shape):
+        return _follow(src, axis, depth + 1)  # slicing keeps the axes
+    return None
+
+
+def _view_axis(src_shape, out_shape, axis: int) -> Optional[int]:
+    """The input axis that output ``axis`` of a reshape lies within, or None when the
+    output axis merges several input axes (or shapes are symbolic)."""
+    if not all(isinstance(d, int) for d in (*src_shape, *out_shape)) or out_shape[axis] == 1:
+        return None
+    start = math.prod(out_shape[:axis])
+    stop = start * out_shape[axis]
+    for i in range(len(src_shape)):
+        # input axis i spans [prod(src[:i]), prod(src[:i+1])) in prefix-product units
+        if math.prod(src_shape[:i]) <= start and math.prod(src_shape[: i + 1]) >= stop:
+            return i
+    return None
