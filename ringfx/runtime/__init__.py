@@ -12,10 +12,10 @@ sharding.py   shard / unshard / positions
 
 from .layout import LAYOUTS, chunk_ranges, layout_permutation, local_positions
 from .op import ring_attention
-from .ring import LoopbackRing, group_name_of, ring_rank, ring_size
+from .ring import LoopbackRing, group_name_of, ring_size
 from .sharding import positions, shard, unshard
 
 __all__ = [
     "LAYOUTS", "LoopbackRing", "chunk_ranges", "group_name_of", "layout_permutation", "local_positions",
-    "positions", "ring_attention", "ring_rank", "ring_size", "shard", "unshard",
+    "positions", "ring_attention", "ring_size", "shard", "unshard",
 ]

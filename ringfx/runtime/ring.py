@@ -99,11 +99,6 @@ def ring_size(group: Any) -> int:
     return g.size if isinstance(g, LoopbackRing) else dist.get_world_size(g)
 
 
-def ring_rank(group: Any) -> int:
-    g = resolve_group(group_name_of(group))
-    return 0 if isinstance(g, LoopbackRing) else dist.get_rank(g)
-
-
 # -- the requests a rank program yields --------------------------------------------
 
 

@@ -20,6 +20,13 @@ def _ring(group):
     return resolve_group(group_name_of(group))
 
 
+def _own_tokens(x: torch.Tensor, dim: int, layout: str, rank: int, world: int) -> torch.Tensor:
+    """The tokens of ``rank`` from a full-length ``x`` (a view when they are one chunk)."""
+    s_local = check_divisible(layout, x.shape[dim], world)
+    parts = [x.narrow(dim, a, b - a) for a, b in chunk_ranges(layout, rank, world, s_local)]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim)
+
+
 def shard(x: torch.Tensor, dim: int, *, layout: str = "contiguous", group=None) -> torch.Tensor:
     """This rank's part of ``x`` along the sequence dimension ``dim``."""
     check_layout(layout)
@@ -30,10 +37,7 @@ def shard(x: torch.Tensor, dim: int, *, layout: str = "contiguous", group=None) 
             check_divisible(layout, x.shape[dim], ring.size)
             return x
         return x.index_select(dim, layout_permutation(layout, ring.size, x.shape[dim], x.device))
-    rank, world = dist.get_rank(ring), dist.get_world_size(ring)
-    s_local = check_divisible(layout, x.shape[dim], world)
-    parts = [x.narrow(dim, a, b - a) for a, b in chunk_ranges(layout, rank, world, s_local)]
-    return parts[0] if len(parts) == 1 else torch.cat(parts, dim)
+    return _own_tokens(x, dim, layout, dist.get_rank(ring), dist.get_world_size(ring))
 
 
 def unshard(x: torch.Tensor, dim: int, *, layout: str = "contiguous", group=None) -> torch.Tensor:
@@ -80,8 +84,5 @@ class _GatherSequence(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        group = ctx.group
-        rank, world = dist.get_rank(group), dist.get_world_size(group)
-        s_local = grad.shape[ctx.dim] // world
-        parts = [grad.narrow(ctx.dim, a, b - a) for a, b in chunk_ranges(ctx.layout, rank, world, s_local)]
-        return (parts[0] if len(parts) == 1 else torch.cat(parts, ctx.dim)), None, None, None
+        own = _own_tokens(grad, ctx.dim, ctx.layout, dist.get_rank(ctx.group), dist.get_world_size(ctx.group))
+        return own, None, None, None
