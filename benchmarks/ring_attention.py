@@ -109,6 +109,9 @@ def main(argv=None):
     p.add_argument("--kernel", default="auto")
     p.add_argument("--iters", type=int, default=3)
     p.add_argument("--no-backward", action="store_true")
+    p.add_argument("--ablate", action="append", default=[], metavar="VAR=VALUE",
+                   help="also time each ring with this environment variable set (e.g. RINGFX_FOLD_GROUPS=0), "
+                        "side by side in the same process; repeatable")
     p.add_argument("--out", default="benchmarks/results/ring_attention.json")
     args = p.parse_args(argv)
 
@@ -160,6 +163,19 @@ def main(argv=None):
                     if sdpa_ms[bwd]:
                         ideal = sdpa_ms[bwd] / (world if distributed else 1)
                         row[f"{tag}_ratio"] = ideal / ring_ms  # loopback: ring vs monolithic; real: % of ideal
+                    for setting in args.ablate:
+                        var, value = setting.split("=", 1)
+                        saved = os.environ.get(var)
+                        os.environ[var] = value
+                        try:
+                            ms = timed(run_ring(q, k, v, causal, bwd, group, layout, args.kernel), args.iters)
+                        finally:
+                            os.environ.pop(var) if saved is None else os.environ.__setitem__(var, saved)
+                        torch.cuda.empty_cache()
+                        abl = row.setdefault("ablations", {}).setdefault(setting, {})
+                        abl[f"{tag}_ring_ms"] = ms
+                        if sdpa_ms[bwd]:
+                            abl[f"{tag}_ratio"] = sdpa_ms[bwd] / (world if distributed else 1) / ms
                 rows.append(row)
                 if rank == 0:
                     print_row(row)
@@ -177,6 +193,8 @@ def main(argv=None):
 def print_row(r):
     print(f"# S={r['seq']} {r['mode']} P={r['ring']} err={r['rel_error_vs_sdpa']:.2e} "
           + " ".join(f"{k}={v:.3f}" for k, v in r.items() if k.endswith(("ms", "ratio")) and v), flush=True)
+    for setting, values in r.get("ablations", {}).items():
+        print(f"#   with {setting}: " + " ".join(f"{k}={v:.3f}" for k, v in values.items()), flush=True)
 
 
 def print_table(rows):

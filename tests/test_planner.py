@@ -48,13 +48,14 @@ def toy_hand_count(s, h=16, heads=2, B=1, a=4):
       grad of the attention output  B*s*h*a        (o's backward has run)
       grad of o.weight              h*h*a          (accumulated already)
       ring buffers (the contract):  dq acc fp32, dK/dV fp32 x2, KV x3, block dq/dk/dv,
+                                    one deferred dq block,
                                     kernel workspace (cuDNN: one fp32 q block) + row sums
       parameters (static)           4*h*h*a, cuBLAS workspace
     """
     q = B * s * h * a                  # q-sized block, fp32 here
     kv = 2 * B * s * h * a             # K and V packed
     rows = B * heads * s * 4
-    ring = q + 2 * kv + 3 * kv + (q + kv) + (q + rows)
+    ring = q + 2 * kv + 3 * kv + (q + kv) + q + (q + rows)
     return (B * s * h * a) + 3 * B * s * h * a + (q + rows) + 4 + 4 + q + h * h * a + ring \
         + 4 * h * h * a + CUDA_LIBRARY_WORKSPACE
 
@@ -101,8 +102,10 @@ def test_ring_buffers_follow_the_contract():
     assert dict(b["backward_persistent"])["dK/dV ring buffers (fp32)"] == 2 * 2 * kv  # fp32, double-buffered
     assert dict(b["forward_persistent"])["out accumulator (fp32)"] == 2 * 8 * 1000 * 64 * 4
     chunked = ring_attention_buffers(att, 1000, query_chunks=4)
-    assert dict(chunked["forward_steps"])["merge temporaries (fp32)"] * 4 == \
-        dict(b["forward_steps"])["merge temporaries (fp32)"]
+    assert dict(chunked["forward_steps"])["merge buffers"] * 4 == dict(b["forward_steps"])["merge buffers"]
+    # bf16: three deferred bf16 blocks fit in the eager merge's two float32 temporaries
+    assert dict(b["forward_steps"])["merge buffers"] == 2 * 8 * 1000 * 64 * 4 * 2
+    assert dict(b["backward_steps"])["deferred dq blocks"] == 8 * 1000 * 64 * 2 * 2
 
 
 # -- monotonicity ------------------------------------------------------------------------------------

@@ -36,6 +36,18 @@ def test_matches_sdpa_float32(case, world):
     assert max(errors) < TOLERANCE[torch.float32], errors
 
 
+@pytest.mark.parametrize("world", [3, 8])
+@pytest.mark.parametrize("case", CASES, ids=_id)
+def test_grouped_folds_match_sdpa(case, world, monkeypatch):
+    # on CUDA the folds take several blocks per accumulator pass (fused); here the same
+    # bookkeeping runs with the eager folds
+    from ringfx.runtime import algorithm
+
+    monkeypatch.setattr(algorithm, "fold_groups", lambda q: (algorithm.MERGE_GROUP, algorithm.DQ_GROUP))
+    errors = run_case(case, ringfx.LoopbackRing(world), torch.float64, seed=world + 100)
+    assert max(errors) < TOLERANCE[torch.float64], errors
+
+
 @pytest.mark.parametrize("world", [6, 7])
 def test_odd_and_large_rings(world):
     for case in (Case(causal=True, layout="zigzag", hq=8, hkv=2), Case(window=5, causal=True), Case(segments=True)):

@@ -21,6 +21,8 @@ from typing import Optional
 import sympy
 import torch
 
+from ..runtime.algorithm import DQ_GROUP, MERGE_GROUP  # blocks per fused fold: the runtime decides
+
 S, P = sympy.symbols("S P", positive=True, integer=True)
 s_local = sympy.Symbol("s", positive=True)  # local sequence length, S/P
 
@@ -125,13 +127,16 @@ def static_terms(param_count: int, options: TrainingOptions) -> dict:
 #   forward : K and V travel packed as one (2,B,Hkv,s,D) buffer, double-buffered: 2 receive
 #             buffers live plus the local one; output accumulated in float32 (B,Hq,s,D) plus
 #             lse float32 (B,Hq,s); per step a block output (B,Hq,c,D) in the input dtype,
-#             its lse, and the float32 merge temporaries (out - out_b and its product with
-#             sigmoid(lse_b - lse)); at the end the output is cast to the input dtype.
+#             its lse, and the merge buffers: on CUDA (one fused pass folds up to
+#             MERGE_GROUP blocks) the MERGE_GROUP - 1 block outputs and lses waiting for
+#             it, elsewhere the float32 merge temporaries of one block (out - out_b and its
+#             product with sigmoid(lse_b - lse)), whichever is larger; the last fold writes
+#             the output in the input dtype.
 #   saved   : q, k, v (the layer's own tensors), out (input dtype), lse (float32).
 #   backward: KV travel again (local + 2), dK/dV accumulators travel in float32 (2,B,Hkv,s,D)
 #             double-buffered, dq accumulator float32; per step the kernel's dq/dk/dv blocks
-#             in the input dtype plus its workspace; at the end dq, dk, dv cast to the input
-#             dtype.
+#             in the input dtype plus its workspace, and DQ_GROUP - 1 earlier dq blocks
+#             waiting to be folded with it; at the end dq, dk, dv in the input dtype.
 # (ringfx/runtime/algorithm.py of today holds one KV receive buffer fewer than this; the
 #  contract is the conservative bound.)  Adjust the constants here, nowhere else.
 # GQA (Hq > Hkv) under a causal mask: the runtime expands one block's K/V to Hq heads for the
@@ -172,6 +177,14 @@ class AttentionShape:
         return self.batch * self.q_heads * tokens * nbytes
 
 
+def merge_buffers(att: AttentionShape, c):
+    """Forward merge memory per kernel call of ``c`` queries: blocks waiting for a fused
+    fold, or the eager merge's float32 temporaries, whichever is larger."""
+    deferred = (MERGE_GROUP - 1) * (att.q_block(c) + att.rows(c))
+    eager = MERGE_TEMPORARIES_FP32 * att.q_block(c, FP32)
+    return deferred if (MERGE_GROUP - 1) * att.dtype_bytes > MERGE_TEMPORARIES_FP32 * FP32 else eager
+
+
 def ring_attention_buffers(att: AttentionShape, s, *, query_chunks: int = 1, kernel: str = "cudnn") -> dict:
     """The ring op's allocations on one rank, in the order they are live (see the contract).
 
@@ -192,7 +205,7 @@ def ring_attention_buffers(att: AttentionShape, s, *, query_chunks: int = 1, ker
         "forward_steps": [
             ("KV ring buffers", KV_BUFFERS_FORWARD * att.kv_block(s)),
             ("block output + lse", att.q_block(c) + att.rows(c)),
-            ("merge temporaries (fp32)", MERGE_TEMPORARIES_FP32 * att.q_block(c, FP32)),
+            ("merge buffers", merge_buffers(att, c)),
         ] + expanded,
         "forward_result": [("out", att.q_block(s))],
         "backward_persistent": [
@@ -202,6 +215,7 @@ def ring_attention_buffers(att: AttentionShape, s, *, query_chunks: int = 1, ker
         "backward_steps": [
             ("KV ring buffers", KV_BUFFERS_BACKWARD * att.kv_block(s)),
             ("block dq/dk/dv", att.q_block(c) + att.kv_block(s)),
+            ("deferred dq blocks", (DQ_GROUP - 1) * att.q_block(c)),
             ("kernel workspace", ws * att.q_block(c, FP32) + att.rows(c)),
         ] + [(name + " (and dK/dV)", 2 * n) for name, n in expanded],
         "backward_result": [("dq, dk, dv", att.q_block(s) + att.kv_block(s))],

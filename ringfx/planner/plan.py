@@ -315,15 +315,15 @@ def _note_skipped(reasons: list, skipped: list, seq_len: int):
 def _chunkable_bytes(model: MemoryModel, block: int, chunks: int) -> int:
     """Upper bound on what more query chunks could save: the per-step temporaries that
     scale with the queries of one kernel call (``memory.ring_attention_buffers``)."""
-    from .memory import FP32, KERNEL_BACKWARD_WORKSPACE, MERGE_TEMPORARIES_FP32
+    from .memory import DQ_GROUP, FP32, KERNEL_BACKWARD_WORKSPACE, merge_buffers
 
     if not model.attention or not model.ring:
         return 0
     att = max(model.attention, key=lambda a: a.q_block(1))
     c = block // chunks
     ws = KERNEL_BACKWARD_WORKSPACE[model.options.kernel] if model.options else 2.0
-    fwd = att.q_block(c) + att.rows(c) + MERGE_TEMPORARIES_FP32 * att.q_block(c, FP32)
-    bwd = att.q_block(c) + ws * att.q_block(c, FP32) + att.rows(c)
+    fwd = att.q_block(c) + att.rows(c) + merge_buffers(att, c)
+    bwd = DQ_GROUP * att.q_block(c) + ws * att.q_block(c, FP32) + att.rows(c)
     return int(max(fwd, bwd))
 
 

@@ -43,37 +43,149 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _merge_eager(out, lse, out_b, lse_b):
-    w = torch.sigmoid(lse_b - lse).nan_to_num(0.0).unsqueeze(-1)
-    out.sub_(w * (out - out_b))
-    lse.copy_(torch.logaddexp(lse, lse_b))
+def fold(dst, acc, blocks, *, dst_lse=None, acc_lse=None, lses=None):
+    """Fold ``blocks`` (1..4 tensors of dst's shape) and the running ``acc`` (or None: the
+    blocks start the result) into ``dst``: with ``lses`` a softmax merge of partial
+    attention results (``dst_lse``/``acc_lse`` the row log-sum-exps), without a sum.
 
-
-def merge_partial(out, lse, out_b, lse_b):
-    """Fold a block's partial (out_b, lse_b) into the running (out, lse), in place.
-
-    out <- out - sigmoid(lse_b - lse) * (out - out_b);  lse <- logaddexp(lse, lse_b).
-    A row that neither side has seen (both lse -inf) stays as it is. On CUDA with
-    float32 accumulators this is one Triton kernel (one pass over the block) instead
-    of five elementwise kernels; RINGFX_FUSED_MERGE=0 turns that off.
+    Merge: lse' = logsumexp(acc_lse, lse_1, ...), dst = Σ exp(lse_i - lse') · out_i,
+    computed in float32 (float64 for float64); a row nobody has seen (every lse -inf)
+    gets lse -inf and output 0. ``dst`` may be ``acc`` (in place) or a tensor of the
+    input dtype (the last fold writes the result directly). On CUDA with float32
+    accumulation this is one Triton pass (RINGFX_FUSED_MERGE=0 turns it off).
     """
+    if fused_fold_applies(dst, blocks[0].dtype):
+        return _fused_fold()(dst, acc, blocks, dst_lse=dst_lse, acc_lse=acc_lse, lses=lses)
+    ct = acc_dtype(blocks[0].dtype)
+    if lses is None:  # a sum: in place where the accumulator allows, no float32 temporaries
+        total = dst if dst.dtype == ct else torch.empty(dst.shape, dtype=ct, device=dst.device)
+        rest = blocks
+        if acc is None:
+            total.copy_(blocks[0])
+            rest = blocks[1:]
+        elif acc.data_ptr() != total.data_ptr() or acc.stride() != total.stride():
+            total.copy_(acc)
+        for b in rest:
+            total.add_(b)
+        if total is not dst:
+            dst.copy_(total)
+        return
+    if acc is not None and len(blocks) == 1:  # the two-temporary form of one block's merge
+        out = acc.to(ct, copy=True) if acc.data_ptr() != dst.data_ptr() or dst.dtype != ct else dst
+        lse_b = lses[0].to(ct)
+        w = torch.sigmoid(lse_b - acc_lse).nan_to_num(0.0).unsqueeze(-1)
+        out.sub_(w * (out - blocks[0]))
+        dst_lse.copy_(torch.logaddexp(acc_lse, lse_b))
+        if out is not dst:
+            dst.copy_(out)
+        return
+    outs = [b.to(ct) for b in blocks] + ([acc.to(ct)] if acc is not None else [])
+    stacked = torch.stack([x.to(ct) for x in lses] + ([acc_lse.to(ct)] if acc is not None else []))
+    lse = torch.logsumexp(stacked, 0)
+    w = torch.exp(stacked - lse).nan_to_num(0.0).unsqueeze(-1)  # rows nobody saw: nan -> 0
+    dst.copy_(functools.reduce(torch.add, (w[i] * o for i, o in enumerate(outs))))
+    dst_lse.copy_(lse)
+
+
+def fused_fold_applies(t: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether ``fold`` runs as one Triton pass for results like ``t`` of inputs of ``dtype``."""
     # the fused kernel gave wrong rows for head dims that are not a multiple of 16 on
     # an H100 (d=72, torch 2.11 / Triton 3.6; exact under TRITON_INTERPRET): those
     # take the eager path
-    if out.is_cuda and out.dtype == torch.float32 and out.shape[-1] % 16 == 0 and _fused_merge() is not None:
-        return _fused_merge()(out, lse, out_b, lse_b)
-    return _merge_eager(out, lse, out_b, lse_b)
+    return (t.is_cuda and acc_dtype(dtype) == torch.float32 and t.shape[-1] % 16 == 0
+            and _fused_fold() is not None)
+
+
+def merge_partial(out, lse, out_b, lse_b):
+    """Fold one block's partial (out_b, lse_b) into the running (out, lse), in place."""
+    fold(out, out, [out_b], dst_lse=lse, acc_lse=lse, lses=[lse_b])
 
 
 @functools.lru_cache(maxsize=1)
-def _fused_merge():
+def _fused_fold():
     if os.environ.get("RINGFX_FUSED_MERGE", "1") == "0":
         return None
     try:
-        from .merge_triton import merge_partial_triton
-    except ImportError:  # no Triton: the eager merge is used
+        from .merge_triton import fold_triton
+    except ImportError:  # no Triton: the eager fold is used
         return None
-    return merge_partial_triton
+    return fold_triton
+
+
+class Deferred:
+    """Block results waiting to be folded into a float32 accumulator, up to ``group``
+    of them per row range, so that the accumulator is read and written once per group
+    instead of once per block (the accumulation passes are memory-bound; the block
+    kernels are not). The first fold initialises the accumulator instead of adding to
+    zeros; ``finish`` may write the last fold straight into the result tensor.
+
+    ``merge``: blocks are (out, lse) partial attention results; else gradients (sums).
+    Call ``add``/``finish`` inside ``with side:`` (the accumulation stream).
+    """
+
+    def __init__(self, acc, acc_lse, group: int, merge: bool):
+        self.acc, self.acc_lse, self.group, self.merge = acc, acc_lse, group, merge
+        self.pending: dict[tuple[int, int], list] = {}
+        self.started = False  # has the accumulator been written (else its memory is garbage)
+
+    def add(self, rows: slice, block, lse=None, *, last_step: bool = False):
+        """Queue a block; fold its row range once ``group`` blocks wait. On the last step
+        the fold is left to ``finish``, which can then write the result directly."""
+        key = (rows.start, rows.stop)
+        self.pending.setdefault(key, []).append((block, lse))
+        n = len(self.pending[key])
+        if n == _MAX_FOLD or (n == self.group and not last_step):
+            self._flush(key)
+
+    def _flush(self, key, dst=None, dst_lse=None):
+        items = self.pending.pop(key)
+        rows = slice(*key)
+        full = key == (0, self.acc.shape[2])
+        if not self.started and not full:  # a partial first fold: the rest must read as empty
+            self.acc.zero_()
+            if self.merge:
+                self.acc_lse.fill_(float("-inf"))
+        fresh = not self.started and full
+        self.started = True
+        acc = None if fresh else self.acc[:, :, rows]
+        lse = self.acc_lse[:, :, rows] if self.merge else None
+        fold(self.acc[:, :, rows] if dst is None else dst, acc, [b for b, _ in items],
+             dst_lse=lse if dst_lse is None else dst_lse, acc_lse=None if fresh else lse,
+             lses=[x for _, x in items] if self.merge else None)
+
+    def finish(self, dst, dst_lse=None) -> bool:
+        """Fold what is left. If the last fold covers every row, write it into ``dst``
+        (the result, any dtype) and ``dst_lse`` and return True; else everything ends in
+        the accumulator, and False."""
+        whole = (0, self.acc.shape[2])
+        for key in [k for k in self.pending if k != whole]:
+            self._flush(key)
+        if whole in self.pending:
+            self._flush(whole, dst, dst_lse if dst_lse is not None else self.acc_lse)
+            return True
+        if not self.started:
+            self.acc.zero_()
+            if self.merge:
+                self.acc_lse.fill_(float("-inf"))
+        return False
+
+
+# block results folded per accumulator pass where the fold is one fused pass (else one
+# at a time): the forward holds up to 3 block outputs, the backward one extra dQ block
+# (see the planner's runtime contract, ringfx/planner/memory.py)
+MERGE_GROUP = 4
+DQ_GROUP = 2
+
+
+_MAX_FOLD = 4  # blocks one fused fold takes (merge_triton.MAX_BLOCKS)
+
+
+def fold_groups(q: torch.Tensor) -> tuple[int, int]:
+    """(forward merge group, dQ group) for a call on ``q``; RINGFX_FOLD_GROUPS=0 folds
+    every block on its own (for measuring what the groups save)."""
+    if os.environ.get("RINGFX_FOLD_GROUPS", "1") == "0":
+        return 1, 1
+    return (MERGE_GROUP, DQ_GROUP) if fused_fold_applies(q, q.dtype) else (1, 1)
 
 
 # -- agreement across ranks ----------------------------------------------------------
@@ -225,8 +337,9 @@ def forward_program(q, k, v, pad, seg, bias, cfg: RingConfig, rank: int, world: 
     seg_ranges = _agree((yield _metadata(q, k, pad, seg, bias, cfg, s_local)), cfg, seg is not None)
     n_steps = step_count(cfg.layout, world, s_local, spec, seg_ranges)
     acc = acc_dtype(q.dtype)
-    out = torch.zeros(q.shape, dtype=acc, device=q.device)
-    lse = torch.full(q.shape[:-1], float("-inf"), dtype=acc, device=q.device)
+    out = torch.empty(q.shape, dtype=acc, device=q.device)
+    lse = torch.empty(q.shape[:-1], dtype=acc, device=q.device)
+    merged = Deferred(out, lse, fold_groups(q)[0], merge=True)
     kv = torch.stack((k, v)) if n_steps > 1 else (k, v)  # one buffer to send; none to send alone
     pad_seg_q = (pad is not None, seg)
     side = SideStream(q.device)
@@ -241,13 +354,19 @@ def forward_program(q, k, v, pad, seg, bias, cfg: RingConfig, rank: int, world: 
                                          cfg.scale)
             with side:
                 side.keep(out_b, lse_b)
-                merge_partial(out[:, :, blk.rows], lse[:, :, blk.rows], out_b, lse_b.to(acc))
+                merged.add(blk.rows, out_b, lse_b, last_step=t + 1 == n_steps)
         if t + 1 < n_steps:
             received = pending.wait()
             kv = received[0]
             tok = received[1] if tok is not None else None
+    result = into[0] if into is not None else torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    result_lse = into[1] if into is not None else lse
+    with side:
+        if not merged.finish(result, result_lse):  # else the last fold wrote the results
+            result.copy_(out)
+            result_lse.copy_(lse)
     side.join()
-    return _deliver((out, lse), (q.dtype, acc), into)
+    return result, result_lse
 
 
 def backward_program(dout, q, k, v, out, lse, pad, seg, bias, cfg: RingConfig, rank: int, world: int,
@@ -258,7 +377,8 @@ def backward_program(dout, q, k, v, out, lse, pad, seg, bias, cfg: RingConfig, r
     acc = acc_dtype(q.dtype)
     # rows that saw no key: exp(s - inf) = 0 instead of exp(-inf + inf) = NaN
     lse = lse.masked_fill(lse == float("-inf"), float("inf"))
-    dq = torch.zeros(q.shape, dtype=acc, device=q.device)
+    dq = torch.empty(q.shape, dtype=acc, device=q.device)
+    dq_acc = Deferred(dq, None, fold_groups(q)[1], merge=False)
     kv = torch.stack((k, v)) if n_steps > 1 else (k, v)  # one buffer to send; none to send alone
     pad_seg_q = (pad is not None, seg)
     side = SideStream(q.device)
@@ -278,22 +398,28 @@ def backward_program(dout, q, k, v, out, lse, pad, seg, bias, cfg: RingConfig, r
         # accumulate on the side stream: dQ here, dK/dV into the buffer that travelled
         # here with this block; then send it on (the side stream orders the send)
         with side:
-            if dkv_pending is None:
-                dkv = torch.zeros((2, *k.shape), dtype=acc, device=q.device)
-            else:
+            # the first step's block starts the buffer when it covers every key
+            starts = dkv_pending is None and len(block_grads) == 1 and block_grads[0][1] == (0, s_local)
+            if dkv_pending is not None:
                 dkv = dkv_pending.wait()[0]
+            else:
+                dkv = (torch.empty if starts else torch.zeros)((2, *k.shape), dtype=acc, device=q.device)
             for r, (a, b), dq_b, dk_b, dv_b in block_grads:
                 side.keep(dq_b, dk_b, dv_b)
-                dq[:, :, r] += dq_b
-                dkv[0][:, :, a:b] += dk_b
-                dkv[1][:, :, a:b] += dv_b
+                dq_acc.add(r, dq_b, last_step=t + 1 == n_steps)
+                for i, g in enumerate((dk_b, dv_b)):
+                    fold(dkv[i][:, :, a:b], None if starts else dkv[i][:, :, a:b], [g])
         # the last hop sends each accumulator straight home (the ring may stop early)
         dkv_pending = yield Exchange([dkv], shift=1 if t + 1 < n_steps else -(n_steps - 1), stream=side.stream)
         if t + 1 < n_steps:
             received = kv_pending.wait()
             kv = received[0]
             tok = received[1] if tok is not None else None
+    dq_out = into[0] if into is not None else torch.empty(q.shape, dtype=q.dtype, device=q.device)
     with side:
+        dq_direct = dq_acc.finish(dq_out)
         dkv = dkv_pending.wait()[0]
     side.join()
-    return _deliver((dq, dkv[0], dkv[1]), (q.dtype, k.dtype, v.dtype), into)
+    if not dq_direct:
+        dq_out.copy_(dq)
+    return (dq_out, *_deliver((dkv[0], dkv[1]), (k.dtype, v.dtype), into[1:] if into is not None else None))
