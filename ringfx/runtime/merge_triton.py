@@ -20,6 +20,10 @@ import triton
 import triton.language as tl
 
 MAX_BLOCKS = 4
+# elements of a (rows x head dim) tile per program and warps per program: every tensor
+# of the fold costs a 64-bit pointer per element in registers, so tiles stay small
+TILE_ELEMS = 1024
+NUM_WARPS = 4
 
 
 @triton.jit
@@ -110,7 +114,7 @@ def _fold_rows(dst, dst_lse, acc, acc_lse, o0, l0, o1, l1, o2, l2, o3, l3, n_row
     tl.store(dst + d_off, o.to(dst.dtype.element_ty), mask=mask)
 
 
-def fold_triton(dst, acc, blocks, dst_lse=None, acc_lse=None, lses=None):
+def fold_triton(dst, acc, blocks, dst_lse=None, acc_lse=None, lses=None, *, tile_elems=None, num_warps=None):
     """Write into ``dst`` the fold of ``acc`` (or nothing) and ``blocks`` (1..4 tensors of
     dst's shape). With ``lses`` a softmax merge (``dst_lse``/``acc_lse`` the row lse),
     without a plain sum."""
@@ -138,7 +142,7 @@ def fold_triton(dst, acc, blocks, dst_lse=None, acc_lse=None, lses=None):
         args += [*strides(o, 3), *row_strides(lv)]
     n_rows = bsz * h * sq
     block_d = triton.next_power_of_2(d)
-    block_r = max(1, min(64, 4096 // block_d))
+    block_r = max(1, (tile_elems or TILE_ELEMS) // block_d)
     grid = (triton.cdiv(n_rows, block_r),)
     _fold_rows[grid](*ptrs, n_rows, h, sq, d, *args, N=n, HAS_ACC=acc is not None, MERGE=merge,
-                     BLOCK_R=block_r, BLOCK_D=block_d, num_warps=4)
+                     BLOCK_R=block_r, BLOCK_D=block_d, num_warps=num_warps or NUM_WARPS)
