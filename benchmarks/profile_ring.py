@@ -64,16 +64,22 @@ def profile_step(step, trace_path=None):
     with open(path) as f:
         events = [e for e in json.load(f)["traceEvents"] if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
     by_kind = collections.defaultdict(lambda: [0.0, 0])
+    by_name = collections.defaultdict(lambda: [0.0, 0])
     by_stream = collections.defaultdict(list)
     for e in events:
         k = by_kind[kind_of(e["name"])]
         k[0] += e["dur"] / 1000
         k[1] += 1
+        nm = by_name[e["name"][:90]]
+        nm[0] += e["dur"] / 1000
+        nm[1] += 1
         by_stream[e["args"].get("stream", 0)].append((e["ts"], e["ts"] + e["dur"]))
     return {
         "wall_ms": wall,
         "busy_ms": union_ms([i for v in by_stream.values() for i in v]),
         "kinds": {k: {"ms": v[0], "count": v[1]} for k, v in sorted(by_kind.items())},
+        "top_kernels": {k: {"ms": v[0], "count": v[1]}
+                        for k, v in sorted(by_name.items(), key=lambda kv: -kv[1][0])[:14]},
         "streams": {str(s): {"busy_ms": union_ms(v), "kernels": len(v)} for s, v in by_stream.items()},
     }
 
@@ -101,6 +107,8 @@ def main(argv=None):
         print(f"== {name}: wall {r['wall_ms']:.1f} ms, GPU busy {r['busy_ms']:.1f} ms")
         for kind, x in r["kinds"].items():
             print(f"   {kind:>20}: {x['ms']:9.1f} ms  {x['count']:5d} kernels")
+        for name_, x in r["top_kernels"].items():
+            print(f"   {x['ms']:9.1f} ms {x['count']:5d}x  {name_}")
         for stream, x in r["streams"].items():
             print(f"   stream {stream:>4}: busy {x['busy_ms']:9.1f} ms  {x['kernels']:5d} kernels")
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
