@@ -272,14 +272,11 @@ class Streams:
                 Streams._side[self.key] = torch.cuda.Stream(device)
             self.stream = Streams._side[self.key]
         if os.environ.get("RINGFX_TWO_STREAMS", "1") != "0":
-            # RINGFX_COMPUTE_PRIORITY=high: the block kernels' thread blocks are scheduled
-            # before waiting side-stream ones (CUDA priority -1; 0 is the default and lowest)
-            priority = -1 if os.environ.get("RINGFX_COMPUTE_PRIORITY", "same") == "high" else 0
-            key = (*self.key, priority)
-            if key not in Streams._compute:
-                Streams._compute[key] = (torch.cuda.Stream(device, priority=priority),
-                                         torch.cuda.Stream(device, priority=priority))
-            self.compute = Streams._compute[key]
+            # (a higher priority for these streams than the side stream's measured no
+            # faster on an H100: BENCHMARKS.md)
+            if self.key not in Streams._compute:
+                Streams._compute[self.key] = (torch.cuda.Stream(device), torch.cuda.Stream(device))
+            self.compute = Streams._compute[self.key]
 
     @contextlib.contextmanager
     def kernel(self, *inputs):
