@@ -95,3 +95,19 @@ def test_bf16_forward_and_backward_error_at_p8(causal, layout):
         err_single = ((s1.double() - r).norm() / r.norm()).item()
         err_ring = ((s8.double() - r).norm() / r.norm()).item()
         assert err_ring <= 2 * err_single, (name, err_ring, err_single)
+
+
+@pytest.mark.parametrize("world", [3, 8])
+def test_two_compute_streams(world, monkeypatch):
+    """Large blocks alternate their kernels between two CUDA streams; forced on here for
+    small ones: the matrix (float32 and bf16 kernels) must not change."""
+    from ringfx.runtime import algorithm
+
+    monkeypatch.setattr(algorithm, "TWO_STREAMS_MIN_WORK", 0)
+    failures = []
+    for i, case in enumerate(matrix(quick=True)):
+        case = dataclasses.replace(case, d=case.d if case.d % 16 == 0 else 64, chunk=32)
+        errors = _on_cuda(case, world, torch.float32, seed=90 + i)
+        if not max(errors) < 2e-5:
+            failures.append((case, errors))
+    assert not failures, failures

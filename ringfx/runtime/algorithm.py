@@ -235,6 +235,11 @@ def _agree(gathered: torch.Tensor, cfg: RingConfig, has_seg: bool):
 # -- overlap: block kernels on two streams, float32 accumulation on a third ----------
 
 
+# B·H·S_local² from which block kernels alternate between two streams (H100, bf16, D=128:
+# two streams helped at 8K x 8K x 32 heads = 2.1e9 and up, and cost at 4K x 4K x 32 = 5.4e8)
+TWO_STREAMS_MIN_WORK = 2**30
+
+
 class Streams:
     """The CUDA streams of a rank program; on the CPU everything runs inline.
 
@@ -260,7 +265,10 @@ class Streams:
     _compute: dict = {}
     _turn: dict = {}
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, step_work: int = 0):
+        """``step_work``: B·H·S_local² of a ring step; two compute streams only pay when
+        each kernel is long (below TWO_STREAMS_MIN_WORK the launch overhead of the extra
+        stream waits costs more than the overlapped tails: BENCHMARKS.md)."""
         self.stream = None
         self.compute = ()
         if device.type != "cuda":
@@ -271,7 +279,7 @@ class Streams:
             if self.key not in Streams._side:
                 Streams._side[self.key] = torch.cuda.Stream(device)
             self.stream = Streams._side[self.key]
-        if os.environ.get("RINGFX_TWO_STREAMS", "1") != "0":
+        if os.environ.get("RINGFX_TWO_STREAMS", "1") != "0" and step_work >= TWO_STREAMS_MIN_WORK:
             # (a higher priority for these streams than the side stream's measured no
             # faster on an H100: BENCHMARKS.md)
             if self.key not in Streams._compute:
@@ -382,7 +390,7 @@ def forward_program(q, k, v, pad, seg, bias, cfg: RingConfig, rank: int, world: 
     merged = Deferred(out, lse, fold_groups(q)[0], merge=True)
     kv = _pack(k, v) if n_steps > 1 else (k, v)  # one buffer to send; none to send alone
     pad_seg_q = (pad is not None, seg)
-    side = Streams(q.device)
+    side = Streams(q.device, q.shape[0] * q.shape[1] * s_local * s_local)
     for t in range(n_steps):
         src = (rank - t) % world
         if t + 1 < n_steps:
@@ -422,7 +430,7 @@ def backward_program(dout, q, k, v, out, lse, pad, seg, bias, cfg: RingConfig, r
     dq_acc = Deferred(dq, None, fold_groups(q)[1], merge=False)
     kv = _pack(k, v) if n_steps > 1 else (k, v)  # one buffer to send; none to send alone
     pad_seg_q = (pad is not None, seg)
-    side = Streams(q.device)
+    side = Streams(q.device, q.shape[0] * q.shape[1] * s_local * s_local)
     dkv_pending = None
     for t in range(n_steps):
         src = (rank - t) % world

@@ -106,6 +106,7 @@ def plan_step(
     return tuple(calls)
 
 
+@functools.lru_cache(maxsize=1024)
 def step_count(layout: str, world: int, s_local: int, spec: MaskSpec, segment_ranges=None) -> int:
     """Ring steps every rank takes: one past the last step at which any rank has work.
     The ring stops early when no further block can be seen (sliding window)."""
