@@ -7,11 +7,11 @@
 """
 
 from .api import explain, transform
-from .errors import UnsupportedError
+from .errors import RingfxWarning, UnsupportedError
 from .planner import DeviceSpec, Plan, plan
 from .runtime import LoopbackRing, positions, ring_attention, shard, unshard
 
 __all__ = [
-    "DeviceSpec", "LoopbackRing", "Plan", "UnsupportedError", "explain", "plan", "positions",
+    "DeviceSpec", "LoopbackRing", "Plan", "RingfxWarning", "UnsupportedError", "explain", "plan", "positions",
     "ring_attention", "shard", "transform", "unshard",
 ]

@@ -22,7 +22,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from .backend import BackendConfig, CompiledGraph, resolve_group_name, ringfx_backend
-from .errors import UnsupportedError
+from .errors import RingfxWarning, UnsupportedError
 from .passes.sites import SiteRecord
 
 __all__ = ["ExplainReport", "RingModule", "explain", "transform"]
@@ -38,6 +38,7 @@ class ExplainReport:
     sites: list[SiteRecord] = field(default_factory=list)
     graph_modules: list[fx.GraphModule] = field(default_factory=list)
     graph_breaks: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # what the guards could not prove right on a ring
 
     @property
     def rewritten(self) -> list[SiteRecord]:
@@ -58,6 +59,7 @@ class ExplainReport:
                  f"{len(self.graph_breaks)} graph break(s)", fmt(head), fmt(tuple("-" * w for w in widths) + ("-" * 8,))]
         lines += [fmt(r) for r in rows]
         lines += [f"graph break: {b}" for b in self.graph_breaks]
+        lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
 
 
@@ -80,7 +82,7 @@ class RingModule(nn.Module):
                 out = self._compiled(*args, **kwargs)
         except torch._dynamo.exc.BackendCompilerFailed as e:
             inner = getattr(e, "inner_exception", None)
-            if isinstance(inner, (UnsupportedError, ValueError, TypeError)):
+            if isinstance(inner, (UnsupportedError, RingfxWarning, ValueError, TypeError)):
                 raise inner.with_traceback(None) from None
             raise
         if not self._warned and not self.sites:
@@ -192,7 +194,7 @@ def explain(model, *args, **kwargs) -> ExplainReport:
         name = names.get((s.pattern, s.mask_kind))
         if name is not None and name != s.pattern:
             s.pattern = f"{name} [{s.pattern}]"
-    return ExplainReport(sites, [g.graph_module for g in collected], breaks)
+    return ExplainReport(sites, [g.graph_module for g in collected], breaks, [n for g in collected for n in g.notes])
 
 
 @functools.lru_cache(maxsize=1)

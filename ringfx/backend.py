@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 import torch.distributed as dist
 import torch.fx as fx
 
-from .errors import UnsupportedError
+from .errors import RingfxWarning, UnsupportedError
 from .passes import PassOptions, run_passes
 from .passes.sites import SiteRecord
 
@@ -42,6 +43,7 @@ class CompiledGraph:
     index: int
     graph_module: fx.GraphModule
     sites: list[SiteRecord] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # what the guards could not prove right
 
 
 @dataclass
@@ -102,12 +104,16 @@ def ringfx_backend(gm: fx.GraphModule, example_inputs, **kwargs) -> Callable:
         original = fx.GraphModule(gm, graph)
     pass_options = dataclasses.replace(config.pass_options, example_inputs=list(example_inputs))
     gm, reports = run_passes(gm, options=pass_options)
-    records = reports[-1].sites
+    records = next(r for r in reports if r.name == "rewrite_attention").sites
+    notes = [n for r in reports for n in r.notes]
     if config.collector is not None:
         index = len(config.collector)
         for r in records:
             r.graph_index = index
-        config.collector.append(CompiledGraph(index, gm, records))
+        config.collector.append(CompiledGraph(index, gm, records, notes))
+    if config.execute != "original":  # explain() reports them instead
+        for note in notes:
+            warnings.warn(f"ringfx: {note}", RingfxWarning, stacklevel=2)
     _check_strict(records, config)
     if original is not None:
         return original.forward

@@ -16,12 +16,13 @@ from .classify_masks import classify_masks_pass
 from .decompose_mha import decompose_mha_pass
 from .find_attention import find_attention_pass
 from .options import PassOptions
+from .positions import check_positions_pass
 from .rewrite_attention import rewrite_attention_pass
 from .sequence_axis import check_sequence_axis_pass
 from .sites import PassReport
 
 PASSES = [decompose_mha_pass, find_attention_pass, classify_masks_pass, check_sequence_axis_pass,
-          rewrite_attention_pass]
+          rewrite_attention_pass, check_positions_pass]
 
 
 def run_passes(gm: fx.GraphModule, *, options: Optional[PassOptions] = None,

@@ -1,0 +1,95 @@
+"""Guard: a position generator over the local sequence is wrong on a ring.
+
+A model that makes its own positions from the length it sees gets, on a rank of a
+ring, the positions of its shard (0 .. S/P - 1), not the tokens' global positions::
+
+    pos = torch.arange(x.shape[1])          # x sharded: arange(S/P)   -> noted
+    cos, sin = rope(pos)                    # every rank rotates as if it held tokens 0..S/P-1
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=True)   # rewritten to the ring op
+
+The pass runs after the rewrite, on rings of more than one rank: a live ``arange(n)``
+(start 0, step 1) whose ``n`` is the query length of a ring attention op in the same
+graph is reported in ``PassReport.notes`` with its source line; the backend turns each
+note into a ``ringfx.RingfxWarning``. It changes nothing: positions are the caller's
+input (shard them with ``ringfx.shard``, or make them with ``ringfx.positions``), as with
+torch's ``context_parallel``. Aranges that only built a mask the rewrite replaced are
+dead by then and not reported; an arange of the same length over another axis is (the
+note says so) — a guard, not a proof: rewriting positions is DESIGN.md §4.4's.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import torch
+import torch.fx as fx
+
+from .node_facts import op_name, shape_of, source_line
+from .options import PassOptions
+from .sites import PassReport
+
+log = logging.getLogger("ringfx.passes")
+
+
+def check_positions_pass(gm: fx.GraphModule, *, options: Optional[PassOptions] = None
+                         ) -> tuple[fx.GraphModule, PassReport]:
+    options = options or PassOptions()
+    report = PassReport("check_positions")
+    from .rewrite_attention import ring_attention_target
+
+    target = ring_attention_target()
+    lengths = set()
+    for node in gm.graph.nodes:
+        if options.ring_size > 1 and node.op == "call_function" and node.target == target:
+            shape = shape_of(node.args[0])
+            if shape is not None:
+                lengths.add(str(shape[-2]))
+    live = _live_nodes(gm.graph) if lengths else set()
+    for node in gm.graph.nodes:
+        end = _arange_length(node)
+        if node in live and end is not None and str(end) in lengths:
+            report.notes.append(
+                f"torch.arange({end}) at {source_line(node)}: on a ring of {options.ring_size} ranks the model "
+                f"sees its local {end} tokens, so this makes the positions of the shard, not the tokens' global "
+                "positions; if it feeds positions (RoPE, position embeddings, masks), pass position ids as an "
+                "input sharded like the sequence (ringfx.shard) or made with ringfx.positions; ignore this if "
+                "it is over another axis of the same size")
+    log.info("check_positions: %d position generator(s) over the local sequence", len(report.notes))
+    return gm, report
+
+
+def _arange_length(node: fx.Node):
+    """``n`` of ``arange(n)`` / ``arange(0, n)`` / ``arange(0, n, 1)``, else None."""
+    if op_name(node) != "arange":
+        return None
+    args = list(node.args)
+    start, step = 0, 1
+    if "end" in node.kwargs:
+        end = node.kwargs["end"]
+        start = args[0] if args else node.kwargs.get("start", 0)
+    elif len(args) == 1:
+        end = args[0]
+    elif len(args) >= 2:
+        start, end = args[0], args[1]
+        step = args[2] if len(args) > 2 else node.kwargs.get("step", 1)
+    else:
+        return None
+    step = node.kwargs.get("step", step)
+    if isinstance(start, fx.Node) or isinstance(step, fx.Node) or start != 0 or step != 1:
+        return None
+    if isinstance(end, fx.Node):  # a symbolic length: compare its value
+        end = end.meta.get("val", end.meta.get("example_value"))
+    return end if isinstance(end, (int, torch.SymInt)) else None
+
+
+def _live_nodes(graph: fx.Graph) -> set:
+    """Nodes the output (or an op with side effects) depends on."""
+    live, todo = set(), [n for n in graph.nodes if n.op == "output" or (n.op == "call_function" and n.is_impure())]
+    while todo:
+        n = todo.pop()
+        if n in live:
+            continue
+        live.add(n)
+        todo.extend(n.all_input_nodes)
+    return live
