@@ -13,6 +13,7 @@ classify_masks.py     analysis: each mask's provenance -> causal / window / key 
 sequence_axis.py      guard: attention that contracts over the sequence (channel attention) is left alone
 rewrite_attention.py  transformation: each accepted site -> one torch.ops.ringfx.ring_attention
 positions.py          guard: arange over the local sequence (a position generator) is noted, never changed
+sequence_mixing.py    guard: ops that combine tokens across the sequence (pooling, shifts, scans) are noted
 pipeline.py           PASSES and run_passes: the list and the loop
 ring_glue.py          tensor functions the rewritten graph calls to build mask descriptors
 """
@@ -27,8 +28,9 @@ from .pipeline import PASSES, run_passes
 from .positions import check_positions_pass
 from .rewrite_attention import rewrite_attention_pass
 from .sequence_axis import check_sequence_axis_pass
+from .sequence_mixing import check_sequence_mixing_pass
 from .sites import AttentionSite, MaskTerm, PassReport, SiteRecord
 
 __all__ = ["AttentionSite", "MaskTerm", "PASSES", "PassOptions", "PassReport", "SiteRecord",
-           "check_positions_pass", "check_sequence_axis_pass", "classify_masks_pass", "decompose_mha_pass", "find_attention_pass", "rewrite_attention_pass",
+           "check_positions_pass", "check_sequence_axis_pass", "check_sequence_mixing_pass", "classify_masks_pass", "decompose_mha_pass", "find_attention_pass", "rewrite_attention_pass",
            "run_passes", "sites_of"]

@@ -19,10 +19,11 @@ from .options import PassOptions
 from .positions import check_positions_pass
 from .rewrite_attention import rewrite_attention_pass
 from .sequence_axis import check_sequence_axis_pass
+from .sequence_mixing import check_sequence_mixing_pass
 from .sites import PassReport
 
 PASSES = [decompose_mha_pass, find_attention_pass, classify_masks_pass, check_sequence_axis_pass,
-          rewrite_attention_pass, check_positions_pass]
+          rewrite_attention_pass, check_positions_pass, check_sequence_mixing_pass]
 
 
 def run_passes(gm: fx.GraphModule, *, options: Optional[PassOptions] = None,

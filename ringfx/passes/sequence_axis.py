@@ -65,17 +65,24 @@ def _head_dim_origin(operand) -> Optional[tuple[fx.Node, int]]:
     if shape is None:
         return None
     axis = operand.permute[-1] if operand.permute is not None else len(shape) - 1
-    return _follow(operand.node, normalize_dim(axis, len(shape)), 0)
+    return follow_axis(operand.node, normalize_dim(axis, len(shape)))
 
 
-def _follow(node, axis: int, depth: int) -> Optional[tuple[fx.Node, int]]:
+def follow_axis(node, axis: int, *, keep_last: bool = False) -> Optional[tuple[fx.Node, int]]:
+    """The (user input, axis) that ``axis`` of ``node`` comes from, through layout,
+    elementwise and per-token ops; None where it cannot be followed or ends in model
+    state (or, unless ``keep_last``, in an input's last axis: per-token features)."""
+    return _follow(node, axis, 0, keep_last)
+
+
+def _follow(node, axis: int, depth: int, keep_last: bool = False) -> Optional[tuple[fx.Node, int]]:
     if not isinstance(node, fx.Node) or depth > 64:
         return None
     shape = shape_of(node)
     if shape is None:
         return None
     if node.op == "placeholder":
-        if is_model_state(node) or axis == len(shape) - 1:
+        if is_model_state(node) or (axis == len(shape) - 1 and not keep_last):
             return None
         return node, axis
     if node.op != "call_function" and node.op != "call_method":
@@ -84,37 +91,48 @@ def _follow(node, axis: int, depth: int) -> Optional[tuple[fx.Node, int]]:
     src = node.args[0] if node.args else None
     src_shape = shape_of(src) if isinstance(src, fx.Node) else None
     if name in CASTS or name in SHAPE_ONLY or name in ("type_as",):
-        return _follow(src, axis, depth + 1)
+        return _follow(src, axis, depth + 1, keep_last)
     if name == "transpose" and src_shape is not None:
         d0, d1 = (normalize_dim(d, len(src_shape)) for d in node.args[1:3])
-        return _follow(src, d1 if axis == d0 else d0 if axis == d1 else axis, depth + 1)
+        return _follow(src, d1 if axis == d0 else d0 if axis == d1 else axis, depth + 1, keep_last)
     if name == "permute" and src_shape is not None:
         dims = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (tuple, list)) else node.args[1:]
-        return _follow(src, normalize_dim(dims[axis], len(src_shape)), depth + 1)
+        return _follow(src, normalize_dim(dims[axis], len(src_shape)), depth + 1, keep_last)
     if name == "unsqueeze" and src_shape is not None:
         d = normalize_dim(node.args[1], len(shape))
-        return None if axis == d else _follow(src, axis - (axis > d), depth + 1)
+        return None if axis == d else _follow(src, axis - (axis > d), depth + 1, keep_last)
     if name in _VIEWS and src_shape is not None:
         mapped = _view_axis(src_shape, shape, axis)
-        return None if mapped is None else _follow(src, mapped, depth + 1)
+        return None if mapped is None else _follow(src, mapped, depth + 1, keep_last)
     if name == "linear":
-        return None if axis == len(shape) - 1 else _follow(src, axis, depth + 1)
+        return None if axis == len(shape) - 1 else _follow(src, axis, depth + 1, keep_last)
     if name in ("matmul", "bmm"):
         other = node.args[1]
         if axis == len(shape) - 1:
             other_shape = shape_of(other)
-            return None if other_shape is None else _follow(other, len(other_shape) - 1, depth + 1)
-        return _follow(src, axis - (len(shape) - len(src_shape)), depth + 1) if src_shape else None
+            return None if other_shape is None else _follow(other, len(other_shape) - 1, depth + 1, keep_last)
+        return _follow(src, axis - (len(shape) - len(src_shape)), depth + 1, keep_last) if src_shape else None
     if name in _ELEMENTWISE:
         # follow an operand that carries this axis (aligned from the right, not broadcast)
         for a in node.args:
             a_shape = shape_of(a) if isinstance(a, fx.Node) else None
             k = axis - (len(shape) - len(a_shape)) if a_shape is not None else -1
             if a_shape is not None and k >= 0 and a_shape[k] == shape[axis] and a_shape[k] != 1:
-                return _follow(a, k, depth + 1)
+                return _follow(a, k, depth + 1, keep_last)
         return None
     if name == "getitem" and src_shape is not None and len(src_shape) == len(shape):
-        return _follow(src, axis, depth + 1)  # slicing keeps the axes
+        return _follow(src, axis, depth + 1, keep_last)  # slicing keeps the axes
+    if name == "getitem" and op_name(src) in ("unbind", "chunk", "split") and isinstance(src.args[0], fx.Node):
+        whole = src.args[0]  # one part of a tensor cut along ``dim``
+        whole_shape = shape_of(whole)
+        dim = src.kwargs.get("dim", src.args[1 if op_name(src) == "unbind" else 2] if len(src.args) >
+                             (1 if op_name(src) == "unbind" else 2) else 0)
+        if whole_shape is None or not isinstance(dim, int):
+            return None
+        dim = normalize_dim(dim, len(whole_shape))
+        if op_name(src) == "unbind":
+            return _follow(whole, axis + (axis >= dim), depth + 1, keep_last)
+        return None if axis == dim else _follow(whole, axis, depth + 1, keep_last)
     return None
 
 
