@@ -16,6 +16,7 @@ import functools
 import inspect
 import logging
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 import torch.fx as fx
@@ -24,6 +25,7 @@ import torch.nn as nn
 from .backend import BackendConfig, CompiledGraph, resolve_group_name, ringfx_backend
 from .errors import RingfxWarning, UnsupportedError
 from .passes.sites import SiteRecord
+from .runtime import shard, unshard
 
 __all__ = ["ExplainReport", "RingModule", "explain", "transform"]
 
@@ -67,15 +69,18 @@ class RingModule(nn.Module):
     """``transform``'s result: calls the compiled model; ``reports`` holds one
     ``CompiledGraph`` per graph compiled so far (sites and rewritten graph module)."""
 
-    def __init__(self, module: nn.Module, compiled, reports: list[CompiledGraph]):
+    def __init__(self, module: nn.Module, compiled, reports: list[CompiledGraph], sequence: "_Sequence" = None):
         super().__init__()
         self.module = module
         self._compiled = compiled
         self.reports = reports
         self._warned = False
+        self._sequence = sequence
         self.__signature__ = inspect.signature(module.forward if isinstance(module, nn.Module) else module)
 
     def forward(self, *args, **kwargs):
+        if self._sequence is not None:
+            args, kwargs, local = self._sequence.shard(self.__signature__, args, kwargs)
         # a recompile past dynamo's limit would silently run the unrewritten model
         try:
             with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
@@ -89,11 +94,55 @@ class RingModule(nn.Module):
             self._warned = True
             log.warning("ringfx.transform: no attention found in %d captured graph(s) of %s; it runs unchanged "
                         "(see ringfx.explain)", len(self.reports), type(self.module).__name__)
+        if self._sequence is not None:
+            out = self._sequence.gather(out, local)
         return out
 
     @property
     def sites(self) -> list[SiteRecord]:
         return [s for g in self.reports for s in g.sites]
+
+
+@dataclass
+class _Sequence:
+    """Full-length inputs in, full-length outputs out: ``transform(shard_inputs=...,
+    gather_outputs=...)``."""
+
+    inputs: dict  # argument name -> sequence dim
+    output_dim: Optional[int]
+    layout: str
+    group: str  # the ring's name (ringfx.runtime.group_name_of)
+
+    def shard(self, signature, args, kwargs):
+        bound = signature.bind(*args, **kwargs)
+        local = None
+        for name, dim in self.inputs.items():
+            x = bound.arguments.get(name)
+            if x is None:
+                continue
+            if not isinstance(x, torch.Tensor) or not -x.dim() <= dim < x.dim():
+                raise ValueError(f"shard_inputs: argument {name!r} is not a tensor with a dim {dim} "
+                                 f"({type(x).__name__}{tuple(x.shape) if isinstance(x, torch.Tensor) else ''})")
+            if local is not None and x.shape[dim] != local[0]:
+                raise ValueError(f"shard_inputs: {name!r} has {x.shape[dim]} tokens at dim {dim}, other inputs "
+                                 f"{local[0]}: every sharded input must hold the same sequence")
+            sharded = shard(x, dim, layout=self.layout, group=self.group)
+            local = (x.shape[dim], sharded.shape[dim])
+            bound.arguments[name] = sharded
+        return bound.args, bound.kwargs, local
+
+    def gather(self, out, local):
+        """Every tensor of ``out`` holding the local tokens at ``output_dim``, unsharded."""
+        if self.output_dim is None or local is None:
+            return out
+        d = self.output_dim
+
+        def full(t):
+            if isinstance(t, torch.Tensor) and -t.dim() <= d < t.dim() and t.shape[d] == local[1]:
+                return unshard(t, d, layout=self.layout, group=self.group)
+            return t
+
+        return torch.utils._pytree.tree_map(full, out)
 
 
 def transform(model: nn.Module, mesh=None, **options) -> RingModule:
@@ -111,20 +160,45 @@ def transform(model: nn.Module, mesh=None, **options) -> RingModule:
             keywords such as ``device_memory="80GiB"``, or a ``ringfx.Plan``): check the
             ring against the planner and take its layout (kept as ``.plan``).
 
-    The caller shards the sequence inputs with ``ringfx.shard`` (same layout and ring).
+    Inputs: by default the caller shards the sequence inputs with ``ringfx.shard`` (same
+    layout and ring). With ``shard_inputs={"input_ids": 1, "position_ids": 1}`` the model
+    takes full-length inputs on every rank and shards those arguments itself (dim per
+    argument name); with ``gather_outputs=1`` every output tensor that holds the local
+    tokens at that dim comes back full-length (a differentiable all-gather); other
+    outputs (a loss, a pooled vector) come back as the rank computed them. Gradients of
+    sharded inputs come back on each rank for its own tokens only.
     """
     if not callable(model):
         raise TypeError(f"transform(model=...) needs an nn.Module or callable, got {type(model).__name__}")
     dynamic = options.pop("dynamic", False)
+    shard_inputs = options.pop("shard_inputs", None)
+    gather_outputs = options.pop("gather_outputs", None)
     chosen = _apply_plan(model, mesh, options)
     options.setdefault("inner", "eager")
     reports: list[CompiledGraph] = []
     config = BackendConfig.from_options({**options, "mesh": mesh, "collector": reports})
     backend = _bound_backend(config)
     compiled = torch.compile(model, backend=backend, dynamic=dynamic)
-    ring = RingModule(model, compiled, reports)
+    sequence = None
+    if shard_inputs is not None or gather_outputs is not None:
+        sequence = _sequence_options(model, shard_inputs, gather_outputs, config.pass_options.layout,
+                                     config.pass_options.group_name)
+    ring = RingModule(model, compiled, reports, sequence)
     ring.plan = chosen
     return ring
+
+
+def _sequence_options(model, shard_inputs, gather_outputs, layout: str, group_name: str) -> _Sequence:
+    if gather_outputs is not None and (isinstance(gather_outputs, bool) or not isinstance(gather_outputs, int)):
+        raise TypeError(f"gather_outputs= takes the outputs' sequence dim (an int), not {gather_outputs!r}")
+    inputs = dict(shard_inputs or {})
+    params = inspect.signature(model.forward if isinstance(model, nn.Module) else model).parameters
+    for name, dim in inputs.items():
+        if name not in params:
+            raise ValueError(f"shard_inputs: the model takes no argument {name!r}; its arguments are {list(params)}")
+        if isinstance(dim, bool) or not isinstance(dim, int):
+            raise TypeError(f"shard_inputs[{name!r}] must be the argument's sequence dim (an int), not {dim!r}")
+    return _Sequence(inputs, gather_outputs, layout, group_name)
 
 
 _PLAN_KEYS = ("example_inputs", "seq_dim", "device_memory", "flops", "bandwidth", "headroom", "causal",
