@@ -76,6 +76,7 @@ class RingModule(nn.Module):
         self.reports = reports
         self._warned = False
         self._sequence = sequence
+        self.ring_options: dict = {}  # the ring and layout it was transformed for (read by explain)
         self.__signature__ = inspect.signature(module.forward if isinstance(module, nn.Module) else module)
 
     def forward(self, *args, **kwargs):
@@ -184,6 +185,7 @@ def transform(model: nn.Module, mesh=None, **options) -> RingModule:
         sequence = _sequence_options(model, shard_inputs, gather_outputs, config.pass_options.layout,
                                      config.pass_options.group_name)
     ring = RingModule(model, compiled, reports, sequence)
+    ring.ring_options = {"group": config.pass_options.group_name, "layout": config.pass_options.layout}
     ring.plan = chosen
     return ring
 
@@ -247,12 +249,18 @@ def explain(model, *args, **kwargs) -> ExplainReport:
     """Capture ``model(*args, **kwargs)``, find and classify its attention, and report.
 
     The model runs unchanged (the rewritten graphs are recorded, not run). Decisions are
-    those for the default ring (the default process group if initialised, else one rank).
+    those for the default ring (the default process group if initialised, else one rank),
+    or, for a ``transform``'s result, for its ring and layout (its ``shard_inputs`` shard
+    the arguments first), with the guards' notes (``ExplainReport.notes``).
     """
+    ring_options = {}
     if isinstance(model, RingModule):
+        ring_options = dict(model.ring_options)
+        if model._sequence is not None:
+            args, kwargs, _ = model._sequence.shard(model.__signature__, args, kwargs)
         model = model.module
     collected: list[CompiledGraph] = []
-    config = BackendConfig.from_options({"inner": "eager", "strict": False, "execute": "original",
+    config = BackendConfig.from_options({**ring_options, "inner": "eager", "strict": False, "execute": "original",
                                          "collector": collected})
     torch._dynamo.reset()
     torch.compile(model, backend=_bound_backend(config), dynamic=False)(*args, **kwargs)

@@ -100,3 +100,13 @@ def test_warning_can_be_made_an_error():
         warnings.simplefilter("error", RingfxWarning)
         with pytest.raises(RingfxWarning, match="arange"):
             ringfx.transform(Rope(), ring)(x)
+
+
+def test_explain_of_a_transformed_model_reports_for_its_ring():
+    ring = ringfx.LoopbackRing(2)
+    ring_model = ringfx.transform(Rope(), ring, layout="zigzag", shard_inputs={"x": 1})
+    report = ringfx.explain(ring_model, torch.randn(1, 12, E, dtype=torch.float64))
+    assert [s.decision for s in report.sites] == ["rewritten"]
+    assert len(report.notes) == 1 and "torch.arange(12)" in report.notes[0]
+    assert "note: torch.arange(12)" in str(report)
+    assert ringfx.explain(Rope(), torch.randn(1, 12, E, dtype=torch.float64)).notes == []  # one rank: nothing
