@@ -154,3 +154,16 @@ def test_guard_follows_the_sequence_through_whole_models(model_cls):
 
 def test_no_note_on_one_rank():
     assert _notes(MeanPool(), _x(), world=1) == []
+
+
+def test_padding_the_features_is_per_token_padding_the_tokens_is_not():
+    class PadFeatures(Block):
+        def forward(self, x):
+            return F.pad(super().forward(x), (0, 2))
+
+    class PadTokens(Block):
+        def forward(self, x):
+            return F.pad(super().forward(x).transpose(1, 2), (1, 0))
+
+    assert _notes(PadFeatures(), _x()) == []
+    assert any("'pad' along the sequence axis" in n for n in _notes(PadTokens(), _x()))

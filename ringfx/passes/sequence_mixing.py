@@ -44,10 +44,10 @@ _POINTWISE = frozenset({
     "silu", "gelu", "relu", "softplus", "abs", "clamp", "clip", "where", "masked_fill", "dropout", "detach",
     "float", "to", "type_as", "half", "bfloat16", "double", "type", "contiguous", "clone", "logical_not",
     "logical_and", "logical_or", "eq", "ne", "lt", "le", "gt", "ge", "reciprocal", "square", "erf", "floor",
-    "ceil", "round", "sign", "maximum", "minimum", "expand_as", "long", "int", "bool", "mul_", "add_",
-    "truediv", "floordiv", "mod", "remainder", "fmod", "exp2", "log1p", "expm1", "leaky_relu", "mish",
-    "hardswish", "hardsigmoid", "elu", "selu", "glu_last", "zeros_like", "ones_like", "full_like",
-    "rand_like", "randn_like", "empty_like", "sub_", "div_", "nan_to_num", "lerp", "addcmul",
+    "ceil", "round", "sign", "maximum", "minimum", "expand_as", "long", "int", "bool", "add_", "sub_", "mul_",
+    "div_", "remainder", "fmod", "exp2", "log1p", "expm1", "leaky_relu", "mish", "hardswish", "hardsigmoid",
+    "elu", "selu", "zeros_like", "ones_like", "full_like", "rand_like", "randn_like", "empty_like",
+    "nan_to_num", "lerp", "addcmul",
 })
 _REDUCTIONS = frozenset({"sum", "mean", "amax", "amin", "max", "min", "prod", "std", "var", "logsumexp", "norm",
                          "all", "any", "argmax", "argmin", "nansum", "nanmean", "count_nonzero", "median"})
@@ -210,8 +210,12 @@ def _rule(node: fx.Node, name: str, carried, shape_of=shape_of):
         dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
         if isinstance(dim, int) and normalize_dim(dim, nd_in) == s.axis:
             return "'cat' along the sequence axis"
-    if name in ("unbind", "split", "chunk", "repeat_interleave", "tensor_split", "narrow", "index_select",
-                "gather", "take_along_dim", "select", "pad"):
+    if name == "pad":  # F.pad(x, (left, right, ...)) pads the last len // 2 axes
+        widths = node.args[1] if len(node.args) > 1 else node.kwargs.get("pad", ())
+        if s.axis >= nd_in - len(widths) // 2:
+            return "'pad' along the sequence axis"
+    elif name in ("unbind", "split", "chunk", "repeat_interleave", "tensor_split", "narrow", "index_select",
+                  "gather", "take_along_dim", "select"):
         dim = _dim_arg(node, name)
         if dim is None or normalize_dim(dim, nd_in) == s.axis:
             return f"'{name}' along the sequence axis"
@@ -268,8 +272,6 @@ def _rule(node: fx.Node, name: str, carried, shape_of=shape_of):
 def _dim_arg(node: fx.Node, name: str):
     index = {"unbind": 1, "select": 1, "narrow": 1, "index_select": 1, "gather": 1, "take_along_dim": 2,
              "split": 2, "chunk": 2, "tensor_split": 2, "repeat_interleave": 2}.get(name)
-    if name == "pad":
-        return None
     dim = node.kwargs.get("dim", node.args[index] if index is not None and len(node.args) > index else None)
     if dim is None and name in ("unbind", "split", "chunk", "tensor_split"):
         dim = 0
