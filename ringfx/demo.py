@@ -4,7 +4,8 @@ local CPU processes over gloo, and checked against the untransformed model.
 Each rank builds the same model and the same random batch, runs the untransformed
 model on the full sequence (the reference), then runs ``ringfx.transform(model)`` on
 its shard of the ids, position ids and labels. The logits shard and the parameter
-gradients (summed over the ring) must match the reference.
+gradients (summed over the ring) must match the reference; so must the logits of the
+model called with full-length inputs (``transform(..., shard_inputs=..., gather_outputs=1)``).
 """
 
 from __future__ import annotations
@@ -105,7 +106,12 @@ def _run_rank(rank, world, seq_len, layout):
     for p in model.parameters():
         dist.all_reduce(p.grad)  # each rank holds its tokens' share of the gradient
     sites = [s for g in ring_model.reports for s in g.sites]
+    # the same model called as without ringfx: full-length inputs, full-length logits back
+    full_model = ringfx.transform(model, layout=layout, shard_inputs={"ids": 1, "pos": 1}, gather_outputs=1)
+    with torch.no_grad():
+        full_logits = full_model(ids, pos)
     return {
+        "full_call_err": (full_logits - ref_logits).abs().max().item(),
         "logits_err": (logits - shard(ref_logits)).abs().max().item(),
         "grad_err": max((p.grad - ref_grads[n]).abs().max().item() for n, p in model.named_parameters()),
         "rewritten": sum(s.decision == "rewritten" for s in sites),
@@ -126,10 +132,12 @@ def main(argv=None) -> int:
     print(f"ringfx demo: TinyLlama (2 layers, GQA 4/2 heads, RoPE, causal) on a gloo ring of {args.ranks} "
           f"CPU processes, sequence {args.seq_len}, {args.layout} layout, float64")
     results = spawn_gloo(args.ranks, _run_rank, args.seq_len, args.layout)
-    print(f"{'rank':>4} {'sites':>5} {'rewritten':>9} {'max |logits err|':>17} {'max |grad err|':>15} {'s':>6}")
+    print(f"{'rank':>4} {'sites':>5} {'rewritten':>9} {'max |logits err|':>17} {'max |grad err|':>15} "
+          f"{'full-length call err':>20} {'s':>6}")
     for r, res in enumerate(results):
         print(f"{r:>4} {res['sites']:>5} {res['rewritten']:>9} {res['logits_err']:>17.2e} {res['grad_err']:>15.2e} "
-              f"{res['seconds']:>6.2f}")
-    ok = all(r["rewritten"] == 2 and r["logits_err"] < 1e-9 and r["grad_err"] < 1e-9 for r in results)
+              f"{res['full_call_err']:>20.2e} {res['seconds']:>6.2f}")
+    ok = all(r["rewritten"] == 2 and r["logits_err"] < 1e-9 and r["grad_err"] < 1e-9 and r["full_call_err"] < 1e-9
+             for r in results)
     print("OK: matches the untransformed model" if ok else "MISMATCH against the untransformed model")
     return 0 if ok else 1
