@@ -285,3 +285,12 @@ def test_dense_mask_on_a_zigzag_loopback_ring():
     shard = lambda t, d: ringfx.shard(t, d, layout="zigzag", group=ring)
     out = transform(model, mesh=ring, layout="zigzag")(shard(x, 1), shard(shard(bias, 2), 3))
     torch.testing.assert_close(out, shard(ref(x, bias), 1))
+
+
+@pytest.mark.gloo
+def test_readme_main_job_passes(capsys):
+    """`python -m ringfx demo` (the README's main job), smaller: exit status 0 and its verdict."""
+    from ringfx.__main__ import main
+
+    assert main(["demo", "--ranks", "2", "--seq-len", "32"]) == 0
+    assert "OK: matches the untransformed model" in capsys.readouterr().out
