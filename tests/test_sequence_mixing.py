@@ -167,3 +167,16 @@ def test_padding_the_features_is_per_token_padding_the_tokens_is_not():
 
     assert _notes(PadFeatures(), _x()) == []
     assert any("'pad' along the sequence axis" in n for n in _notes(PadTokens(), _x()))
+
+
+def test_identity_cuts_are_per_token():
+    # an empty KV cache concatenated in front (transformers' DynamicCache on its first
+    # call), and slices that keep every token: not mixing
+    class CacheAndSlices(Block):
+        def forward(self, x):
+            h = super().forward(x)
+            cache = torch.zeros(h.shape[0], 0, h.shape[2], dtype=h.dtype)
+            h = torch.cat([cache, h], dim=1)
+            return h[:, 0:] + h[:, : h.shape[1]]
+
+    assert _notes(CacheAndSlices(), _x()) == []

@@ -163,3 +163,15 @@ def real_value(node: fx.Node) -> Any:
 
 def normalize_dim(dim: int, ndim: int) -> int:
     return dim + ndim if dim < 0 else dim
+
+
+def live_nodes(graph: fx.Graph) -> set:
+    """Nodes the output (or an op with side effects) depends on."""
+    live, todo = set(), [n for n in graph.nodes if n.op == "output" or (n.op == "call_function" and n.is_impure())]
+    while todo:
+        n = todo.pop()
+        if n in live:
+            continue
+        live.add(n)
+        todo.extend(n.all_input_nodes)
+    return live

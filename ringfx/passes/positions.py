@@ -25,7 +25,7 @@ from typing import Optional
 import torch
 import torch.fx as fx
 
-from .node_facts import op_name, shape_of, source_line
+from .node_facts import live_nodes, op_name, shape_of, source_line
 from .options import PassOptions
 from .sites import PassReport
 
@@ -45,7 +45,7 @@ def check_positions_pass(gm: fx.GraphModule, *, options: Optional[PassOptions] =
             shape = shape_of(node.args[0])
             if shape is not None:
                 lengths.add(str(shape[-2]))
-    live = _live_nodes(gm.graph) if lengths else set()
+    live = live_nodes(gm.graph) if lengths else set()
     for node in gm.graph.nodes:
         end = _arange_length(node)
         if node in live and end is not None and str(end) in lengths:
@@ -81,15 +81,3 @@ def _arange_length(node: fx.Node):
     if isinstance(end, fx.Node):  # a symbolic length: compare its value
         end = end.meta.get("val", end.meta.get("example_value"))
     return end if isinstance(end, (int, torch.SymInt)) else None
-
-
-def _live_nodes(graph: fx.Graph) -> set:
-    """Nodes the output (or an op with side effects) depends on."""
-    live, todo = set(), [n for n in graph.nodes if n.op == "output" or (n.op == "call_function" and n.is_impure())]
-    while todo:
-        n = todo.pop()
-        if n in live:
-            continue
-        live.add(n)
-        todo.extend(n.all_input_nodes)
-    return live

@@ -31,7 +31,7 @@ from typing import Optional
 import torch.fx as fx
 
 from . import ring_glue
-from .node_facts import CASTS, SHAPE_ONLY, is_model_state, normalize_dim, op_name, shape_of, source_line
+from .node_facts import CASTS, SHAPE_ONLY, is_model_state, live_nodes, normalize_dim, op_name, shape_of, source_line
 from .options import PassOptions
 from .sequence_axis import follow_axis
 from .sites import PassReport
@@ -131,8 +131,9 @@ def _propagate(gm: fx.GraphModule, seeds: dict, report: PassReport, ring_size: i
     def shape(n):
         return shapes.get(n) or shape_of(n)
 
+    live = live_nodes(gm.graph)  # mask code the rewrite left dead says nothing about the model
     for node in gm.graph.nodes:
-        if node.op not in ("call_function", "call_method"):
+        if node.op not in ("call_function", "call_method") or node not in live:
             continue
         if node in ring_ops or (op_name(node) == "getitem" and node.args[0] in ring_ops):
             # the op's (out, lse) hold the queries' tokens at axis -2 of q, whatever came in
@@ -208,6 +209,9 @@ def _rule(node: fx.Node, name: str, carried, shape_of=shape_of):
             return "a matmul contracting the sequence axis" if src is node.args[1] else "unknown"
     if name in ("cat", "concat"):
         dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
+        others = [t for t in node.args[0] if t is not src]
+        if all(_empty(shape_of(t)) for t in others):
+            return s if out_shape is not None and len(out_shape) == nd_in else "unknown"  # e.g. an empty KV cache
         if isinstance(dim, int) and normalize_dim(dim, nd_in) == s.axis:
             return "'cat' along the sequence axis"
     if name == "pad":  # F.pad(x, (left, right, ...)) pads the last len // 2 axes
@@ -327,7 +331,7 @@ def _through_index(s: _Seq, index, in_shape):
             axis_out += 1
         elif isinstance(it, slice):
             if axis_in == s.axis:
-                if it != slice(None, None, None):
+                if not _whole(it, in_shape[axis_in]):
                     return "a slice along the sequence axis (e.g. a label shift)"
                 result = axis_out
             axis_in, axis_out = axis_in + 1, axis_out + 1
@@ -340,6 +344,17 @@ def _through_index(s: _Seq, index, in_shape):
     if result is None and s.axis >= axis_in:
         result = axis_out + (s.axis - axis_in)
     return dataclasses.replace(s, axis=result) if result is not None else "unknown"
+
+
+def _whole(it: slice, size) -> bool:
+    """``it`` selects every element of an axis of ``size`` (``x[:]``, ``x[0:]``, ``x[:size]``)."""
+    start_ok = it.start in (None, 0)
+    stop_ok = it.stop is None or (isinstance(it.stop, int) and isinstance(size, int) and it.stop >= size)
+    return start_ok and stop_ok and it.step in (None, 1)
+
+
+def _empty(shape) -> bool:
+    return shape is not None and any(isinstance(d, int) and d == 0 for d in shape)
 
 
 def _through_einsum(node: fx.Node, carried):

@@ -1,0 +1,77 @@
+"""Hugging Face transformers models (tiny configs, random weights, no download) through
+``ringfx.transform`` with full-length inputs: exact against the untransformed model
+where ringfx can make them so, and warned where the model's own code mixes tokens.
+Optional: skipped unless ``transformers`` is installed (it is not a ringfx dependency)."""
+
+import warnings
+
+import pytest
+import torch
+
+import ringfx
+
+transformers = pytest.importorskip("transformers", reason="needs transformers (pip install transformers)")
+
+S = 16
+
+
+def _llama(attn):
+    cfg = transformers.LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                   attn_implementation=attn)
+    return transformers.LlamaForCausalLM(cfg).eval().double()
+
+
+def _gpt2(attn):
+    cfg = transformers.GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                                  attn_implementation=attn, bos_token_id=0, eos_token_id=0)
+    return transformers.GPT2LMHeadModel(cfg).eval().double()
+
+
+def _inputs():
+    torch.manual_seed(0)
+    return torch.randint(0, 100, (2, S)), torch.arange(S).expand(2, S)
+
+
+def _run(model, layout, **call):
+    ring = ringfx.LoopbackRing(2)
+    ring_model = ringfx.transform(model, ring, layout=layout, gather_outputs=1,
+                                  shard_inputs={k: 1 for k in ("input_ids", "position_ids") if k in call})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = ring_model(**call)
+    notes = [str(w.message) for w in caught if issubclass(w.category, ringfx.RingfxWarning)]
+    return out, ring_model, notes
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
+@pytest.mark.parametrize("make", [_llama, _gpt2], ids=["llama", "gpt2"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_exact_and_quiet_with_positions_given(make, attn, layout):
+    torch.manual_seed(0)
+    model = make(attn)
+    ids, pos = _inputs()
+    out, ring_model, notes = _run(model, layout, input_ids=ids, position_ids=pos)
+    ref = model(input_ids=ids, position_ids=pos)
+    assert [(s.mask_kind, s.decision) for s in ring_model.sites] == [("causal", "rewritten")] * 2
+    torch.testing.assert_close(out.logits, ref.logits, atol=1e-6, rtol=1e-6)  # eager: float32 softmax
+    assert notes == []
+
+
+def test_positions_made_by_the_model_are_warned():
+    model = _llama("sdpa")
+    ids, _ = _inputs()
+    _, _, notes = _run(model, "contiguous", input_ids=ids)  # positions from arange inside the model
+    assert any("torch.arange(16)" in n and "modeling_llama" in n for n in notes), notes
+
+
+def test_packed_sequence_inference_under_zigzag_is_warned():
+    # without a cache, transformers infers packed documents from jumps in the position ids;
+    # a zigzag shard's positions jump, so the model builds a document mask: wrong, and the
+    # guard says where
+    model = _llama("sdpa")
+    ids, pos = _inputs()
+    out, _, notes = _run(model, "zigzag", input_ids=ids, position_ids=pos, use_cache=False)
+    assert any("'cumsum' over the sequence axis" in n and "masking_utils" in n for n in notes), notes
+    ref = model(input_ids=ids, position_ids=pos, use_cache=False)
+    assert (out.logits - ref.logits).abs().max() > 1e-3  # what the warning is about
