@@ -75,3 +75,26 @@ def test_packed_sequence_inference_under_zigzag_is_warned():
     assert any("'cumsum' over the sequence axis" in n and "masking_utils" in n for n in notes), notes
     ref = model(input_ids=ids, position_ids=pos, use_cache=False)
     assert (out.logits - ref.logits).abs().max() > 1e-3  # what the warning is about
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
+def test_bert_padding_mask_is_key_padding(layout):
+    # transformers 5 builds the padding mask by indexing the attention mask with aranges
+    # and expanding it to (B, 1, S, S): classified as key padding, which travels the ring
+    cfg = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=64, max_position_embeddings=64, attn_implementation="sdpa")
+    model = transformers.BertModel(cfg, add_pooling_layer=False).eval().double()
+    ids, pos = _inputs()
+    mask = torch.ones(2, S, dtype=torch.long)
+    mask[1, 11:] = 0
+    types = torch.zeros(2, S, dtype=torch.long)
+    ring = ringfx.LoopbackRing(2)
+    ring_model = ringfx.transform(model, ring, layout=layout, gather_outputs=1,
+                                  shard_inputs={k: 1 for k in ("input_ids", "attention_mask", "token_type_ids",
+                                                               "position_ids")})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ringfx.RingfxWarning)
+        out = ring_model(input_ids=ids, attention_mask=mask, token_type_ids=types, position_ids=pos)
+    ref = model(input_ids=ids, attention_mask=mask, token_type_ids=types, position_ids=pos)
+    assert [s.mask_kind for s in ring_model.sites] == ["key_padding"] * 2
+    torch.testing.assert_close(out.last_hidden_state, ref.last_hidden_state)

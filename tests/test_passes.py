@@ -293,3 +293,29 @@ def test_pass_options_validate():
         PassOptions(layout="diagonal")
     with pytest.raises(ValueError, match="ring_size"):
         PassOptions(ring_size=0)
+
+
+class IndexedPadding(Heads):  # transformers 5: mask[(batch_idx, kv_idx)] & (q_idx >= 0), expanded to (B, 1, S, S)
+    def forward(self, x, keep):
+        q, k, v = self.split(x)
+        b, _, s_len, _ = q.shape
+        batch_idx = torch.arange(b)[:, None, None, None]
+        q_idx = torch.arange(s_len)[None, None, :, None]
+        kv_idx = torch.arange(s_len)[None, None, None, :]
+        mask = (q_idx >= 0) & keep.bool()[(batch_idx, kv_idx)]
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.expand(b, -1, s_len, s_len))
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
+def test_expanded_indexed_padding_is_key_padding(layout):
+    import ringfx
+    from zoo import hidden_pad
+
+    x, keep = (i.value for i in hidden_pad(16, 0))
+    gm, report = rewrite(IndexedPadding(), x, keep)
+    assert [s.mask_kind for s in report.sites] == ["key_padding"]
+    ring = ringfx.LoopbackRing(2)
+    model = IndexedPadding()
+    out = ringfx.transform(model, ring, layout=layout)(*(ringfx.shard(t, 1, layout=layout, group=ring)
+                                                          for t in (x, keep)))
+    torch.testing.assert_close(ringfx.unshard(out, 2, layout=layout, group=ring), model(x, keep))

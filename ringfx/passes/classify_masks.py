@@ -108,6 +108,7 @@ def _split(term: MaskTerm) -> list[MaskTerm]:
         a + b (additive), a & b (keep), a | b (drop)  -> the terms of a and of b
         where(keep, 0, -inf) / masked_fill(zeros, drop, -inf) (additive) -> keep / drop
         ~keep (keep) -> drop, ~drop (drop) -> keep
+        m.expand(...) -> m (the scores broadcast m the same way)
 
     so that e.g. ``where(causal & pad[:, None, None, :], 0, min)`` is seen as causal plus
     key padding instead of one dense mask."""
@@ -129,6 +130,12 @@ def _split(term: MaskTerm) -> list[MaskTerm]:
         return _split(MaskTerm(args[1], "drop"))
     if term.form in ("keep", "drop") and name == "logical_not" and isinstance(args[0], fx.Node):
         return _split(MaskTerm(args[0], "drop" if term.form == "keep" else "keep"))
+    if name in ("expand", "expand_as") and isinstance(args[0], fx.Node):
+        # an expand repeats values the scores would broadcast anyway (transformers 5 expands
+        # its (B, 1, 1, S) padding & (1, 1, S, 1) query terms to (B, 1, S, S))
+        src, out = shape_of(args[0]), shape_of(node)
+        if src is not None and out is not None and len(src) <= len(out):
+            return _split(MaskTerm(args[0], term.form))
     return [term]
 
 

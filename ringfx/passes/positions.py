@@ -13,7 +13,8 @@ graph is reported in ``PassReport.notes`` with its source line; the backend turn
 note into a ``ringfx.RingfxWarning``. It changes nothing: positions are the caller's
 input (shard them with ``ringfx.shard``, or make them with ``ringfx.positions``), as with
 torch's ``context_parallel``. Aranges that only built a mask the rewrite replaced are
-dead by then and not reported; an arange of the same length over another axis is (the
+dead by then and not reported, nor are those that only index the rank's own tokens
+(``mask[(batch_idx, arange(n)[None, :])]``: local positions are right there); an arange of the same length over another axis is (the
 note says so) — a guard, not a proof: rewriting positions is DESIGN.md §4.4's.
 """
 
@@ -48,7 +49,7 @@ def check_positions_pass(gm: fx.GraphModule, *, options: Optional[PassOptions] =
     live = live_nodes(gm.graph) if lengths else set()
     for node in gm.graph.nodes:
         end = _arange_length(node)
-        if node in live and end is not None and str(end) in lengths:
+        if node in live and end is not None and str(end) in lengths and not _only_indexes(node):
             report.notes.append(
                 f"torch.arange({end}) at {source_line(node)}: on a ring of {options.ring_size} ranks the model "
                 f"sees its local {end} tokens, so this makes the positions of the shard, not the tokens' global "
@@ -81,3 +82,34 @@ def _arange_length(node: fx.Node):
     if isinstance(end, fx.Node):  # a symbolic length: compare its value
         end = end.meta.get("val", end.meta.get("example_value"))
     return end if isinstance(end, (int, torch.SymInt)) else None
+
+
+_INDEX_PREP = frozenset({"unsqueeze", "view", "reshape", "expand", "to", "add", "sub", "contiguous"})
+
+
+def _only_indexes(node: fx.Node) -> bool:
+    """Whether the arange is only an index into the tokens the rank holds
+    (``mask[(batch_idx, arange(n)[None, :])]``, transformers' mask functions): local
+    positions are then the right ones."""
+    todo, seen, indexes = [node], set(), False
+    while todo:
+        n = todo.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        for user in n.users:
+            name = op_name(user)
+            if name == "getitem" and user.args[0] is n:  # arange(n)[None, :]: still the arange
+                todo.append(user)
+            elif name == "getitem" and n in _flat(user.args[1]):
+                indexes = True
+            elif name in _INDEX_PREP and user.args and user.args[0] is n and \
+                    all(not isinstance(a, fx.Node) for a in user.args[1:]):
+                todo.append(user)
+            else:
+                return False
+    return indexes
+
+
+def _flat(index) -> list:
+    return list(index) if isinstance(index, (tuple, list)) else [index]

@@ -319,7 +319,7 @@ def _through_view(s: _Seq, in_shape, out_shape):
 
 def _through_index(s: _Seq, index, in_shape):
     items = index if isinstance(index, tuple) else (index,)
-    axis_in, axis_out, result = 0, 0, None
+    axis_in, axis_out, result, advanced = 0, 0, None, False
     for k, it in enumerate(items):
         if it is Ellipsis:
             rest = sum(1 for x in items[k + 1:] if x is not None)
@@ -339,11 +339,32 @@ def _through_index(s: _Seq, index, in_shape):
             if axis_in == s.axis:
                 return "an index into the sequence axis (e.g. the last token)"
             axis_in += 1
+        elif isinstance(it, fx.Node) and axis_in == s.axis and _arange_of(it, in_shape[axis_in]):
+            return None  # x[(batch_idx, arange(S))]: each token picks itself (transformers' mask functions)
+        elif isinstance(it, fx.Node):
+            axis_in += 1  # another tensor index: the sequence's place depends on advanced indexing
+            advanced = True
         else:
-            return "unknown"  # tensor indexing
+            return "unknown"
+    if advanced:
+        return "unknown"
     if result is None and s.axis >= axis_in:
         result = axis_out + (s.axis - axis_in)
     return dataclasses.replace(s, axis=result) if result is not None else "unknown"
+
+
+def _arange_of(node: fx.Node, size) -> bool:
+    """``node`` is ``arange(size)`` (plus 0, viewed or unsqueezed): an identity index."""
+    while op_name(node) in ("getitem", "unsqueeze", "view", "reshape", "add", "to"):
+        if op_name(node) == "add" and not (len(node.args) == 2 and node.args[1] == 0):
+            return False
+        node = node.args[0]
+        if not isinstance(node, fx.Node):
+            return False
+    if op_name(node) != "arange":
+        return False
+    args = [a for a in node.args]
+    return len(args) == 1 and str(args[0]) == str(size)
 
 
 def _whole(it: slice, size) -> bool:
