@@ -36,7 +36,8 @@ def _inputs():
 def _run(model, layout, **call):
     ring = ringfx.LoopbackRing(2)
     ring_model = ringfx.transform(model, ring, layout=layout, gather_outputs=1,
-                                  shard_inputs={k: 1 for k in ("input_ids", "position_ids") if k in call})
+                                  shard_inputs={k: 1 for k in ("input_ids", "position_ids", "attention_mask")
+                                                if k in call})
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         out = ring_model(**call)
@@ -98,3 +99,18 @@ def test_bert_padding_mask_is_key_padding(layout):
     ref = model(input_ids=ids, attention_mask=mask, token_type_ids=types, position_ids=pos)
     assert [s.mask_kind for s in ring_model.sites] == ["key_padding"] * 2
     torch.testing.assert_close(out.last_hidden_state, ref.last_hidden_state)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
+@pytest.mark.parametrize("make", [_llama, _gpt2], ids=["llama", "gpt2"])
+def test_causal_lm_with_padding_is_causal_plus_key_padding(make, layout):
+    model = make("sdpa")
+    ids, pos = _inputs()
+    mask = torch.ones(2, S, dtype=torch.long)
+    mask[1, :3] = 0  # left padding: those three queries see no key, their rows are not compared
+    out, ring_model, notes = _run(model, layout, input_ids=ids, position_ids=pos, attention_mask=mask)
+    ref = model(input_ids=ids, position_ids=pos, attention_mask=mask)
+    assert [s.mask_kind for s in ring_model.sites] == ["causal+key_padding"] * 2
+    torch.testing.assert_close(out.logits[0], ref.logits[0])
+    torch.testing.assert_close(out.logits[1, 3:], ref.logits[1, 3:])
+    assert notes == []
