@@ -114,3 +114,40 @@ def test_causal_lm_with_padding_is_causal_plus_key_padding(make, layout):
     torch.testing.assert_close(out.logits[0], ref.logits[0])
     torch.testing.assert_close(out.logits[1, 3:], ref.logits[1, 3:])
     assert notes == []
+
+
+def _gloo_llama(rank, world, layout):
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = _llama("sdpa")
+    ids, pos = _inputs()
+    mask = torch.ones(2, S, dtype=torch.long)
+    mask[1, 13:] = 0  # right padding
+    ref = model(input_ids=ids, position_ids=pos, attention_mask=mask)
+    w = torch.randn(ref.logits.shape, dtype=ref.logits.dtype, generator=torch.Generator().manual_seed(1))
+    (ref.logits * w).sum().backward()
+    ref_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    ring_model = ringfx.transform(model, layout=layout, gather_outputs=1,
+                                  shard_inputs={"input_ids": 1, "position_ids": 1, "attention_mask": 1})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ringfx.RingfxWarning)
+        out = ring_model(input_ids=ids, position_ids=pos, attention_mask=mask)
+    ringfx.shard(out.logits * w, 1, layout=layout).sum().backward()
+    grad_err = 0.0
+    for p, g_ref in zip(model.parameters(), ref_grads):
+        dist.all_reduce(p.grad)
+        grad_err = max(grad_err, (p.grad - g_ref).abs().max().item())
+    return (out.logits - ref.logits).abs().max().item(), grad_err, [s.mask_kind for s in ring_model.sites]
+
+
+@pytest.mark.gloo
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
+def test_llama_on_a_real_gloo_ring(layout):
+    from ringfx.testing import spawn_gloo
+
+    for out_err, grad_err, kinds in spawn_gloo(2, _gloo_llama, layout):
+        assert kinds == ["causal+key_padding"] * 2
+        assert out_err < 1e-10 and grad_err < 1e-10, (out_err, grad_err)
