@@ -113,10 +113,13 @@ class _Sequence:
     output_dim: Optional[int]
     layout: str
     group: str  # the ring's name (ringfx.runtime.group_name_of)
+    position_ids: Optional[str] = None  # argument filled with (B, S) global positions when not given
 
     def shard(self, signature, args, kwargs):
         bound = signature.bind(*args, **kwargs)
         local = None
+        if self.position_ids is not None and bound.arguments.get(self.position_ids) is None:
+            bound.arguments[self.position_ids] = self._positions(bound)
         for name, dim in self.inputs.items():
             x = bound.arguments.get(name)
             if x is None:
@@ -131,6 +134,15 @@ class _Sequence:
             local = (x.shape[dim], sharded.shape[dim])
             bound.arguments[name] = sharded
         return bound.args, bound.kwargs, local
+
+    def _positions(self, bound):
+        """0 .. S-1 for every sequence of the batch, from the first sharded input (B, S, ...)."""
+        for name, dim in self.inputs.items():
+            x = bound.arguments.get(name)
+            if isinstance(x, torch.Tensor) and name != self.position_ids and x.dim() > max(dim, 0):
+                return torch.arange(x.shape[dim], device=x.device).expand(x.shape[0], x.shape[dim])
+        raise ValueError(f"position_ids={self.position_ids!r}: none of the shard_inputs "
+                         f"{sorted(self.inputs)} was given, so the sequence length is unknown")
 
     def gather(self, out, local):
         """Every tensor of ``out`` holding the local tokens at ``output_dim``, unsharded."""
@@ -167,13 +179,17 @@ def transform(model: nn.Module, mesh=None, **options) -> RingModule:
     argument name); with ``gather_outputs=1`` every output tensor that holds the local
     tokens at that dim comes back full-length (a differentiable all-gather); other
     outputs (a loss, a pooled vector) come back as the rank computed them. Gradients of
-    sharded inputs come back on each rank for its own tokens only.
+    sharded inputs come back on each rank for its own tokens only. ``position_ids=
+    "position_ids"`` fills that argument, when the caller leaves it out, with the tokens'
+    positions (B, S) before sharding, for models that would otherwise make them with
+    ``arange`` over the shard.
     """
     if not callable(model):
         raise TypeError(f"transform(model=...) needs an nn.Module or callable, got {type(model).__name__}")
     dynamic = options.pop("dynamic", False)
     shard_inputs = options.pop("shard_inputs", None)
     gather_outputs = options.pop("gather_outputs", None)
+    position_ids = options.pop("position_ids", None)
     chosen = _apply_plan(model, mesh, options)
     options.setdefault("inner", "eager")
     reports: list[CompiledGraph] = []
@@ -181,16 +197,17 @@ def transform(model: nn.Module, mesh=None, **options) -> RingModule:
     backend = _bound_backend(config)
     compiled = torch.compile(model, backend=backend, dynamic=dynamic)
     sequence = None
-    if shard_inputs is not None or gather_outputs is not None:
+    if shard_inputs is not None or gather_outputs is not None or position_ids is not None:
         sequence = _sequence_options(model, shard_inputs, gather_outputs, config.pass_options.layout,
-                                     config.pass_options.group_name)
+                                     config.pass_options.group_name, position_ids)
     ring = RingModule(model, compiled, reports, sequence)
     ring.ring_options = {"group": config.pass_options.group_name, "layout": config.pass_options.layout}
     ring.plan = chosen
     return ring
 
 
-def _sequence_options(model, shard_inputs, gather_outputs, layout: str, group_name: str) -> _Sequence:
+def _sequence_options(model, shard_inputs, gather_outputs, layout: str, group_name: str,
+                      position_ids=None) -> _Sequence:
     if gather_outputs is not None and (isinstance(gather_outputs, bool) or not isinstance(gather_outputs, int)):
         raise TypeError(f"gather_outputs= takes the outputs' sequence dim (an int), not {gather_outputs!r}")
     inputs = dict(shard_inputs or {})
@@ -200,7 +217,15 @@ def _sequence_options(model, shard_inputs, gather_outputs, layout: str, group_na
             raise ValueError(f"shard_inputs: the model takes no argument {name!r}; its arguments are {list(params)}")
         if isinstance(dim, bool) or not isinstance(dim, int):
             raise TypeError(f"shard_inputs[{name!r}] must be the argument's sequence dim (an int), not {dim!r}")
-    return _Sequence(inputs, gather_outputs, layout, group_name)
+    if position_ids is not None:
+        if position_ids not in params:
+            raise ValueError(f"position_ids={position_ids!r}: the model takes no such argument; its arguments "
+                             f"are {list(params)}")
+        if not inputs:
+            raise ValueError("position_ids= fills positions for full-length calls: name the sequence inputs "
+                             "with shard_inputs= too")
+        inputs.setdefault(position_ids, 1)
+    return _Sequence(inputs, gather_outputs, layout, group_name, position_ids)
 
 
 _PLAN_KEYS = ("example_inputs", "seq_dim", "device_memory", "flops", "bandwidth", "headroom", "causal",

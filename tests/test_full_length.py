@@ -95,3 +95,21 @@ def test_bad_options_are_refused():
         ringfx.transform(model, ring, shard_inputs={"input_ids": 1, "position_ids": 1})(ids, pos[:, :8])
     with pytest.raises(ValueError, match="divisible"):
         ringfx.transform(model, ring, shard_inputs={"input_ids": 1, "position_ids": 1})(ids[:, :15], pos[:, :15])
+
+
+def test_position_ids_filled_in_when_left_out():
+    class Positions(TinyLlama):  # position ids optional, as in transformers models
+        def forward(self, input_ids, position_ids=None):
+            if position_ids is None:
+                position_ids = torch.arange(input_ids.shape[1]).expand_as(input_ids)
+            return super().forward(input_ids, position_ids)
+
+    ring, model = ringfx.LoopbackRing(3), Positions().eval()
+    ids, _ = (i.value for i in tokens(24, 0))
+    ring_model = ringfx.transform(model, ring, layout="zigzag", shard_inputs={"input_ids": 1}, gather_outputs=1,
+                                  position_ids="position_ids")
+    torch.testing.assert_close(ring_model(ids), model(ids))
+    with pytest.raises(ValueError, match="no such argument"):
+        ringfx.transform(model, ring, shard_inputs={"input_ids": 1}, position_ids="pos")
+    with pytest.raises(ValueError, match="shard_inputs"):
+        ringfx.transform(model, ring, position_ids="position_ids")

@@ -15,6 +15,13 @@ transformers = pytest.importorskip("transformers", reason="needs transformers (p
 S = 16
 
 
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    """Each test compiles the same transformers forward again for a new model instance:
+    start from an empty dynamo cache so the recompile limit counts this test only."""
+    torch._dynamo.reset()
+
+
 def _llama(attn):
     cfg = transformers.LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
@@ -151,3 +158,17 @@ def test_llama_on_a_real_gloo_ring(layout):
     for out_err, grad_err, kinds in spawn_gloo(2, _gloo_llama, layout):
         assert kinds == ["causal+key_padding"] * 2
         assert out_err < 1e-10 and grad_err < 1e-10, (out_err, grad_err)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
+def test_positions_filled_in_for_the_model(layout):
+    # a caller who passes no position_ids: transform(position_ids=...) supplies the global ones
+    model = _llama("sdpa")
+    ids, _ = _inputs()
+    ring = ringfx.LoopbackRing(2)
+    ring_model = ringfx.transform(model, ring, layout=layout, gather_outputs=1, shard_inputs={"input_ids": 1},
+                                  position_ids="position_ids")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ringfx.RingfxWarning)
+        out = ring_model(input_ids=ids)
+    torch.testing.assert_close(out.logits, model(input_ids=ids).logits)
