@@ -14,8 +14,9 @@ note into a ``ringfx.RingfxWarning``. It changes nothing: positions are the call
 input (shard them with ``ringfx.shard``, or make them with ``ringfx.positions``), as with
 torch's ``context_parallel``. Aranges that only built a mask the rewrite replaced are
 dead by then and not reported, nor are those that only index the rank's own tokens
-(``mask[(batch_idx, arange(n)[None, :])]``: local positions are right there); an arange of the same length over another axis is (the
-note says so) — a guard, not a proof: rewriting positions is DESIGN.md §4.4's.
+(``mask[(batch_idx, arange(n)[None, :])]``: local positions are right there); an arange
+of the same length over another axis is (the note says so): a guard, not a proof.
+Rewriting positions is DESIGN.md §4.4's.
 """
 
 from __future__ import annotations

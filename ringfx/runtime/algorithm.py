@@ -463,7 +463,8 @@ def backward_program(dout, q, k, v, out, lse, pad, seg, bias, cfg: RingConfig, r
                 side.keep(dq_b, dk_b, dv_b)
                 dq_acc.add(r, dq_b, last_step=last)
                 for i, g in enumerate((dk_b, dv_b)):
-                    fold(send[i] if last and whole else dkv[i][:, :, a:b], None if starts else dkv[i][:, :, a:b], [g])
+                    running = dkv[i][:, :, a:b]
+                    fold(send[i] if last and whole else running, None if starts else running, [g])
             if last and not whole:
                 send[0].copy_(dkv[0])
                 send[1].copy_(dkv[1])

@@ -137,7 +137,8 @@ def fold_triton(dst, acc, blocks, dst_lse=None, acc_lse=None, lses=None, *, tile
             acc_lse if merge and acc is not None else dst]
     for o, lv in pairs:
         ptrs += [o, lv if lv is not None else o]
-    args = [*strides(dst, 3), *row_strides(dst_lse), *strides(acc, 3), *row_strides(acc_lse if acc is not None else None)]
+    args = [*strides(dst, 3), *row_strides(dst_lse), *strides(acc, 3),
+            *row_strides(acc_lse if acc is not None else None)]
     for o, lv in pairs:
         args += [*strides(o, 3), *row_strides(lv)]
     n_rows = bsz * h * sq
