@@ -109,7 +109,7 @@ class _Sequence:
     """Full-length inputs in, full-length outputs out: ``transform(shard_inputs=...,
     gather_outputs=...)``."""
 
-    inputs: dict  # argument name -> sequence dim
+    inputs: object  # argument name -> sequence dim, or "auto"
     output_dim: Optional[int]
     layout: str
     group: str  # the ring's name (ringfx.runtime.group_name_of)
@@ -118,9 +118,11 @@ class _Sequence:
     def shard(self, signature, args, kwargs):
         bound = signature.bind(*args, **kwargs)
         local = None
+        inputs = self._auto(bound) if self.inputs == "auto" else self.inputs
         if self.position_ids is not None and bound.arguments.get(self.position_ids) is None:
-            bound.arguments[self.position_ids] = self._positions(bound)
-        for name, dim in self.inputs.items():
+            bound.arguments[self.position_ids] = self._positions(bound, inputs)
+            inputs = {**inputs, self.position_ids: 1}
+        for name, dim in inputs.items():
             x = bound.arguments.get(name)
             if x is None:
                 continue
@@ -135,14 +137,24 @@ class _Sequence:
             bound.arguments[name] = sharded
         return bound.args, bound.kwargs, local
 
-    def _positions(self, bound):
+    @staticmethod
+    def _auto(bound) -> dict:
+        """``shard_inputs="auto"``: the tensor arguments of two or more dims whose dim 1 has
+        the length of the first such argument's (ids, masks, positions, labels, embeddings)."""
+        tensors = [(n, x) for n, x in bound.arguments.items() if isinstance(x, torch.Tensor) and x.dim() >= 2]
+        if not tensors:
+            return {}
+        length = tensors[0][1].shape[1]
+        return {n: 1 for n, x in tensors if x.shape[1] == length}
+
+    def _positions(self, bound, inputs):
         """0 .. S-1 for every sequence of the batch, from the first sharded input (B, S, ...)."""
-        for name, dim in self.inputs.items():
+        for name, dim in inputs.items():
             x = bound.arguments.get(name)
             if isinstance(x, torch.Tensor) and name != self.position_ids and x.dim() > max(dim, 0):
                 return torch.arange(x.shape[dim], device=x.device).expand(x.shape[0], x.shape[dim])
         raise ValueError(f"position_ids={self.position_ids!r}: none of the shard_inputs "
-                         f"{sorted(self.inputs)} was given, so the sequence length is unknown")
+                         f"{sorted(inputs)} was given, so the sequence length is unknown")
 
     def gather(self, out, local):
         """Every tensor of ``out`` holding the local tokens at ``output_dim``, unsharded."""
@@ -176,7 +188,8 @@ def transform(model: nn.Module, mesh=None, **options) -> RingModule:
     Inputs: by default the caller shards the sequence inputs with ``ringfx.shard`` (same
     layout and ring). With ``shard_inputs={"input_ids": 1, "position_ids": 1}`` the model
     takes full-length inputs on every rank and shards those arguments itself (dim per
-    argument name); with ``gather_outputs=1`` every output tensor that holds the local
+    argument name; ``"auto"``: every tensor argument of two or more dims whose dim 1 has
+    the first one's length); with ``gather_outputs=1`` every output tensor that holds the local
     tokens at that dim comes back full-length (a differentiable all-gather); other
     outputs (a loss, a pooled vector) come back as the rank computed them. Gradients of
     sharded inputs come back on each rank for its own tokens only. ``position_ids=
@@ -210,9 +223,11 @@ def _sequence_options(model, shard_inputs, gather_outputs, layout: str, group_na
                       position_ids=None) -> _Sequence:
     if gather_outputs is not None and (isinstance(gather_outputs, bool) or not isinstance(gather_outputs, int)):
         raise TypeError(f"gather_outputs= takes the outputs' sequence dim (an int), not {gather_outputs!r}")
-    inputs = dict(shard_inputs or {})
     params = inspect.signature(model.forward if isinstance(model, nn.Module) else model).parameters
-    for name, dim in inputs.items():
+    if isinstance(shard_inputs, str) and shard_inputs != "auto":
+        raise ValueError(f"shard_inputs={shard_inputs!r}: pass 'auto' or a dict of argument name -> sequence dim")
+    inputs = "auto" if shard_inputs == "auto" else dict(shard_inputs or {})
+    for name, dim in (inputs.items() if isinstance(inputs, dict) else ()):
         if name not in params:
             raise ValueError(f"shard_inputs: the model takes no argument {name!r}; its arguments are {list(params)}")
         if isinstance(dim, bool) or not isinstance(dim, int):
@@ -224,7 +239,8 @@ def _sequence_options(model, shard_inputs, gather_outputs, layout: str, group_na
         if not inputs:
             raise ValueError("position_ids= fills positions for full-length calls: name the sequence inputs "
                              "with shard_inputs= too")
-        inputs.setdefault(position_ids, 1)
+        if isinstance(inputs, dict):
+            inputs.setdefault(position_ids, 1)
     return _Sequence(inputs, gather_outputs, layout, group_name, position_ids)
 
 

@@ -113,3 +113,12 @@ def test_position_ids_filled_in_when_left_out():
         ringfx.transform(model, ring, shard_inputs={"input_ids": 1}, position_ids="pos")
     with pytest.raises(ValueError, match="shard_inputs"):
         ringfx.transform(model, ring, position_ids="position_ids")
+
+
+def test_auto_shards_the_tensor_arguments_of_the_sequence_length():
+    ring, model = ringfx.LoopbackRing(2), TinyBert().eval()
+    inputs = [i.value for i in tokens_pad(16, 0)]
+    ring_model = ringfx.transform(model, ring, layout="zigzag", shard_inputs="auto", gather_outputs=1)
+    torch.testing.assert_close(ring_model(*inputs), model(*inputs))
+    with pytest.raises(ValueError, match="'auto' or a dict"):
+        ringfx.transform(model, ring, shard_inputs="all")

@@ -172,3 +172,18 @@ def test_positions_filled_in_for_the_model(layout):
         warnings.simplefilter("error", ringfx.RingfxWarning)
         out = ring_model(input_ids=ids)
     torch.testing.assert_close(out.logits, model(input_ids=ids).logits)
+
+
+def test_zero_configuration_call():
+    # shard_inputs="auto" and position_ids filled in: called exactly like the model
+    model = _llama("sdpa")
+    ids, _ = _inputs()
+    mask = torch.ones(2, S, dtype=torch.long)
+    mask[0, 14:] = 0
+    ring_model = ringfx.transform(model, ringfx.LoopbackRing(2), layout="zigzag", shard_inputs="auto",
+                                  gather_outputs=1, position_ids="position_ids")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ringfx.RingfxWarning)
+        out = ring_model(input_ids=ids, attention_mask=mask)
+    torch.testing.assert_close(out.logits, model(input_ids=ids, attention_mask=mask).logits)
+    assert [s.mask_kind for s in ring_model.sites] == ["causal+key_padding"] * 2
