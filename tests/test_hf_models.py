@@ -187,3 +187,18 @@ def test_zero_configuration_call():
         out = ring_model(input_ids=ids, attention_mask=mask)
     torch.testing.assert_close(out.logits, model(input_ids=ids, attention_mask=mask).logits)
     assert [s.mask_kind for s in ring_model.sites] == ["causal+key_padding"] * 2
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
+def test_mistral_sliding_window(layout):
+    cfg = transformers.MistralConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                     attn_implementation="sdpa", sliding_window=5)
+    model = transformers.MistralForCausalLM(cfg).eval().double()
+    ids, pos = _inputs()
+    out, ring_model, notes = _run(model, layout, input_ids=ids, position_ids=pos)
+    assert [s.mask_kind for s in ring_model.sites] == ["causal+window(5)"] * 2
+    torch.testing.assert_close(out.logits, model(input_ids=ids, position_ids=pos).logits)
+    # the sliding-window cache keeps the last tokens it sees: on a ring, the shard's (right
+    # for this forward, not for decoding from that cache): warned
+    assert notes and all("cache_utils" in n for n in notes), notes
