@@ -112,12 +112,19 @@ def main(argv=None):
     p.add_argument("--ablate", action="append", default=[], metavar="VAR=VALUE",
                    help="also time each ring with this environment variable set (e.g. RINGFX_FOLD_GROUPS=0), "
                         "side by side in the same process; repeatable")
+    p.add_argument("--pg-backend", default="nccl",
+                   help="torchrun only: the process group's backend; 'cpu:gloo,cuda:nccl' lets the per-call "
+                        "agreement gather on the CPU without waiting for the GPU")
+    p.add_argument("--nccl-high-priority", action="store_true",
+                   help="torchrun only: NCCL on high-priority streams (TORCH_NCCL_HIGH_PRIORITY=1)")
     p.add_argument("--out", default="benchmarks/results/ring_attention.json")
     args = p.parse_args(argv)
+    if args.nccl_high_priority:
+        os.environ["TORCH_NCCL_HIGH_PRIORITY"] = "1"
 
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if distributed:
-        dist.init_process_group("nccl")
+        dist.init_process_group(args.pg_backend)
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     rank = dist.get_rank() if distributed else 0
     b, hq, d = args.batch, args.heads, args.dim

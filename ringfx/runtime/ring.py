@@ -235,8 +235,15 @@ def run_on_group(program: RankProgram, group: dist.ProcessGroup, device: torch.d
         with torch.cuda.stream(request.stream):
             return _post_exchange(request, group, rank, world, timeout)
 
+    # a group with a CPU backend too ("cpu:gloo,cuda:nccl") gathers CPU tensors there: the
+    # host then waits for the other ranks only, not for this GPU's queued work
+    cpu_ok = backend_mismatch(str(dist.get_backend(group)), "cpu") is None
+
     def all_gather(request: AllGather):
-        tensor = request.tensor.to(request.device or request.tensor.device).contiguous()
+        device = request.device or request.tensor.device
+        if request.tensor.device.type == "cpu" and cpu_ok:
+            device = request.tensor.device
+        tensor = request.tensor.to(device).contiguous()
         out = [torch.empty_like(tensor) for _ in range(world)]
         try:
             dist.all_gather(out, tensor, group=group)
