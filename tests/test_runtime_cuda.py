@@ -111,3 +111,15 @@ def test_two_compute_streams(world, monkeypatch):
         if not max(errors) < 2e-5:
             failures.append((case, errors))
     assert not failures, failures
+
+
+def test_two_compute_streams_without_a_side_stream(monkeypatch):
+    """RINGFX_SIDE_STREAM=0 with two compute streams: the folds run on the main stream,
+    which must wait for the kernels that made the blocks."""
+    from ringfx.runtime import algorithm
+
+    monkeypatch.setattr(algorithm, "TWO_STREAMS_MIN_WORK", 0)
+    monkeypatch.setenv("RINGFX_SIDE_STREAM", "0")
+    for i, case in enumerate(matrix(quick=True)[:8]):
+        case = dataclasses.replace(case, d=case.d if case.d % 16 == 0 else 64, chunk=32)
+        assert max(_on_cuda(case, 5, torch.float32, seed=200 + i)) < 2e-5, case

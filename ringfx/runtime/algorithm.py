@@ -305,13 +305,17 @@ class Streams:
 
     def __enter__(self):
         """Enter the side stream after everything queued so far on the main and the
-        compute streams."""
+        compute streams (without a side stream, the main stream waits for the compute
+        streams and the work runs there)."""
         if self.stream is not None:
             self.stream.wait_stream(self.main)
             for c in self.compute:
                 self.stream.wait_stream(c)
             self._ctx = torch.cuda.stream(self.stream)
             self._ctx.__enter__()
+        else:
+            for c in self.compute:
+                self.main.wait_stream(c)
         return self
 
     def __exit__(self, *exc):
@@ -319,11 +323,12 @@ class Streams:
             self._ctx.__exit__(*exc)
 
     def keep(self, *tensors):
-        """Tensors made on another stream and read on the side stream: do not reuse
-        their memory before the side stream is done with them."""
-        if self.stream is not None:
+        """Tensors made on another stream and read inside ``with streams:``: do not reuse
+        their memory before that stream is done with them."""
+        reader = self.stream if self.stream is not None else (self.main if self.compute else None)
+        if reader is not None:
             for t in tensors:
-                t.record_stream(self.stream)
+                t.record_stream(reader)
 
     def join(self):
         """The main stream waits for all side-stream and compute-stream work."""
