@@ -177,7 +177,10 @@ def main(argv=None):
                         try:
                             ms = timed(run_ring(q, k, v, causal, bwd, group, layout, args.kernel), args.iters)
                         finally:
-                            os.environ.pop(var) if saved is None else os.environ.__setitem__(var, saved)
+                            if saved is None:
+                                del os.environ[var]
+                            else:
+                                os.environ[var] = saved
                         torch.cuda.empty_cache()
                         abl = row.setdefault("ablations", {}).setdefault(setting, {})
                         abl[f"{tag}_ring_ms"] = ms

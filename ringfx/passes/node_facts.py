@@ -175,3 +175,27 @@ def live_nodes(graph: fx.Graph) -> set:
         live.add(n)
         todo.extend(n.all_input_nodes)
     return live
+
+
+def arange_length(node: fx.Node):
+    """``n`` of ``arange(n)`` / ``arange(0, n)`` / ``arange(0, n, 1)``, else None."""
+    if op_name(node) != "arange":
+        return None
+    args = list(node.args)
+    start, step = 0, 1
+    if "end" in node.kwargs:
+        end = node.kwargs["end"]
+        start = args[0] if args else node.kwargs.get("start", 0)
+    elif len(args) == 1:
+        end = args[0]
+    elif len(args) >= 2:
+        start, end = args[0], args[1]
+        step = args[2] if len(args) > 2 else node.kwargs.get("step", 1)
+    else:
+        return None
+    step = node.kwargs.get("step", step)
+    if isinstance(start, fx.Node) or isinstance(step, fx.Node) or start != 0 or step != 1:
+        return None
+    if isinstance(end, fx.Node):  # a symbolic length: compare its value
+        end = end.meta.get("val", end.meta.get("example_value"))
+    return end if isinstance(end, (int, torch.SymInt)) else None

@@ -24,10 +24,9 @@ from __future__ import annotations
 import logging
 from typing import Optional
 
-import torch
 import torch.fx as fx
 
-from .node_facts import live_nodes, op_name, shape_of, source_line
+from .node_facts import arange_length, live_nodes, op_name, shape_of, source_line
 from .options import PassOptions
 from .sites import PassReport
 
@@ -38,18 +37,16 @@ def check_positions_pass(gm: fx.GraphModule, *, options: Optional[PassOptions] =
                          ) -> tuple[fx.GraphModule, PassReport]:
     options = options or PassOptions()
     report = PassReport("check_positions")
-    from .rewrite_attention import ring_attention_target
+    from .rewrite_attention import ring_attention_nodes
 
-    target = ring_attention_target()
     lengths = set()
-    for node in gm.graph.nodes:
-        if options.ring_size > 1 and node.op == "call_function" and node.target == target:
-            shape = shape_of(node.args[0])
-            if shape is not None:
-                lengths.add(str(shape[-2]))
+    for node in ring_attention_nodes(gm) if options.ring_size > 1 else ():
+        shape = shape_of(node.args[0])
+        if shape is not None:
+            lengths.add(str(shape[-2]))
     live = live_nodes(gm.graph) if lengths else set()
     for node in gm.graph.nodes:
-        end = _arange_length(node)
+        end = arange_length(node)
         if node in live and end is not None and str(end) in lengths and not _only_indexes(node):
             report.notes.append(
                 f"torch.arange({end}) at {source_line(node)}: on a ring of {options.ring_size} ranks the model "
@@ -59,30 +56,6 @@ def check_positions_pass(gm: fx.GraphModule, *, options: Optional[PassOptions] =
                 "it is over another axis of the same size")
     log.info("check_positions: %d position generator(s) over the local sequence", len(report.notes))
     return gm, report
-
-
-def _arange_length(node: fx.Node):
-    """``n`` of ``arange(n)`` / ``arange(0, n)`` / ``arange(0, n, 1)``, else None."""
-    if op_name(node) != "arange":
-        return None
-    args = list(node.args)
-    start, step = 0, 1
-    if "end" in node.kwargs:
-        end = node.kwargs["end"]
-        start = args[0] if args else node.kwargs.get("start", 0)
-    elif len(args) == 1:
-        end = args[0]
-    elif len(args) >= 2:
-        start, end = args[0], args[1]
-        step = args[2] if len(args) > 2 else node.kwargs.get("step", 1)
-    else:
-        return None
-    step = node.kwargs.get("step", step)
-    if isinstance(start, fx.Node) or isinstance(step, fx.Node) or start != 0 or step != 1:
-        return None
-    if isinstance(end, fx.Node):  # a symbolic length: compare its value
-        end = end.meta.get("val", end.meta.get("example_value"))
-    return end if isinstance(end, (int, torch.SymInt)) else None
 
 
 _INDEX_PREP = frozenset({"unsqueeze", "view", "reshape", "expand", "to", "add", "sub", "contiguous"})

@@ -40,6 +40,12 @@ def ring_attention_target():
     return torch.ops.ringfx.ring_attention.default
 
 
+def ring_attention_nodes(gm: fx.GraphModule) -> list[fx.Node]:
+    """The ring attention ops of a rewritten graph."""
+    target = ring_attention_target()
+    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target == target]
+
+
 def rewrite_attention_pass(gm: fx.GraphModule, *, options: Optional[PassOptions] = None
                            ) -> tuple[fx.GraphModule, PassReport]:
     options = options or PassOptions()

@@ -31,18 +31,20 @@ from typing import Optional
 import torch.fx as fx
 
 from . import ring_glue
-from .node_facts import CASTS, SHAPE_ONLY, is_model_state, live_nodes, normalize_dim, op_name, shape_of, source_line
+from .node_facts import (CASTS, SHAPE_ONLY, arange_length, is_model_state, live_nodes, normalize_dim, op_name,
+                         shape_of, source_line)
 from .options import PassOptions
+from .rewrite_attention import ring_attention_nodes
 from .sequence_axis import follow_axis
 from .sites import PassReport
 
 log = logging.getLogger("ringfx.passes")
 
-# keep every axis, elementwise with broadcasting from the right
+# keep every axis, elementwise with broadcasting from the right (besides CASTS and SHAPE_ONLY)
 _POINTWISE = frozenset({
     "add", "sub", "mul", "div", "neg", "pow", "exp", "log", "sqrt", "rsqrt", "sin", "cos", "tanh", "sigmoid",
     "silu", "gelu", "relu", "softplus", "abs", "clamp", "clip", "where", "masked_fill", "dropout", "detach",
-    "float", "to", "type_as", "half", "bfloat16", "double", "type", "contiguous", "clone", "logical_not",
+    "logical_not",
     "logical_and", "logical_or", "eq", "ne", "lt", "le", "gt", "ge", "reciprocal", "square", "erf", "floor",
     "ceil", "round", "sign", "maximum", "minimum", "expand_as", "long", "int", "bool", "add_", "sub_", "mul_",
     "div_", "remainder", "fmod", "exp2", "log1p", "expm1", "leaky_relu", "mish", "hardswish", "hardsigmoid",
@@ -72,26 +74,20 @@ def check_sequence_mixing_pass(gm: fx.GraphModule, *, options: Optional[PassOpti
                                ) -> tuple[fx.GraphModule, PassReport]:
     options = options or PassOptions()
     report = PassReport("check_sequence_mixing")
-    seeds = _seeds(gm) if options.ring_size > 1 else {}
+    ring_ops = ring_attention_nodes(gm) if options.ring_size > 1 else []
+    seeds = _seeds(gm, ring_ops)
     if seeds:
-        _propagate(gm, seeds, report, options.ring_size)
+        _propagate(gm, seeds, set(ring_ops), report, options.ring_size)
     log.info("check_sequence_mixing: %d op(s) mix tokens across the sequence", len(report.notes))
     return gm, report
 
 
-def _ring_ops(gm: fx.GraphModule) -> list[fx.Node]:
-    from .rewrite_attention import ring_attention_target
-
-    target = ring_attention_target()
-    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target == target]
-
-
-def _seeds(gm: fx.GraphModule) -> dict:
+def _seeds(gm: fx.GraphModule, ring_ops: list) -> dict:
     """User inputs that carry the sequence: those q's axis -2 comes from, and inputs of the
     same length at the same axis."""
     seeds: dict[fx.Node, _Seq] = {}
     lengths = set()
-    for op in _ring_ops(gm):
+    for op in ring_ops:
         q_shape = shape_of(op.args[0])
         if q_shape is None:
             continue
@@ -100,7 +96,7 @@ def _seeds(gm: fx.GraphModule) -> dict:
             node, axis = origin
             seeds[node] = _Seq(axis)
             lengths.add((axis, str(q_shape[-2])))  # str: symbolic lengths do not hash
-    queries = {str(shape_of(op.args[0])[-2]) for op in _ring_ops(gm) if shape_of(op.args[0]) is not None}
+    queries = {str(shape_of(op.args[0])[-2]) for op in ring_ops if shape_of(op.args[0]) is not None}
     for node in gm.graph.nodes:
         shape = shape_of(node) if node.op == "placeholder" and not is_model_state(node) else None
         if shape is None or node in seeds:
@@ -117,9 +113,8 @@ def _seeds(gm: fx.GraphModule) -> dict:
     return seeds
 
 
-def _propagate(gm: fx.GraphModule, seeds: dict, report: PassReport, ring_size: int) -> None:
+def _propagate(gm: fx.GraphModule, seeds: dict, ring_ops: set, report: PassReport, ring_size: int) -> None:
     seq: dict[fx.Node, _Seq] = dict(seeds)
-    ring_ops = set(_ring_ops(gm))
     unknown_noted: set = set()
 
     def note(node, what):
@@ -361,10 +356,7 @@ def _arange_of(node: fx.Node, size) -> bool:
         node = node.args[0]
         if not isinstance(node, fx.Node):
             return False
-    if op_name(node) != "arange":
-        return False
-    args = [a for a in node.args]
-    return len(args) == 1 and str(args[0]) == str(size)
+    return str(arange_length(node)) == str(size)
 
 
 def _whole(it: slice, size) -> bool:

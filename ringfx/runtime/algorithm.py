@@ -24,7 +24,7 @@ import torch
 
 from .blocks import MaskSpec, build_mask, plan_step, step_count
 from .kernels import block_forward, choose_kernel, gqa_backward
-from .layout import LAYOUTS, chunk_ranges, local_positions
+from .layout import LAYOUTS, local_positions
 from .ring import AllGather, Exchange
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -143,9 +143,7 @@ class Deferred:
         rows = slice(*key)
         full = key == (0, self.acc.shape[2])
         if not self.started and not full:  # a partial first fold: the rest must read as empty
-            self.acc.zero_()
-            if self.merge:
-                self.acc_lse.fill_(float("-inf"))
+            self._clear()
         fresh = not self.started and full
         self.started = True
         acc = None if fresh else self.acc[:, :, rows]
@@ -165,10 +163,14 @@ class Deferred:
             self._flush(whole, dst, dst_lse if dst_lse is not None else self.acc_lse)
             return True
         if not self.started:
-            self.acc.zero_()
-            if self.merge:
-                self.acc_lse.fill_(float("-inf"))
+            self._clear()
         return False
+
+    def _clear(self):
+        """The accumulator of nothing: output 0 (and lse -inf)."""
+        self.acc.zero_()
+        if self.merge:
+            self.acc_lse.fill_(float("-inf"))
 
 
 # block results folded per accumulator pass where the fold is one fused pass (else one

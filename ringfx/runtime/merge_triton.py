@@ -15,7 +15,6 @@ accumulator itself (in place) or a tensor of another dtype (the final bf16 resul
 
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 
@@ -131,19 +130,19 @@ def fold_triton(dst, acc, blocks, dst_lse=None, acc_lse=None, lses=None, *, tile
     def row_strides(t):
         return strides(t, 3) if merge else (0, 0, 0)
 
-    pairs = [(blocks[i] if i < n else blocks[0], lses[i] if merge and i < n else (lses[0] if merge else None))
-             for i in range(MAX_BLOCKS)]
-    ptrs = [dst, dst_lse if merge else dst, acc if acc is not None else dst,
-            acc_lse if merge and acc is not None else dst]
-    for o, lv in pairs:
-        ptrs += [o, lv if lv is not None else o]
-    args = [*strides(dst, 3), *row_strides(dst_lse), *strides(acc, 3),
-            *row_strides(acc_lse if acc is not None else None)]
-    for o, lv in pairs:
+    # the kernel takes MAX_BLOCKS (out, lse) pointers; unused ones (and the lse pointers of
+    # a sum) repeat a real tensor and are never read
+    outs = list(blocks) + [blocks[0]] * (MAX_BLOCKS - n)
+    rows = list(lses) + [lses[0]] * (MAX_BLOCKS - n) if merge else outs
+    has_acc = acc is not None
+    ptrs = [dst, dst_lse if merge else dst, acc if has_acc else dst, acc_lse if merge and has_acc else dst]
+    args = [*strides(dst, 3), *row_strides(dst_lse), *strides(acc, 3), *row_strides(acc_lse if has_acc else None)]
+    for o, lv in zip(outs, rows):
+        ptrs += [o, lv]
         args += [*strides(o, 3), *row_strides(lv)]
     n_rows = bsz * h * sq
     block_d = triton.next_power_of_2(d)
     block_r = max(1, (tile_elems or TILE_ELEMS) // block_d)
     grid = (triton.cdiv(n_rows, block_r),)
-    _fold_rows[grid](*ptrs, n_rows, h, sq, d, *args, N=n, HAS_ACC=acc is not None, MERGE=merge,
+    _fold_rows[grid](*ptrs, n_rows, h, sq, d, *args, N=n, HAS_ACC=has_acc, MERGE=merge,
                      BLOCK_R=block_r, BLOCK_D=block_d, num_warps=num_warps or NUM_WARPS)
