@@ -292,8 +292,14 @@ def explain(model, *args, **kwargs) -> ExplainReport:
     The model runs unchanged (the rewritten graphs are recorded, not run). Decisions are
     those for the default ring (the default process group if initialised, else one rank),
     or, for a ``transform``'s result, for its ring and layout (its ``shard_inputs`` shard
-    the arguments first), with the guards' notes (``ExplainReport.notes``).
+    the arguments first), with the guards' notes (``ExplainReport.notes``). Other compiled
+    models, a ``transform``'s result included, keep their compiled graphs: the capture
+    leaves dynamo's caches as it found them (``ringfx.capture_once``).
     """
+    from .capture_once import capture_once
+
+    if not callable(model):
+        raise TypeError(f"explain(model=...) needs an nn.Module or callable, got {type(model).__name__}")
     ring_options = {}
     if isinstance(model, RingModule):
         ring_options = dict(model.ring_options)
@@ -303,14 +309,15 @@ def explain(model, *args, **kwargs) -> ExplainReport:
     collected: list[CompiledGraph] = []
     config = BackendConfig.from_options({**ring_options, "inner": "eager", "strict": False, "execute": "original",
                                          "collector": collected})
-    torch._dynamo.reset()
-    torch.compile(model, backend=_bound_backend(config), dynamic=False)(*args, **kwargs)
     breaks: list[str] = []
-    if len(collected) > 1:
-        torch._dynamo.reset()
-        out = torch._dynamo.explain(model)(*args, **kwargs)
-        breaks = [_first_line(getattr(b, "reason", b)) for b in out.break_reasons]
-    torch._dynamo.reset()
+
+    def ringfx_explain_backend(gm, example_inputs):
+        reason = getattr(gm, "compile_subgraph_reason", None)  # set by dynamo on every graph it hands over
+        if reason is not None and reason.graph_break:
+            breaks.append(_first_line(reason.reason))
+        return ringfx_backend(gm, example_inputs, options=config)
+
+    capture_once(model, ringfx_explain_backend, args, kwargs)
     sites = [s for g in collected for s in g.sites]
     names = pattern_names()
     for s in sites:
@@ -324,6 +331,7 @@ def explain(model, *args, **kwargs) -> ExplainReport:
 def pattern_names() -> dict:
     """``(spelling, mask kind) -> table name`` for the spellings of ``passes.patterns``,
     found by tracing each pattern function as a model would be traced."""
+    from .capture_once import capture_once
     from .passes.patterns import PATTERNS
 
     names = {}
@@ -331,11 +339,9 @@ def pattern_names() -> dict:
         found: list[CompiledGraph] = []
         config = BackendConfig.from_options({"inner": "eager", "strict": False, "execute": "original",
                                              "collector": found})
-        torch._dynamo.reset()
-        torch.compile(pattern.fn, backend=_bound_backend(config), dynamic=False)(*pattern.example_inputs(8))
+        capture_once(pattern.fn, _bound_backend(config), pattern.example_inputs(8), {})
         for site in (s for g in found for s in g.sites):
             names.setdefault((site.pattern, site.mask_kind), pattern.name)
-    torch._dynamo.reset()
     return names
 
 

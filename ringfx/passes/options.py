@@ -23,9 +23,15 @@ class PassOptions:
     # come from dynamo; dynamo records them on the placeholders).
     example_inputs: Optional[Sequence[Any]] = None
     kernel: str = "auto"  # per-block kernel of the ring op
+    # "full": the graph takes full-length inputs and the sharding pass shards it (zero-touch);
+    # "sharded": the caller passes this rank's tokens (the guards note what that gets wrong)
+    inputs: str = "sharded"
+    gather_outputs: bool = True  # with inputs="full": per-token outputs come back full length
 
     def __post_init__(self):
         if self.layout not in ("contiguous", "zigzag"):
             raise ValueError(f"layout must be 'contiguous' or 'zigzag', got {self.layout!r}")
+        if self.inputs not in ("full", "sharded"):
+            raise ValueError(f"inputs must be 'full' or 'sharded', got {self.inputs!r}")
         if not isinstance(self.ring_size, int) or self.ring_size < 1:
             raise ValueError(f"ring_size must be a positive int, got {self.ring_size!r}")

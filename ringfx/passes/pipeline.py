@@ -8,22 +8,28 @@ re-raised with the pass's name (same exception type where it can be rebuilt).
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import torch.fx as fx
 
 from .classify_masks import classify_masks_pass
 from .decompose_mha import decompose_mha_pass
-from .find_attention import find_attention_pass
+from .find_attention import find_attention_pass, remove_dead_code_pass
+from .node_facts import OUTER_KEY, called_subgraph, hop_subgraphs
 from .options import PassOptions
 from .positions import check_positions_pass
 from .rewrite_attention import rewrite_attention_pass
 from .sequence_axis import check_sequence_axis_pass
 from .sequence_mixing import check_sequence_mixing_pass
+from .shard_sequence import shard_sequence_pass
 from .sites import PassReport
 
-PASSES = [decompose_mha_pass, find_attention_pass, classify_masks_pass, check_sequence_axis_pass,
-          rewrite_attention_pass, check_positions_pass, check_sequence_mixing_pass]
+PASSES = [remove_dead_code_pass, decompose_mha_pass, find_attention_pass, classify_masks_pass, check_sequence_axis_pass,
+          rewrite_attention_pass, check_positions_pass, check_sequence_mixing_pass, shard_sequence_pass]
+# With full-length inputs the sharding pass makes positions and token-mixing ops exact; these
+# guards only speak for graphs that the caller feeds with its own shards.
+_CALLER_SHARDED_ONLY = (check_positions_pass, check_sequence_mixing_pass)
 
 
 def run_passes(gm: fx.GraphModule, *, options: Optional[PassOptions] = None,
@@ -32,14 +38,42 @@ def run_passes(gm: fx.GraphModule, *, options: Optional[PassOptions] = None,
     options = options or PassOptions()
     reports = []
     for p in passes or PASSES:
+        if options.inputs == "full" and p in _CALLER_SHARDED_ONLY:
+            continue
         try:
-            gm, report = p(gm, options=options)
+            gm, report = _with_subgraphs(p, gm, options) if p in SUBGRAPH_PASSES else p(gm, options=options)
         except Exception as e:
             if _rebuildable(e):
                 raise type(e)(f"ringfx pass {p.__name__} failed: {e}") from e
             raise
         reports.append(report)
     return gm, reports
+
+
+# The attention passes and their guards also run on the subgraphs that checkpointed regions
+# call (``tag_activation_checkpoint(wrap_body_0, ...)``): their sites join this graph's report.
+SUBGRAPH_PASSES = (remove_dead_code_pass, decompose_mha_pass, find_attention_pass, classify_masks_pass,
+                   check_sequence_axis_pass, rewrite_attention_pass, check_positions_pass, check_sequence_mixing_pass)
+
+
+def _with_subgraphs(p, gm: fx.GraphModule, options: PassOptions) -> tuple[fx.GraphModule, PassReport]:
+    gm, report = p(gm, options=options)
+    owners = [gm] + [sub for _, _, sub in hop_subgraphs(gm)]
+    calls = [(o, called_subgraph(o, n)) for o in owners for n in o.graph.nodes]
+    done = set()
+    for owner, (name, sub, operands) in [(o, c) for o, c in calls if c is not None]:
+        if id(sub) in done:  # one body called twice: analysed and rewritten once
+            continue
+        done.add(id(sub))
+        for placeholder, operand in zip((n for n in sub.graph.nodes if n.op == "placeholder"), operands):
+            placeholder.meta[OUTER_KEY] = operand  # what the analyses of the subgraph look through
+        sub, sub_report = p(sub, options=dataclasses.replace(options, example_inputs=None))
+        setattr(owner, name, sub)
+        report.sites += sub_report.sites
+        report.notes += sub_report.notes
+        report.rewritten += sub_report.rewritten
+        report.skipped += sub_report.skipped
+    return gm, report
 
 
 def _rebuildable(e: Exception) -> bool:

@@ -1,0 +1,962 @@
+"""Shard the whole graph along the sequence: full-length inputs in, full-length outputs out.
+
+After the attention rewrite every ring op expects this rank's tokens; everything else in
+the graph was captured on full-length tensors. This pass makes the rest of the graph run
+on shards where that is exact, and keeps it on the full sequence where it is not::
+
+    # captured (full length S)                 # after the pass (this rank's L = S_pad / P tokens)
+    ids: (B, S)                                ids_l = shard_sequence(ids, 1, S, ring, layout)
+    h = embedding(ids, w)                      h = embedding(ids_l, w)             # per token: as is
+    pos = arange(S)                            pos = arange(S)                     # replicated: exact
+    cos = rope(pos)                            cos_l = shard_sequence(cos, 0, ...) # sliced where it meets a shard
+    o, _ = ring_attention(q, k, v, ...)        o, _ = ring_attention(q, k, v, kpm_l, ...)
+    y = o.view(B, S, H * D)                    y = o.view(B, L, H * D)             # the sequence's size is local
+    loss = cross_entropy(y2, labels)           loss = global_cross_entropy(...)    # local sum + all-reduce
+    first = y[:, 0]                            first = select_token(y, 1, 0, ...)  # from the rank holding token 0
+    out = cumsum(y, 1)                         out = cumsum(gather_sequence(y, 1, S, ...), 1)  # fallback, reported
+    return out                                 return out (full length)
+
+Every value is either *replicated* (the same full tensor on every rank, as the model
+computed it) or *sharded* (a ``Sharded`` placement: this rank's tokens along one axis).
+Values start replicated; the graph inputs that carry the attention's sequence are sharded
+where they enter (``shard_sequence`` is a slice: exact), a replicated value is sliced where
+it meets a sharded one, and an op with no rule for a sharded operand gets its operands
+all-gathered first (``gather_sequence``) and runs on the full sequence. So every op sees
+either its original full-length operands or operands it is exact on: the pass is exact by
+construction, and its op rules decide only how much stays sharded. Fallbacks are reported.
+
+Sequences whose length S is not a multiple of the ring's unit are padded to one inside
+(``shard_sequence`` pads); the pad tokens are masked as keys in every ring op, masked out
+of every reduction and trimmed when gathered.
+
+Runs only when ``options.inputs == "full"`` on graphs that hold a ring op.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from typing import Any, Optional
+
+import torch
+import torch.fx as fx
+
+from ..runtime import collectives
+from . import ring_glue
+from .node_facts import VALUE_KEY, CASTS, SHAPE_ONLY, is_model_state, normalize_dim, op_name, placeholder_source, \
+    shape_of, source_line, value_of
+from .options import PassOptions
+from .rewrite_attention import ring_attention_nodes, ring_attention_target
+from .sites import PassReport
+
+log = logging.getLogger("ringfx.passes")
+
+
+@dataclasses.dataclass(frozen=True)
+class Sharded:
+    """This rank holds its tokens of a sequence of ``length`` along ``axis``; that axis
+    spans ``outer * length * inner`` values globally (``outer == inner == 1``: it is the
+    sequence itself; a flattened ``(B, S)`` has ``outer = B``)."""
+
+    axis: int
+    length: int
+    outer: int = 1
+    inner: int = 1
+
+    def at(self, axis: int) -> "Sharded":
+        return dataclasses.replace(self, axis=axis)
+
+    @property
+    def span(self) -> int:
+        return self.outer * self.length * self.inner
+
+
+@dataclasses.dataclass
+class ShardingReport(PassReport):
+    """What the sharding pass did to one graph (lines with the user's source line)."""
+
+    sharded_inputs: list[str] = dataclasses.field(default_factory=list)
+    distributed: list[str] = dataclasses.field(default_factory=list)
+    fallbacks: list[str] = dataclasses.field(default_factory=list)
+
+
+_POINTWISE = frozenset({
+    "add", "sub", "mul", "div", "neg", "pow", "exp", "log", "sqrt", "rsqrt", "sin", "cos", "tanh", "sigmoid",
+    "silu", "gelu", "relu", "softplus", "abs", "clamp", "clip", "where", "masked_fill", "dropout", "detach",
+    "logical_not", "logical_and", "logical_or", "logical_xor", "eq", "ne", "lt", "le", "gt", "ge", "reciprocal",
+    "square", "erf", "floor", "ceil", "round", "sign", "maximum", "minimum", "expand_as", "long", "int", "bool",
+    "remainder", "fmod", "exp2", "log1p", "expm1", "leaky_relu", "mish", "hardswish", "hardsigmoid", "elu",
+    "selu", "zeros_like", "ones_like", "full_like", "empty_like", "nan_to_num", "lerp", "addcmul", "addcdiv",
+    "floordiv", "truediv", "floor_divide", "mod", "pos", "invert", "and_", "or_", "xor", "bitwise_and",
+    "bitwise_or", "bitwise_not", "isnan", "isinf", "isfinite", "tril_", "sigmoid_", "gelu_", "relu_", "tanh_",
+    "masked_fill_", "add_", "sub_", "mul_", "div_", "clamp_", "clamp_min", "clamp_max", "logsigmoid",
+    "softsign", "relu6", "hardtanh", "silu_", "celu", "glu_", "alpha_dropout", "feature_alpha_dropout",
+    "dropout1d", "dropout2d", "threshold", "cos_", "sin_", "float_power", "true_divide", "mul_", "abs_",
+    "log_sigmoid", "erfinv", "sinh", "cosh", "asin", "acos", "atan", "atan2", "_set_grad_enabled",
+    "scaled_dot_product_attention_math_helper", "fill_", "zero_", "copy_", "type_as", "clone", "contiguous",
+})
+_SUMS = frozenset({"sum", "mean", "nansum"})
+_OTHER_REDUCTIONS = frozenset({"amax", "amin", "max", "min", "prod", "std", "var", "logsumexp", "norm", "all",
+                               "any", "argmax", "argmin", "nanmean", "count_nonzero", "median", "var_mean",
+                               "std_mean", "aminmax"})
+_LAST_BY_DEFAULT = frozenset({"softmax", "log_softmax"})
+_CLASS_LOSSES = frozenset({"cross_entropy", "nll_loss"})
+_ELEMENT_LOSSES = frozenset({"mse_loss", "l1_loss", "smooth_l1_loss", "huber_loss", "binary_cross_entropy",
+                             "binary_cross_entropy_with_logits", "soft_margin_loss"})
+_METADATA = frozenset({"dim", "ndimension", "is_floating_point", "is_contiguous", "element_size", "get_device",
+                       "is_complex", "requires_grad_", "_assert_tensor_metadata"})
+_VIEWS = frozenset({"view", "reshape", "flatten", "unflatten"})
+
+
+class _Fallback(Exception):
+    """The op has no exact rule for its sharded operands: all-gather them first."""
+
+
+def shard_sequence_pass(gm: fx.GraphModule, *, options: Optional[PassOptions] = None
+                        ) -> tuple[fx.GraphModule, ShardingReport]:
+    options = options or PassOptions()
+    report = ShardingReport("shard_sequence")
+    if options.inputs != "full" or options.ring_size == 1:
+        return gm, report
+    ring_ops = ring_attention_nodes(gm)
+    if not ring_ops:
+        return gm, report
+    _Sharder(gm, options, report).run(ring_ops)
+    gm.graph.lint()
+    gm.recompile()
+    log.info("shard_sequence: %d input(s) sharded, %d distributed op(s), %d all-gather fallback(s)",
+             len(report.sharded_inputs), len(report.distributed), len(report.fallbacks))
+    return gm, report
+
+
+class _Sharder:
+    def __init__(self, gm: fx.GraphModule, options: PassOptions, report: ShardingReport):
+        self.gm, self.graph, self.options, self.report = gm, gm.graph, options, report
+        self.group, self.layout = options.group_name, options.layout
+        self.placed: dict[fx.Node, Any] = {}  # node -> Sharded, or a tuple of (Sharded | None) for tuple values
+        self.shapes: dict[fx.Node, Any] = {}  # global shapes of nodes without a recorded value
+        self._shards: dict = {}
+        self._gathers: dict = {}
+
+    # ---- shapes ------------------------------------------------------------------------------------
+    def shape(self, node) -> Optional[tuple]:
+        if not isinstance(node, fx.Node):
+            return None
+        if node in self.shapes:
+            return self.shapes[node]
+        found = shape_of(node)
+        if found is None:
+            found = self._derived_shape(node)
+        self.shapes[node] = found
+        return found
+
+    def _derived_shape(self, node: fx.Node):
+        """Global shapes of the nodes the attention rewrite inserted (they carry no value)."""
+        name = op_name(node)
+        if node.op == "call_function" and node.target == ring_attention_target():
+            q = self.shape(node.args[0])
+            return None if q is None else (q, q[:-1])
+        if node.target is ring_glue.combine_biases:
+            shapes = [self.shape(b) for b in node.args[1:]]
+            return None if None in shapes else tuple(torch.broadcast_shapes(*shapes))
+        src = self.shape(node.args[0]) if node.args else None
+        if src is None:
+            return None
+        if name == "getitem" and isinstance(src, tuple) and src and isinstance(src[0], tuple):
+            return src[node.args[1]]
+        if name == "permute":
+            dims = node.args[1:] if not isinstance(node.args[1], (tuple, list)) else node.args[1]
+            return tuple(src[d] for d in dims)
+        if name == "unsqueeze":
+            d = normalize_dim(node.args[1], len(src) + 1)
+            return src[:d] + (1,) + src[d:]
+        if name == "squeeze" and len(node.args) > 1:
+            d = normalize_dim(node.args[1], len(src))
+            return src[:d] + src[d + 1:] if src[d] == 1 else src
+        if node.target is ring_glue.key_padding_from_mask:
+            q = self.shape(node.args[2])
+            return None if q is None else (q[0], src[-1])
+        if node.target is ring_glue.bias_from_mask:
+            _, _, ndim, unsqueeze0 = node.args
+            shape = (1,) * max(0, ndim - len(src)) + tuple(src)
+            return (1,) + shape if unsqueeze0 else shape
+        if node.target is ring_glue.gather_key_columns:
+            return src
+        if node.target is ring_glue.combine_biases:
+            shapes = [self.shape(b) for b in node.args[1:]]
+            return None if None in shapes else tuple(torch.broadcast_shapes(*shapes))
+        return None
+
+    def local_size(self, s: Sharded) -> int:
+        return s.outer * collectives.local_length(self.group, self.layout, s.length) * s.inner
+
+    # ---- inserted moves ---------------------------------------------------------------------------
+    def shard(self, node: fx.Node, s: Sharded, before: fx.Node, fill=0) -> fx.Node:
+        """``node`` (replicated, full length) sliced to this rank's tokens."""
+        key = (node, s, fill)
+        if key not in self._shards:
+            with self.graph.inserting_before(before):
+                new = self.graph.call_function(collectives.shard_sequence, (
+                    node, s.axis, s.length, self.group, self.layout, fill, s.outer, s.inner))
+            new.meta[VALUE_KEY] = value_of(node)
+            self.shapes[new] = self.shape(node)
+            self.placed[new] = s
+            self._shards[key] = new
+        return self._shards[key]
+
+    def gather(self, node: fx.Node, before: fx.Node) -> fx.Node:
+        """``node`` (sharded) all-gathered to the full sequence in global order."""
+        s = self.placed[node]
+        if not isinstance(s, Sharded):
+            raise _Fallback()
+        if node not in self._gathers:
+            with self.graph.inserting_before(before):
+                x = node
+                if s.outer != 1 or s.inner != 1:
+                    x = self.graph.call_method("unflatten", (x, s.axis, (s.outer, -1, s.inner)))
+                    new = self.graph.call_function(collectives.gather_sequence,
+                                                   (x, s.axis + 1, s.length, self.group, self.layout))
+                    new = self.graph.call_method("flatten", (new, s.axis, s.axis + 2))
+                else:
+                    new = self.graph.call_function(collectives.gather_sequence,
+                                                   (x, s.axis, s.length, self.group, self.layout))
+            new.meta[VALUE_KEY] = value_of(node)
+            self.shapes[new] = self.shape(node)
+            self._gathers[node] = new
+        return self._gathers[node]
+
+    def local_shape(self, node) -> Optional[list]:
+        shape = self.shape(node)
+        s = self.placed.get(node)
+        if shape is None or not isinstance(s, Sharded):
+            return shape
+        shape = list(shape)
+        shape[s.axis] = self.local_size(s)
+        return shape
+
+    def localize(self, arg, s: Sharded, user: fx.Node, fill=0):
+        """``arg`` as this rank's tokens at ``s`` (a replicated value is sliced; a value
+        sharded elsewhere is gathered and sliced again)."""
+        if not isinstance(arg, fx.Node):
+            return arg
+        have = self.placed.get(arg)
+        if have == s:
+            return arg
+        if have is not None:
+            arg = self.gather(arg, user)
+        return self.shard(arg, s, user, fill)
+
+    # ---- the walk ---------------------------------------------------------------------------------
+    def run(self, ring_ops: list[fx.Node]) -> None:
+        lengths = {self.shape(op.args[0])[-2] for op in ring_ops if self.shape(op.args[0]) is not None}
+        if not all(isinstance(n, int) for n in lengths):
+            raise NotImplementedError("whole-model sharding needs static sequence lengths (transform(dynamic=False))")
+        self.lengths = lengths
+        for node in list(self.graph.nodes):
+            if node.op == "placeholder":
+                self._seed(node)
+            elif node.op == "output":
+                self._output(node)
+            elif node.op in ("call_function", "call_method"):
+                self._visit(node)
+        self._erase_dead_moves()
+
+    def _erase_dead_moves(self) -> None:
+        """Drop the moves (and bypassed mask helpers) that ended up with no user."""
+        ours = (collectives.shard_sequence, collectives.gather_sequence, ring_glue.gather_key_columns)
+        for node in reversed(list(self.graph.nodes)):
+            if node.op == "call_function" and node.target in ours and not node.users:
+                self.graph.erase_node(node)
+
+    def _seed(self, node: fx.Node) -> None:
+        """Shard a user input where it enters if one of its axes is an attention's sequence."""
+        shape = self.shape(node)
+        if shape is None or is_model_state(node) or not isinstance(value_of(node), torch.Tensor):
+            return
+        axes = [a for a, n in enumerate(shape) if isinstance(n, int) and n in self.lengths]
+        if not axes:
+            return
+        axis = axes[1] if len(axes) > 1 and axes[0] == 0 else axes[0]
+        s = Sharded(axis, shape[axis])
+        users = list(node.users)
+        fill = False if value_of(node).dtype == torch.bool else 0
+        with self.graph.inserting_after(node):
+            new = self.graph.call_function(collectives.shard_sequence,
+                                           (node, axis, s.length, self.group, self.layout, fill, 1, 1))
+        new.meta[VALUE_KEY] = value_of(node)
+        self.shapes[new] = shape
+        self.placed[new] = s
+        self._shards[(node, s, fill)] = new
+        for u in users:
+            u.replace_input_with(node, new)
+        self.report.sharded_inputs.append(f"{placeholder_source(node) or node.name} {tuple(shape)} along dim {axis}")
+
+    def _output(self, node: fx.Node) -> None:
+        def full(a):
+            if isinstance(a, fx.Node) and isinstance(self.placed.get(a), Sharded):
+                if not self.options.gather_outputs:
+                    return a
+                return self.gather(a, node)
+            return a
+
+        node.args = fx.node.map_arg(node.args, full)
+
+    def _visit(self, node: fx.Node) -> None:
+        sharded_inputs = [a for a in node.all_input_nodes if a in self.placed]
+        is_ring = node.target == ring_attention_target()
+        if not sharded_inputs and not is_ring:
+            return
+        try:
+            if is_ring:
+                self._ring_op(node)
+            else:
+                self._rule(node)
+        except _Fallback:
+            self._fallback(node)
+
+    def _fallback(self, node: fx.Node) -> None:
+        def full(a):
+            if isinstance(a, fx.Node) and a in self.placed:
+                if not isinstance(self.placed[a], Sharded):
+                    raise NotImplementedError(f"a tuple of sharded values reaches {node.format_node()}")
+                return self.gather(a, node)
+            return a
+
+        node.args = fx.node.map_arg(node.args, full)
+        node.kwargs = fx.node.map_arg(node.kwargs, full)
+        self.placed.pop(node, None)
+        name = op_name(node) or str(node.target)
+        self.report.fallbacks.append(f"'{name}' at {source_line(node)}")
+
+    def _distributed(self, node: fx.Node, what: str) -> None:
+        self.report.distributed.append(f"{what} at {source_line(node)}")
+
+    # ---- rules --------------------------------------------------------------------------------------
+    def _rule(self, node: fx.Node) -> None:
+        name = op_name(node) or str(getattr(node.target, "__name__", node.target))
+        out = self.shape(node)
+        if getattr(node.target, "__module__", None) == ring_glue.__name__:
+            return self._glue(node)
+        if name in ("size", "numel") or (name == "getattr" and node.args[1] == "shape"):
+            return self._constant_size(node)
+        if name in _METADATA or (name == "getattr" and node.args[1] in ("dtype", "device", "ndim", "is_cuda")):
+            return
+        if name == "getitem" and isinstance(value_of(node.args[0]), (tuple, list)) or (
+                name == "getitem" and isinstance(self.placed.get(node.args[0]), tuple)):
+            parts = self.placed.get(node.args[0])
+            if isinstance(parts, tuple) and isinstance(node.args[1], int):
+                part = parts[node.args[1]]
+                if part is not None:
+                    self.placed[node] = part
+                return
+            raise _Fallback()
+        if name in _POINTWISE or name in CASTS or name in SHAPE_ONLY:
+            return self._pointwise(node, out)
+        if name in ("linear",):
+            return self._linear(node)
+        if name in ("layer_norm", "rms_norm"):
+            return self._norm(node)
+        if name == "embedding":
+            return self._embedding(node)
+        if name in ("matmul", "bmm", "mm"):
+            return self._matmul(node)
+        if name == "einsum":
+            return self._einsum(node)
+        if name in ("transpose", "swapaxes", "t", "permute", "movedim", "unsqueeze", "squeeze"):
+            return self._axes(node, name)
+        if name in _VIEWS or name in ("view_as", "reshape_as"):
+            return self._view(node, name)
+        if name == "expand":
+            return self._expand(node)
+        if name in _SUMS or name in _OTHER_REDUCTIONS:
+            return self._reduction(node, name)
+        if name in ("softmax", "log_softmax", "cumsum", "cumprod", "logcumsumexp", "cummax", "cummin"):
+            return self._along(node, name)
+        if name in _CLASS_LOSSES:
+            return self._class_loss(node, name)
+        if name in _ELEMENT_LOSSES:
+            return self._element_loss(node, name)
+        if name == "getitem":
+            return self._index(node)
+        if name in ("cat", "concat", "stack"):
+            return self._cat(node, name)
+        if name in ("split", "chunk", "unbind", "split_with_sizes"):
+            return self._split(node, name)
+        if name == "repeat":
+            return self._repeat(node)
+        raise _Fallback()
+
+    def _tensor_args(self, node: fx.Node) -> list:
+        found = []
+        fx.node.map_arg((node.args, node.kwargs), lambda a: found.append(a) if isinstance(
+            value_of(a), torch.Tensor) or a in self.placed or self.shape(a) is not None else None)
+        return found
+
+    def _require(self, node: fx.Node, s: Sharded, rank_of: dict) -> None:
+        """Bring each tensor operand to ``s`` aligned to the output's axis (``rank_of``:
+        operand -> its number of dims); broadcast operands stay as they are."""
+        out_nd = len(self.shape(node))
+
+        def bring(a):
+            if not isinstance(a, fx.Node) or a not in rank_of:
+                return a
+            nd = rank_of[a]
+            axis = s.axis - (out_nd - nd)
+            shape = self.shape(a)
+            if axis < 0 or shape is None or shape[axis] == 1:
+                if a in self.placed:
+                    raise _Fallback()  # sharded, but not along the output's sequence axis
+                return a
+            if shape[axis] != s.span:
+                raise _Fallback()
+            want = s.at(axis)
+            fill = False if getattr(value_of(a), "dtype", None) == torch.bool else 0
+            return self.localize(a, want, node, fill)
+
+        node.args = fx.node.map_arg(node.args, bring)
+        node.kwargs = fx.node.map_arg(node.kwargs, bring)
+
+    def _operands(self, node: fx.Node) -> dict:
+        shapes = {}
+        for a in node.all_input_nodes:
+            shape = self.shape(a)
+            if shape is not None and not isinstance(shape[0] if shape else None, tuple):
+                shapes[a] = len(shape)
+        return shapes
+
+    def _pointwise(self, node: fx.Node, out) -> None:
+        if out is None:
+            raise _Fallback()
+        ranks = self._operands(node)
+        wanted = set()
+        for a in node.all_input_nodes:
+            s = self.placed.get(a)
+            if isinstance(s, Sharded) and a in ranks:
+                wanted.add(s.at(s.axis + len(out) - ranks[a]))
+            elif a in self.placed:
+                raise _Fallback()
+        if len(wanted) != 1:
+            raise _Fallback()
+        s = wanted.pop()
+        if out[s.axis] != s.span:
+            raise _Fallback()
+        self._require(node, s, ranks)
+        self.placed[node] = s
+
+    def _keep_axis(self, node: fx.Node, src: fx.Node, axis: int) -> None:
+        """``node`` holds ``src``'s tokens at ``axis``; other operands must be replicated."""
+        s = self.placed.get(src)
+        if not isinstance(s, Sharded) or any(a in self.placed for a in node.all_input_nodes if a is not src):
+            raise _Fallback()
+        self.placed[node] = s.at(axis)
+
+    def _linear(self, node: fx.Node) -> None:
+        x = node.args[0]
+        s = self.placed.get(x)
+        nd = len(self.shape(x))
+        if not isinstance(s, Sharded) or s.axis == nd - 1:
+            raise _Fallback()
+        self._keep_axis(node, x, s.axis)
+
+    def _norm(self, node: fx.Node) -> None:
+        x = node.args[0]
+        s = self.placed.get(x)
+        nd = len(self.shape(x))
+        normalized = node.args[1] if len(node.args) > 1 else node.kwargs.get("normalized_shape")
+        n_last = len(normalized) if isinstance(normalized, (tuple, list)) else 1
+        if not isinstance(s, Sharded) or s.axis >= nd - n_last:
+            raise _Fallback()
+        self._keep_axis(node, x, s.axis)
+
+    def _embedding(self, node: fx.Node) -> None:
+        ids = node.args[0]
+        if not isinstance(self.placed.get(ids), Sharded):
+            raise _Fallback()
+        self._keep_axis(node, ids, self.placed[ids].axis)
+
+    def _matmul(self, node: fx.Node) -> None:
+        a, b = node.args[0], node.args[1]
+        sa, sb = self.shape(a), self.shape(b)
+        out = self.shape(node)
+        if sa is None or sb is None or out is None or len(sa) < 2 or len(sb) < 2:
+            raise _Fallback()
+        wanted = set()
+        for operand, shape, contracted, kept in ((a, sa, len(sa) - 1, len(out) - 2), (b, sb, len(sb) - 2,
+                                                                                     len(out) - 1)):
+            s = self.placed.get(operand)
+            if s is None:
+                continue
+            if not isinstance(s, Sharded) or s.axis == contracted:
+                raise _Fallback()
+            is_matrix_axis = s.axis == len(shape) - 2 or s.axis == len(shape) - 1
+            wanted.add(s.at(kept if is_matrix_axis else s.axis + len(out) - len(shape)))
+        if len(wanted) != 1:
+            raise _Fallback()
+        s = wanted.pop()
+        if s.axis >= len(out) - 2:
+            # a matrix axis: the other operand must not carry it
+            for operand in (a, b):
+                if operand in self.placed and self.placed[operand].axis < len(self.shape(operand)) - 2:
+                    raise _Fallback()
+            self.placed[node] = s
+            return
+        self._require(node, s, {x: len(self.shape(x)) for x in (a, b) if isinstance(x, fx.Node)})
+        self.placed[node] = s
+
+    def _einsum(self, node: fx.Node) -> None:
+        equation = node.args[0]
+        operands = list(node.args[1]) if isinstance(node.args[1], (tuple, list)) else list(node.args[1:])
+        if not isinstance(equation, str) or "->" not in equation or "." in equation:
+            raise _Fallback()
+        inputs, output = equation.replace(" ", "").split("->")
+        specs = inputs.split(",")
+        letters = set()
+        for spec, x in zip(specs, operands):
+            s = self.placed.get(x)
+            if isinstance(s, Sharded):
+                letters.add((spec[s.axis], s.length, s.outer, s.inner))
+            elif x in self.placed:
+                raise _Fallback()
+        if len(letters) != 1:
+            raise _Fallback()
+        letter, length, outer, inner = letters.pop()
+        if letter not in output:
+            raise _Fallback()
+        s = Sharded(output.index(letter), length, outer, inner)
+        new_ops = []
+        for spec, x in zip(specs, operands):
+            if letter in spec and isinstance(x, fx.Node):
+                x = self.localize(x, s.at(spec.index(letter)), node)
+            new_ops.append(x)
+        node.args = (equation, *new_ops) if not isinstance(node.args[1], (tuple, list)) else (equation, new_ops)
+        self.placed[node] = s
+
+    def _axes(self, node: fx.Node, name: str) -> None:
+        x = node.args[0]
+        s = self.placed.get(x)
+        shape, out = self.shape(x), self.shape(node)
+        if not isinstance(s, Sharded) or shape is None or out is None:
+            raise _Fallback()
+        nd = len(shape)
+        if name in ("transpose", "swapaxes"):
+            d0, d1 = (normalize_dim(d, nd) for d in node.args[1:3])
+            axis = d1 if s.axis == d0 else d0 if s.axis == d1 else s.axis
+        elif name == "t":
+            axis = nd - 1 - s.axis
+        elif name == "permute":
+            dims = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (tuple, list)) else node.args[1:]
+            axis = [normalize_dim(d, nd) for d in dims].index(s.axis)
+        elif name == "unsqueeze":
+            d = normalize_dim(node.args[1] if len(node.args) > 1 else node.kwargs["dim"], nd + 1)
+            axis = s.axis + (d <= s.axis)
+        elif name == "squeeze":
+            dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+            if dims is None:
+                dims = [d for d in range(nd) if shape[d] == 1]
+            dims = [normalize_dim(d, nd) for d in (dims if isinstance(dims, (tuple, list)) else (dims,))]
+            dims = [d for d in dims if shape[d] == 1]
+            if s.axis in dims:
+                raise _Fallback()
+            axis = s.axis - sum(d < s.axis for d in dims)
+        else:  # movedim
+            src, dst = node.args[1], node.args[2]
+            if not isinstance(src, int) or not isinstance(dst, int):
+                raise _Fallback()
+            order = list(range(nd))
+            order.insert(normalize_dim(dst, nd), order.pop(normalize_dim(src, nd)))
+            axis = order.index(s.axis)
+        if out[axis] != s.span:
+            raise _Fallback()
+        self._keep_axis(node, x, axis)
+
+    def _view(self, node: fx.Node, name: str) -> None:
+        x = node.args[0]
+        s = self.placed.get(x)
+        shape, out = self.shape(x), self.shape(node)
+        if not isinstance(s, Sharded) or shape is None or out is None or any(a in self.placed for a in
+                                                                             node.all_input_nodes if a is not x):
+            raise _Fallback()
+        if not all(isinstance(d, int) for d in (*shape, *out)):
+            raise _Fallback()
+        new = _through_view(s, shape, out)
+        if new is None:
+            raise _Fallback()
+        local = self.local_size(new)
+        if name in ("view", "reshape"):
+            sizes = list(node.args[1]) if len(node.args) == 2 and isinstance(node.args[1], (tuple, list)) \
+                else list(node.args[1:])
+            if "shape" in node.kwargs or "size" in node.kwargs:
+                raise _Fallback()
+            if len(sizes) != len(out):
+                raise _Fallback()
+            if sizes[new.axis] != -1:
+                sizes[new.axis] = local
+            node.args = (x, tuple(sizes)) if len(node.args) == 2 and isinstance(node.args[1], (tuple, list)) \
+                else (x, *sizes)
+        elif name == "unflatten":
+            dim = normalize_dim(node.args[1], len(shape))
+            sizes = list(node.args[2])
+            if not dim <= new.axis < dim + len(sizes):
+                raise _Fallback()
+            if sizes[new.axis - dim] != -1:
+                sizes[new.axis - dim] = local
+            node.args = (x, node.args[1], tuple(sizes))
+        elif name in ("view_as", "reshape_as"):
+            raise _Fallback()
+        self.placed[node] = new
+
+    def _expand(self, node: fx.Node) -> None:
+        x = node.args[0]
+        s = self.placed.get(x)
+        shape, out = self.shape(x), self.shape(node)
+        if not isinstance(s, Sharded) or shape is None or out is None:
+            raise _Fallback()
+        sizes = list(node.args[1]) if len(node.args) == 2 and isinstance(node.args[1], (tuple, list)) \
+            else list(node.args[1:])
+        axis = s.axis + len(out) - len(shape)
+        if sizes[axis] != -1:
+            sizes[axis] = self.local_size(s)
+        node.args = (x, tuple(sizes)) if len(node.args) == 2 and isinstance(node.args[1], (tuple, list)) else \
+            (x, *sizes)
+        self.placed[node] = s.at(axis)
+
+    def _repeat(self, node: fx.Node) -> None:
+        x = node.args[0]
+        s = self.placed.get(x)
+        shape, out = self.shape(x), self.shape(node)
+        if not isinstance(s, Sharded) or shape is None or out is None:
+            raise _Fallback()
+        reps = list(node.args[1]) if len(node.args) == 2 and isinstance(node.args[1], (tuple, list)) \
+            else list(node.args[1:])
+        axis = s.axis + len(out) - len(shape)
+        if reps[axis] != 1:
+            raise _Fallback()
+        self._keep_axis(node, x, axis)
+
+    def _reduction(self, node: fx.Node, name: str) -> None:
+        x = node.args[0]
+        s = self.placed.get(x)
+        shape = self.shape(x)
+        if not isinstance(s, Sharded) or shape is None:
+            raise _Fallback()
+        nd = len(shape)
+        dims = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
+        if dims is None and node.kwargs.get("axis") is not None:
+            dims = node.kwargs["axis"]
+        if isinstance(dims, (tuple, list)) and len(dims) == 0:
+            dims = None
+        if dims is not None and not all(isinstance(d, int) for d in (dims if isinstance(dims, (tuple, list))
+                                                                     else (dims,))):
+            raise _Fallback()
+        reduced = set(range(nd)) if dims is None else {normalize_dim(d, nd) for d in (
+            dims if isinstance(dims, (tuple, list)) else (dims,))}
+        keepdim = node.kwargs.get("keepdim", node.args[2] if len(node.args) > 2 else False)
+        if s.axis not in reduced:
+            if name in ("max", "min", "var_mean", "std_mean", "aminmax") and dims is not None:
+                raise _Fallback()  # tuple results
+            self._keep_axis(node, x, s.axis if keepdim else s.axis - sum(d < s.axis for d in reduced))
+            return
+        if name not in _SUMS or node.args[2:3] and not isinstance(keepdim, bool) or \
+                set(node.kwargs) - {"dim", "keepdim", "dtype", "axis"}:
+            raise _Fallback()
+        count = math.prod(shape[d] for d in reduced)
+        with self.graph.inserting_before(node):
+            total = self.graph.call_function(_sum_over_sequence, (
+                x, None if dims is None else tuple(sorted(reduced)), bool(keepdim), s.axis, s.length,
+                self.group, self.layout, node.kwargs.get("dtype"), count if name == "mean" else None))
+        total.meta[VALUE_KEY] = value_of(node)
+        total.meta["stack_trace"] = node.meta.get("stack_trace")
+        node.replace_all_uses_with(total)
+        self.graph.erase_node(node)
+        self._distributed(total, f"'{name}' over the sequence (local sum + all-reduce)")
+
+    def _along(self, node: fx.Node, name: str) -> None:
+        x = node.args[0]
+        s = self.placed.get(x)
+        shape = self.shape(x)
+        if not isinstance(s, Sharded) or shape is None:
+            raise _Fallback()
+        dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
+        if dim is None and name in _LAST_BY_DEFAULT:
+            dim = len(shape) - 1
+        if not isinstance(dim, int) or normalize_dim(dim, len(shape)) == s.axis:
+            raise _Fallback()
+        self._keep_axis(node, x, s.axis)
+
+    def _class_loss(self, node: fx.Node, name: str) -> None:
+        """cross_entropy / nll_loss: rows are tokens; a mean is over the ring's valid targets."""
+        x, target = node.args[0], node.args[1] if len(node.args) > 1 else node.kwargs.get("target")
+        s, shape = self.placed.get(x), self.shape(x)
+        if not isinstance(s, Sharded) or shape is None or len(node.args) > 2 or not isinstance(target, fx.Node):
+            raise _Fallback()
+        if node.kwargs.get("weight") is not None or set(node.kwargs) - {"target", "ignore_index", "reduction",
+                                                                         "label_smoothing"}:
+            raise _Fallback()
+        if len(shape) == 1 or s.axis == 1:
+            raise _Fallback()  # the class axis
+        target_axis = s.axis if s.axis == 0 else s.axis - 1
+        tshape = self.shape(target)
+        if tshape is None or tshape[target_axis] != s.span:
+            raise _Fallback()
+        ignore = node.kwargs.get("ignore_index", -100)
+        target = self.localize(target, s.at(target_axis), node, fill=ignore)
+        reduction = node.kwargs.get("reduction", "mean")
+        if reduction == "none":
+            node.args = (x, target)
+            self.placed[node] = s.at(target_axis)
+            return
+        with self.graph.inserting_before(node):
+            total = self.graph.call_function(_class_loss_over_sequence, (
+                name, x, target, target_axis, s.length, s.outer, s.inner, self.group, self.layout, ignore,
+                reduction, node.kwargs.get("label_smoothing", 0.0)))
+        total.meta[VALUE_KEY] = value_of(node)
+        total.meta["stack_trace"] = node.meta.get("stack_trace")
+        node.replace_all_uses_with(total)
+        self.graph.erase_node(node)
+        self._distributed(total, f"'{name}' (reduction={reduction!r}) over the ring's tokens")
+
+    def _element_loss(self, node: fx.Node, name: str) -> None:
+        x, target = node.args[0], node.args[1] if len(node.args) > 1 else node.kwargs.get("target")
+        out = self.shape(x)
+        if not isinstance(self.placed.get(x), Sharded) or out is None or len(node.args) > 2:
+            raise _Fallback()
+        if set(node.kwargs) - {"target", "reduction"} or self.shape(target) != out:
+            raise _Fallback()
+        s = self.placed[x]
+        reduction = node.kwargs.get("reduction", "mean")
+        target = self.localize(target, s, node)
+        node.args, node.kwargs = (x, target), {"reduction": "none"}
+        self.placed[node] = s
+        if reduction == "none":
+            return
+        with self.graph.inserting_after(node):
+            total = self.graph.call_function(_sum_over_sequence, (
+                node, None, False, s.axis, s.length, self.group, self.layout, None,
+                math.prod(out) if reduction == "mean" else None))
+        total.meta[VALUE_KEY] = value_of(node)
+        total.meta["stack_trace"] = node.meta.get("stack_trace")
+        node.replace_all_uses_with(total, delete_user_cb=lambda u: u is not total)
+        self._distributed(total, f"'{name}' (reduction={reduction!r}) over the ring's tokens")
+
+    def _index(self, node: fx.Node) -> None:
+        x, index = node.args[0], node.args[1]
+        s, shape = self.placed.get(x), self.shape(x)
+        if not isinstance(s, Sharded) or shape is None:
+            raise _Fallback()
+        if any(isinstance(i, fx.Node) for i in (index if isinstance(index, tuple) else (index,))):
+            raise _Fallback()
+        result = _through_index(s, index, shape)
+        if isinstance(result, Sharded):
+            self.placed[node] = result
+            return
+        if result == "select" and s.outer == 1 and s.inner == 1:
+            items = index if isinstance(index, tuple) else (index,)
+            # only x[..., i, ...] with whole slices elsewhere
+            token = [i for i in items if isinstance(i, int)]
+            if len(token) == 1 and all(i is Ellipsis or (isinstance(i, slice) and i == slice(None))
+                                       for i in items if not isinstance(i, int)):
+                with self.graph.inserting_before(node):
+                    picked = self.graph.call_function(collectives.select_token, (
+                        x, s.axis, token[0], s.length, self.group, self.layout))
+                picked.meta[VALUE_KEY] = value_of(node)
+                picked.meta["stack_trace"] = node.meta.get("stack_trace")
+                node.replace_all_uses_with(picked)
+                self.graph.erase_node(node)
+                self._distributed(picked, "token select from the rank that holds it")
+                return
+        raise _Fallback()
+
+    def _cat(self, node: fx.Node, name: str) -> None:
+        tensors = node.args[0]
+        dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
+        out = self.shape(node)
+        if not isinstance(tensors, (tuple, list)) or not isinstance(dim, int) or out is None:
+            raise _Fallback()
+        nd = len(out) - (name == "stack")
+        dim = normalize_dim(dim, len(out))
+        wanted = set()
+        for t in tensors:
+            s = self.placed.get(t)
+            if isinstance(s, Sharded):
+                axis = s.axis + (name == "stack" and dim <= s.axis)
+                if name != "stack" and s.axis == dim:
+                    raise _Fallback()
+                wanted.add(s.at(axis))
+            elif t in self.placed:
+                raise _Fallback()
+        if len(wanted) != 1:
+            raise _Fallback()
+        s = wanted.pop()
+        in_axis = s.axis - (name == "stack" and dim <= s.axis)
+        new = []
+        for t in tensors:
+            shape = self.shape(t)
+            if isinstance(t, fx.Node) and t not in self.placed:
+                if shape is None or len(shape) != nd or shape[in_axis] != s.span:
+                    raise _Fallback()
+                t = self.localize(t, s.at(in_axis), node)
+            new.append(t)
+        node.args = (type(tensors)(new), *node.args[1:])
+        self.placed[node] = s
+
+    def _split(self, node: fx.Node, name: str) -> None:
+        x = node.args[0]
+        s, shape = self.placed.get(x), self.shape(x)
+        if not isinstance(s, Sharded) or shape is None:
+            raise _Fallback()
+        dim = node.kwargs.get("dim", node.args[1 if name == "unbind" else 2] if len(node.args) > (
+            1 if name == "unbind" else 2) else 0)
+        if not isinstance(dim, int):
+            raise _Fallback()
+        dim = normalize_dim(dim, len(shape))
+        if dim == s.axis:
+            raise _Fallback()
+        count = len(value_of(node)) if isinstance(value_of(node), (tuple, list)) else None
+        if count is None:
+            raise _Fallback()
+        axis = s.axis - (name == "unbind" and dim < s.axis)
+        self.placed[node] = tuple(s.at(axis) for _ in range(count))
+
+    def _constant_size(self, node: fx.Node) -> None:
+        """A size query on a sharded tensor: the model asked for the full length."""
+        value = value_of(node)
+        if isinstance(value, int) or (isinstance(value, (tuple, list, torch.Size)) and
+                                      all(isinstance(v, int) for v in value)):
+            node.replace_all_uses_with(value if isinstance(value, int) else tuple(value))
+            self.graph.erase_node(node)
+            return
+        raise _Fallback()
+
+    def _glue(self, node: fx.Node) -> None:
+        """The attention rewrite's mask helpers read whole masks (the key axis in full)."""
+        if node.target is ring_glue.key_padding_from_mask:
+            mask = node.args[0]
+            s = self.placed.get(mask)
+            shape = self.shape(mask)
+            if isinstance(s, Sharded) and shape is not None and s.axis == len(shape) - 1:
+                self.placed[node] = s.at(1)
+                return
+            if mask not in self.placed:
+                return
+        raise _Fallback()
+
+    def _ring_op(self, node: fx.Node) -> None:
+        q, k, v, kpm, seg, bias = node.args[:6]
+        q_shape = self.shape(q)
+        length = q_shape[2]
+        s = Sharded(2, length)
+        world = int(self.options.ring_size)
+        padded = collectives.padded_length(length, world, self.layout) != length
+        args = list(node.args)
+        for i, t in enumerate((q, k, v)):
+            args[i] = self.localize(t, s, node)
+        if kpm is not None:
+            args[3] = self.localize(kpm, Sharded(1, length), node, fill=False)
+        elif padded:
+            with self.graph.inserting_before(node):
+                args[3] = self.graph.call_function(collectives.valid_key_mask, (
+                    args[0], length, self.group, self.layout))
+        if seg is not None:
+            args[4] = self.localize(seg, Sharded(1, length), node, fill=-1)
+        if bias is not None:
+            if bias.target is ring_glue.gather_key_columns:
+                bias = bias.args[0]
+            if bias in self.placed:
+                bias = self.gather(bias, node)
+            bshape = self.shape(bias)
+            if bshape is None or len(bshape) != 4:
+                raise NotImplementedError(f"attention bias of unknown shape at {source_line(node)}")
+            if bshape[-2] != 1:
+                bias = self.shard(bias, Sharded(2, length), node)
+            if bshape[-1] != 1 and padded:
+                with self.graph.inserting_before(node):
+                    bias = self.graph.call_function(collectives.pad_sequence, (
+                        bias, 3, length, self.group, self.layout, 0))
+            args[5] = bias
+        node.args = tuple(args)
+        self.placed[node] = (s, s)
+
+
+def _through_view(s: Sharded, in_shape, out_shape) -> Optional[Sharded]:
+    """The sequence's place after a reshape: the same span of the row-major index in one
+    output axis, or None when the reshape splits it."""
+    start = math.prod(in_shape[: s.axis]) * s.outer  # units: the sequence occupies [start, start * length)
+    stop = start * s.length
+    for j in range(len(out_shape)):
+        lo, hi = math.prod(out_shape[:j]), math.prod(out_shape[: j + 1])
+        if lo <= start and stop <= hi and start % lo == 0 and hi % stop == 0:
+            if out_shape[j] == 1:
+                continue
+            return Sharded(j, s.length, start // lo, hi // stop)
+    return None
+
+
+def _through_index(s: Sharded, index, in_shape):
+    """Where the sequence is after ``x[index]`` (basic indexing): a ``Sharded``, "select"
+    (an int index into the sequence), or "slice" (part of it)."""
+    items = index if isinstance(index, tuple) else (index,)
+    axis_in, axis_out, result = 0, 0, None
+    for k, it in enumerate(items):
+        if it is Ellipsis:
+            rest = sum(1 for x in items[k + 1:] if x is not None)
+            skip = len(in_shape) - axis_in - rest
+            if axis_in <= s.axis < axis_in + skip:
+                result = axis_out + (s.axis - axis_in)
+            axis_in, axis_out = axis_in + skip, axis_out + skip
+        elif it is None:
+            axis_out += 1
+        elif isinstance(it, slice):
+            if axis_in == s.axis:
+                whole = it.start in (None, 0) and it.step in (None, 1) and (
+                    it.stop is None or (isinstance(it.stop, int) and it.stop >= in_shape[axis_in]))
+                if not whole:
+                    return "slice"
+                result = axis_out
+            axis_in, axis_out = axis_in + 1, axis_out + 1
+        elif isinstance(it, int) and not isinstance(it, bool):
+            if axis_in == s.axis:
+                return "select"
+            axis_in += 1
+        else:
+            return "unknown"
+    if result is None and s.axis >= axis_in:
+        result = axis_out + (s.axis - axis_in)
+    return s.at(result) if result is not None else "unknown"
+
+
+def _sum_over_sequence(x, dims, keepdim, axis, length, group_name, layout, dtype, count):
+    """``x.sum(dims)`` (or the mean over ``count`` values) over the whole ring: the local
+    sum of this rank's tokens (pad tokens masked out) all-reduced."""
+    x = collectives.mask_padding(x, axis, length, group_name, layout)
+    kwargs = {} if dtype is None else {"dtype": dtype}
+    local = x.sum(**kwargs) if dims is None else x.sum(dims, keepdim=keepdim, **kwargs)
+    total = collectives.all_reduce_sum(local, group_name)
+    return total if count is None else total / count
+
+
+def _class_loss_over_sequence(name, x, target, axis, length, outer, inner, group_name, layout, ignore_index,
+                              reduction, label_smoothing):
+    """cross_entropy / nll_loss summed (or averaged over valid targets) over the ring."""
+    import torch.nn.functional as F
+
+    if outer != 1 or inner != 1:
+        split = target.unflatten(axis, (outer, -1, inner))
+        target = collectives.mask_padding(split, axis + 1, length, group_name, layout, fill=ignore_index)
+        target = target.flatten(axis, axis + 2)
+    else:
+        target = collectives.mask_padding(target, axis, length, group_name, layout, fill=ignore_index)
+    kwargs = {"ignore_index": ignore_index, "reduction": "sum"}
+    if name == "cross_entropy":
+        kwargs["label_smoothing"] = label_smoothing
+        local = F.cross_entropy(x, target, **kwargs)
+    else:
+        local = F.nll_loss(x, target, **kwargs)
+    total = collectives.all_reduce_sum(local, group_name)
+    if reduction == "sum":
+        return total
+    count = collectives.all_reduce_sum((target != ignore_index).sum().to(total.dtype), group_name)
+    return total / count
+
+
+__all__ = ["Sharded", "ShardingReport", "shard_sequence_pass"]
