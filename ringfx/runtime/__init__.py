@@ -6,6 +6,7 @@ blocks.py     per-step block plan: skipped / full / masked blocks, mask building
 kernels.py    per-block kernels returning the log-sum-exp (CPU flash, cuDNN, flash,
               memory-efficient, math) and GQA folding
 algorithm.py  the forward and backward ring programs, the float32 merge
+checks.py     what the op accepts: every input checked before the first transfer
 op.py         torch.ops.ringfx.ring_attention (custom op) and the Python wrapper
 sharding.py   shard / unshard / positions
 """

@@ -19,11 +19,12 @@ import contextlib
 import dataclasses
 import functools
 import os
+import struct
 
 import torch
 
 from .blocks import MaskSpec, build_mask, plan_step, step_count
-from .kernels import block_forward, choose_kernel, gqa_backward
+from .kernels import KERNELS, block_forward, choose_kernel, gqa_backward
 from .layout import LAYOUTS, local_positions
 from .ring import AllGather, Exchange
 
@@ -51,7 +52,7 @@ def fold(dst, acc, blocks, *, dst_lse=None, acc_lse=None, lses=None):
 
     Merge: lse' = logsumexp(acc_lse, lse_1, ...), dst = Σ exp(lse_i - lse') · out_i,
     computed in float32 (float64 for float64); a row nobody has seen (every lse -inf)
-    gets lse -inf and output 0. ``dst`` may be ``acc`` (in place) or a tensor of the
+    gets lse -inf and output 0; a NaN row (NaN in the inputs) stays NaN, as in SDPA. ``dst`` may be ``acc`` (in place) or a tensor of the
     input dtype (the last fold writes the result directly). On CUDA with float32
     accumulation this is one Triton pass (RINGFX_FUSED_MERGE=0 turns it off).
     """
@@ -74,7 +75,9 @@ def fold(dst, acc, blocks, *, dst_lse=None, acc_lse=None, lses=None):
     if acc is not None and len(blocks) == 1:  # the two-temporary form of one block's merge
         out = acc.to(ct, copy=True) if acc.data_ptr() != dst.data_ptr() or dst.dtype != ct else dst
         lse_b = lses[0].to(ct)
-        w = torch.sigmoid(lse_b - acc_lse).nan_to_num(0.0).unsqueeze(-1)
+        # a block row nobody saw (lse -inf) weighs 0, also against an unseen acc row
+        # (sigmoid(-inf + inf) is NaN); a NaN row (NaN in the inputs) stays NaN
+        w = torch.sigmoid(lse_b - acc_lse).masked_fill(lse_b == float("-inf"), 0.0).unsqueeze(-1)
         out.sub_(w * (out - blocks[0]))
         dst_lse.copy_(torch.logaddexp(acc_lse, lse_b))
         if out is not dst:
@@ -83,7 +86,8 @@ def fold(dst, acc, blocks, *, dst_lse=None, acc_lse=None, lses=None):
     outs = [b.to(ct) for b in blocks] + ([acc.to(ct)] if acc is not None else [])
     stacked = torch.stack([x.to(ct) for x in lses] + ([acc_lse.to(ct)] if acc is not None else []))
     lse = torch.logsumexp(stacked, 0)
-    w = torch.exp(stacked - lse).nan_to_num(0.0).unsqueeze(-1)  # rows nobody saw: nan -> 0
+    # rows nobody saw weigh 0 (exp(-inf + inf) is NaN); a NaN row stays NaN
+    w = torch.exp(stacked - lse).masked_fill(stacked == float("-inf"), 0.0).unsqueeze(-1)
     dst.copy_(functools.reduce(torch.add, (w[i] * o for i, o in enumerate(outs))))
     dst_lse.copy_(lse)
 
@@ -193,38 +197,61 @@ def fold_groups(q: torch.Tensor) -> tuple[int, int]:
 
 # -- agreement across ranks ----------------------------------------------------------
 
-_META_FIELDS = ("local sequence length", "batch", "query heads", "kv heads", "head dim", "dtype",
-                "causal", "window", "layout", "key padding mask", "segment ids", "attn bias")
+_META_FIELDS = ("refused", "local sequence length", "batch", "query heads", "kv heads", "head dim", "dtype",
+                "causal", "window", "layout", "kernel", "scale", "key padding mask", "segment ids", "attn bias")
+_N_SEG = 4  # segment-id (min, max) of each of up to two chunks
 
 
-def _metadata(q, k, pad, seg, bias, cfg: RingConfig, s_local: int) -> AllGather:
+def _float_bits(x: float) -> int:
+    return struct.unpack("<q", struct.pack("<d", x))[0]
+
+
+def _metadata(q, k, pad, seg, bias, cfg: RingConfig, refused=None) -> AllGather:
     """The request that makes every rank agree on shapes and options (and share the
     segment-id range of each of its chunks). Built on the CPU: only segment ids need a
-    look at device data."""
-    b, hq, _, d = q.shape
-    fields = [s_local, b, hq, k.shape[1], d, _DTYPES.index(q.dtype), int(cfg.causal), cfg.window,
-              LAYOUTS.index(cfg.layout), pad is not None, seg is not None, bias is not None]
-    seg_ranges = [0, 0, 0, 0]
-    if seg is not None:
+    look at device data. A rank whose inputs were refused sends only that."""
+    if refused is not None:
+        return AllGather(torch.tensor([1] + [0] * (len(_META_FIELDS) - 1 + _N_SEG), dtype=torch.int64),
+                         device=q.device)
+    b, hq, s_local, d = q.shape
+    fields = [0, s_local, b, hq, k.shape[1], d, _DTYPES.index(q.dtype), int(cfg.causal), cfg.window,
+              LAYOUTS.index(cfg.layout), KERNELS.index(cfg.kernel), _float_bits(cfg.scale),
+              pad is not None, seg is not None, bias is not None]
+    seg_ranges = [0] * _N_SEG
+    if seg is not None and seg.numel():
         parts = seg.reshape(seg.shape[0], 1 if cfg.layout == "contiguous" else 2, -1)
         ranges = torch.stack([parts.amin(dim=(0, 2)), parts.amax(dim=(0, 2))], 1).reshape(-1).tolist()
-        seg_ranges = ranges + [0] * (4 - len(ranges))
+        seg_ranges = ranges + [0] * (_N_SEG - len(ranges))
     return AllGather(torch.tensor(fields + seg_ranges, dtype=torch.int64), device=q.device)
 
 
-def _agree(gathered: torch.Tensor, cfg: RingConfig, has_seg: bool):
-    """Raise if the ranks were called with different shapes or options; return the
-    per-rank segment-id ranges (or None)."""
+def _agree(gathered: torch.Tensor, cfg: RingConfig, has_seg: bool, refused=None):
+    """Raise on every rank if a rank refused its inputs or the ranks were called with
+    different shapes or options (no transfer has been made: the ring stays usable);
+    return the per-rank segment-id ranges (or None)."""
     rows = gathered.tolist()
+    refusing = [r for r, row in enumerate(rows) if row[0]]
+    if refused is not None:
+        raise refused
+    if refusing:
+        who = f"rank {refusing[0]}" if len(refusing) == 1 else f"ranks {refusing}"
+        raise ValueError(f"ring attention: {who} refused its inputs (the error raised there says why); "
+                         "no transfer was made and the ring is still usable")
     for i, name in enumerate(_META_FIELDS):
         values = [r[i] for r in rows]
         if len(set(values)) > 1:
-            if i == 0:
+            if name == "local sequence length":
                 raise ValueError(
                     f"ring attention: the ranks hold different local sequence lengths {values}; every rank "
                     "must hold S/P tokens: shard the sequence with ringfx.shard (pad S to a multiple of "
                     "the ring size, or of 2 * ring size for the zigzag layout)"
                 )
+            if name == "scale":
+                values = [struct.unpack("<d", struct.pack("<q", x))[0] for x in values]
+            elif name == "kernel":
+                values = [KERNELS[x] for x in values]
+            elif name == "layout":
+                values = [LAYOUTS[x] for x in values]
             raise ValueError(f"ring attention: ranks disagree on the {name}: {values}; call the op with "
                              "the same shapes and options on every rank of the ring")
     if not has_seg:
@@ -387,9 +414,13 @@ def _setup(q, k, v, pad, seg, bias, cfg: RingConfig, rank: int, world: int):
     return s_local, spec, tok, q_pos
 
 
-def forward_program(q, k, v, pad, seg, bias, cfg: RingConfig, rank: int, world: int, into=None):
+def forward_program(q, k, v, pad, seg, bias, cfg: RingConfig, rank: int, world: int, into=None, refused=None):
+    """``refused``: the error this rank's inputs were refused with (it is raised on every
+    rank after the agreement, before any transfer)."""
+    seg_ranges = _agree((yield _metadata(q, k, pad, seg, bias, cfg, refused)), cfg, seg is not None, refused)
+    if q.numel() == 0:  # S, B or H is 0 (D is not): empty results, no kernel runs
+        return into if into is not None else (torch.empty_like(q), q.new_empty(q.shape[:-1], dtype=acc_dtype(q.dtype)))
     s_local, spec, tok, q_pos = _setup(q, k, v, pad, seg, bias, cfg, rank, world)
-    seg_ranges = _agree((yield _metadata(q, k, pad, seg, bias, cfg, s_local)), cfg, seg is not None)
     n_steps = step_count(cfg.layout, world, s_local, spec, seg_ranges)
     acc = acc_dtype(q.dtype)
     out = torch.empty(q.shape, dtype=acc, device=q.device)
@@ -427,8 +458,13 @@ def forward_program(q, k, v, pad, seg, bias, cfg: RingConfig, rank: int, world: 
 
 def backward_program(dout, q, k, v, out, lse, pad, seg, bias, cfg: RingConfig, rank: int, world: int,
                      into=None):
+    seg_ranges = _agree((yield _metadata(q, k, pad, seg, bias, cfg)), cfg, seg is not None)
+    if q.numel() == 0:  # no query: no gradient flows to any key
+        grads = into if into is not None else (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v))
+        grads[1].zero_()
+        grads[2].zero_()
+        return grads
     s_local, spec, tok, q_pos = _setup(q, k, v, pad, seg, bias, cfg, rank, world)
-    seg_ranges = _agree((yield _metadata(q, k, pad, seg, bias, cfg, s_local)), cfg, seg is not None)
     n_steps = step_count(cfg.layout, world, s_local, spec, seg_ranges)
     acc = acc_dtype(q.dtype)
     # rows that saw no key: exp(s - inf) = 0 instead of exp(-inf + inf) = NaN

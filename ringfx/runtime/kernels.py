@@ -49,11 +49,19 @@ class MathKernel:
     name = "math"
 
     def forward(self, q, k, v, mask, is_causal, scale):
+        # as the flash kernels: exponentials relative to the row maximum, normalised by
+        # their own sum, so the output's weights sum to 1 to rounding. exp(s - lse) does
+        # not: lse carries an absolute rounding error of eps * |lse|, which a large
+        # common offset in K makes large, and the backward's delta = dout . out then
+        # misses sum(dS) = 0 by that error times |V| (dQ lost 3 digits at offset 1e4).
         acc = _acc_dtype(q.dtype)
         s = _math_scores(q, k, mask, is_causal, scale, acc)
-        lse = torch.logsumexp(s, dim=-1)
-        p = torch.exp(s - lse.masked_fill(lse == float("-inf"), float("inf"))[..., None])
-        return torch.matmul(p, v.to(acc)).to(q.dtype), lse
+        m = s.amax(-1, keepdim=True)
+        m = m.masked_fill(m == float("-inf"), 0.0)  # a row that sees no key: e = 0, out 0, lse -inf
+        e = torch.exp(s - m)
+        total = e.sum(-1, keepdim=True)
+        out = torch.matmul(e, v.to(acc)) / total.masked_fill(total == 0, 1.0)
+        return out.to(q.dtype), (m + total.log()).squeeze(-1)
 
     def backward(self, dout, q, k, v, out, lse, mask, is_causal, scale):
         acc = _acc_dtype(q.dtype)
@@ -78,7 +86,11 @@ class CpuFlashKernel:
     def forward(self, q, k, v, mask, is_causal, scale):
         if mask is not None:
             mask = mask.to(q.dtype)
-        return aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, is_causal, attn_mask=mask, scale=scale)
+        out, lse = aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, is_causal, attn_mask=mask,
+                                                                    scale=scale)
+        # it returns out 0, lse 0 for a query row holding NaN; SDPA returns NaN
+        nan_rows = q.isnan().any(-1)
+        return out.masked_fill(nan_rows[..., None], float("nan")), lse.masked_fill(nan_rows, float("nan"))
 
     def backward(self, dout, q, k, v, out, lse, mask, is_causal, scale):
         if mask is not None:

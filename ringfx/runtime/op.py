@@ -22,9 +22,8 @@ import torch
 from torch import Tensor
 
 from .algorithm import RingConfig, acc_dtype, backward_program, forward_program
-from .kernels import KERNELS
-from .layout import check_layout
-from .ring import LoopbackRing, check_backend, group_name_of, resolve_group, ring_size, run_loopback, run_on_group
+from .checks import LEARNED_BIAS, as_4d_bias, check_inputs, check_window
+from .ring import LoopbackRing, check_backend, group_name_of, resolve_group, run_loopback, run_on_group
 
 
 def _split(x, world, dim):
@@ -35,16 +34,17 @@ def _split(x, world, dim):
     return list(x.chunk(world, dim))
 
 
-def _run(program, tensors, dims, cfg, group_name, outputs):
+def _run(program, tensors, dims, cfg, group, outputs):
     """Run ``program`` on every rank this process plays: one for a real group, P for a
     loopback ring (inputs split along the sequence; each virtual rank writes its results
     straight into its slice of the full outputs, so the loopback adds no concatenation).
     ``outputs``: (shape, dtype) of each result."""
-    group = resolve_group(group_name)
     if isinstance(group, LoopbackRing):
         world = group.size
-        parts = [_split(t, world, d) for t, d in zip(tensors, dims)]
         device = tensors[0].device
+        if tensors[0].numel() == 0:  # nothing to attend (S, B or H is 0): no kernel runs
+            return tuple(torch.zeros(shape, dtype=dtype, device=device) for shape, dtype in outputs)
+        parts = [_split(t, world, d) for t, d in zip(tensors, dims)]
         full = [torch.empty(shape, dtype=dtype, device=device) for shape, dtype in outputs]
         slices = [t.chunk(world, 2) for t in full]
         run_loopback([program(*(p[r] for p in parts), cfg, r, world, into=tuple(s[r] for s in slices))
@@ -62,9 +62,23 @@ def ring_attention_op(
     group_name: str, layout: str, causal: bool, scale: float, window: int, kernel: str,
 ) -> tuple[Tensor, Tensor]:
     cfg = RingConfig(layout, causal, scale, window, kernel)
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    return _run(forward_program, (q, k, v, key_padding_mask, segment_ids, attn_bias), (2, 2, 2, 1, 1, -2),
-                cfg, group_name, [(q.shape, q.dtype), (q.shape[:-1], acc_dtype(q.dtype))])
+    group = resolve_group(group_name)
+    loopback = isinstance(group, LoopbackRing)
+    tensors = (q, k, v, key_padding_mask, segment_ids, attn_bias)
+    try:
+        check_inputs(*tensors, layout=layout, window=window, kernel=kernel, loopback=loopback,
+                     world=group.size if loopback else torch.distributed.get_world_size(group))
+    except (ValueError, TypeError) as refused:
+        if loopback:
+            raise
+        # this rank still joins the ranks' agreement, where every rank learns of the
+        # refusal and raises before any transfer
+        rank, world = torch.distributed.get_rank(group), torch.distributed.get_world_size(group)
+        return run_on_group(forward_program(*tensors, cfg, rank, world, refused=refused), group)
+    tensors = (q.contiguous(), k.contiguous(), v.contiguous(), key_padding_mask, segment_ids,
+               as_4d_bias(attn_bias))
+    return _run(forward_program, tensors, (2, 2, 2, 1, 1, -2), cfg, group,
+                [(q.shape, q.dtype), (q.shape[:-1], acc_dtype(q.dtype))])
 
 
 @ring_attention_op.register_fake
@@ -81,8 +95,8 @@ def ring_attention_backward_op(
 ) -> tuple[Tensor, Tensor, Tensor]:
     cfg = RingConfig(layout, causal, scale, window, kernel)
     tensors = (dout.contiguous(), q.contiguous(), k.contiguous(), v.contiguous(), out.contiguous(), lse.contiguous(),
-               key_padding_mask, segment_ids, attn_bias)
-    return _run(backward_program, tensors, (2, 2, 2, 2, 2, 2, 1, 1, -2), cfg, group_name,
+               key_padding_mask, segment_ids, as_4d_bias(attn_bias))
+    return _run(backward_program, tensors, (2, 2, 2, 2, 2, 2, 1, 1, -2), cfg, resolve_group(group_name),
                 [(t.shape, t.dtype) for t in (q, k, v)])
 
 
@@ -94,6 +108,8 @@ def _(dout, q, k, v, out, lse, key_padding_mask, segment_ids, attn_bias, group_n
 
 
 def _setup_context(ctx, inputs, output):
+    if ctx.needs_input_grad[5]:  # attn_bias (masks and ids are bool / integer)
+        raise ValueError(LEARNED_BIAS)
     q, k, v, pad, seg, bias, *options = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, pad, seg, bias)
@@ -141,67 +157,30 @@ def ring_attention(
         window: left sliding window W: query i sees keys j > i - W (and j <= i if causal).
         key_padding_mask: bool ``(B, S_local)``, True where the key is a real token.
         segment_ids: integer ``(B, S_local)``: attend only within the same segment/document.
-        attn_bias: last resort: additive float (or bool, True = attend) bias broadcastable to
-            ``(B, Hq, S_local, S_total)``; rows are local queries, columns keys in global order.
-            Treated as a constant (no gradient).
+        attn_bias: last resort: additive float (or bool, True = attend) bias of 2 to 4 dims,
+            broadcastable (as SDPA broadcasts a mask) to ``(B, Hq, S_local, S_total)``; rows
+            are local queries, columns keys in global order. A constant: one that requires
+            grad is refused (learned biases are not supported yet).
         dropout_p: must be 0: ring attention is exact.
         kernel: per-block kernel, ``"auto"`` (fastest correct) or one of ``flash``,
             ``cudnn``, ``efficient``, ``math``.
     """
-    name = group_name_of(group)
-    world = ring_size(name)
-    _check_inputs(q, k, v, key_padding_mask, segment_ids, attn_bias, dropout_p, window, kernel, world,
-                  loopback=name.startswith("loopback:"))
-    check_layout(layout)
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    out, _ = torch.ops.ringfx.ring_attention(
-        q, k, v, key_padding_mask, segment_ids, attn_bias, name, layout, bool(causal), scale, int(window or 0), kernel
-    )
-    return out
-
-
-def _check_inputs(q, k, v, pad, seg, bias, dropout_p, window, kernel, world, loopback):
     for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, Tensor) or t.dim() != 4:
-            raise ValueError(f"{name} must be a 4-D tensor (B, H, S_local, D), got "
-                             f"{tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__}")
-        if t.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
-            raise TypeError(f"{name} has dtype {t.dtype}; ring attention needs a floating dtype")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype}); cast them to one dtype")
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"q, k, v are on different devices ({q.device}, {k.device}, {v.device})")
-    if k.shape != v.shape:
-        raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must have the same shape")
-    b, hq, s, d = q.shape
-    if k.shape[0] != b or k.shape[2] != s or k.shape[3] != d:
-        raise ValueError(
-            f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree on batch, local sequence length and head dim"
-        )
-    if hq % k.shape[1]:
-        raise ValueError(f"{hq} query heads are not a multiple of {k.shape[1]} kv heads (GQA needs Hq % Hkv == 0)")
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a tensor (B, H, S_local, D), got {type(t).__name__}")
     if dropout_p:
         raise ValueError(f"dropout_p={dropout_p}: ring attention is exact attention without dropout; "
                          "pass dropout_p=0 (put the model in eval mode)")
-    if window is not None and (not isinstance(window, int) or window < 1):
-        raise ValueError(f"window={window!r} must be a positive int (keys j > i - window are visible) or None")
-    if kernel not in KERNELS:
-        raise ValueError(f"kernel={kernel!r} is not known; use one of {KERNELS}")
-    if loopback and s % world:
-        raise ValueError(f"a LoopbackRing({world}) needs the sequence length {s} divisible by {world}; "
-                         "pass the output of ringfx.shard")
-    for name, t in (("key_padding_mask", pad), ("segment_ids", seg)):
-        if t is not None and tuple(t.shape) != (b, s):
-            raise ValueError(f"{name} must have shape (B, S_local) = {(b, s)}, got {tuple(t.shape)}")
-    if pad is not None and pad.dtype != torch.bool:
-        raise TypeError(f"key_padding_mask must be bool (True = real token), got {pad.dtype}")
-    if seg is not None and (seg.dtype.is_floating_point or seg.dtype == torch.bool):
-        raise TypeError(f"segment_ids must be an integer tensor, got {seg.dtype}")
-    if bias is not None:
-        s_total = s if loopback else s * world
-        if bias.dim() != 4 or bias.shape[-2] not in (1, s) or bias.shape[-1] not in (1, s_total):
-            raise ValueError(f"attn_bias must be 4-D, broadcastable to (B, Hq, S_local, S_total) = "
-                             f"{(b, hq, s, s_total)}, got {tuple(bias.shape)}")
-        if bias.requires_grad and torch.is_grad_enabled():
-            raise ValueError("attn_bias requires grad, but ring attention treats the bias as a constant; "
-                             "detach it, or leave this attention unrewritten")
+    check_window(window)
+    if isinstance(attn_bias, Tensor) and attn_bias.requires_grad and torch.is_grad_enabled():
+        raise ValueError(LEARNED_BIAS)
+    if scale is None:
+        d = q.shape[-1] if q.dim() else 0
+        scale = 1.0 / math.sqrt(d) if d else 1.0  # head dim 0 is refused by the op
+    # everything else is checked by the op itself (on a real group, with every rank
+    # told of a refusal before any transfer)
+    out, _ = torch.ops.ringfx.ring_attention(
+        q, k, v, key_padding_mask, segment_ids, attn_bias, group_name_of(group), layout, bool(causal),
+        float(scale), int(window or 0), kernel,
+    )
+    return out

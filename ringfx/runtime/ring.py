@@ -170,8 +170,10 @@ def _advance(gen, answer, results, rank):
 
 
 class _Pending:
-    def __init__(self, works, received, group, timeout):
+    def __init__(self, works, received, group, timeout, outstanding: set):
         self._works, self._received, self._group, self._timeout = works, received, group, timeout
+        self._outstanding = outstanding
+        outstanding.add(self)
 
     def wait(self):
         for w in self._works:
@@ -180,15 +182,54 @@ class _Pending:
             except Exception as e:  # noqa: BLE001 - a dead or stuck peer ends here
                 raise _peer_failure(self._group, e) from e
             if ok is False:
-                raise RuntimeError("ring attention: a ring transfer timed out")
+                raise _peer_failure(self._group, "a ring transfer timed out")
+        self._outstanding.discard(self)
         return self._received
+
+    def drain(self):
+        """Wait for the transfers, if not done yet, without raising (the caller is already
+        raising); one that cannot complete marks the group unusable."""
+        try:
+            self.wait()
+        except RuntimeError:
+            pass
+
+
+# group name -> why ring attention can no longer use it
+_UNUSABLE: dict[str, str] = {}
 
 
 def _peer_failure(group, error) -> RuntimeError:
-    return RuntimeError(
-        f"ring attention: rank {dist.get_rank(group)} of group {group.group_name!r} could not complete a "
-        f"ring transfer; a peer has died or is stuck (the group's timeout bounds the wait): {error}"
-    )
+    message = (f"ring attention: rank {dist.get_rank(group)} of group {group.group_name!r} could not complete a "
+               f"ring transfer; a peer has died or is stuck (the group's timeout bounds the wait): {error}")
+    _UNUSABLE[group.group_name] = message
+    return RuntimeError(message)
+
+
+def check_usable(group: dist.ProcessGroup) -> None:
+    """Refuse a group that an earlier ring call left with transfers that never completed:
+    its next transfers would be matched with those."""
+    why = _UNUSABLE.get(group.group_name)
+    if why is not None:
+        raise RuntimeError(f"process group {group.group_name!r} is no longer usable by ringfx: an earlier call "
+                           f"failed with: {why}. Create a new process group (dist.new_group) for the ring")
+
+
+def gather_small(tensor: torch.Tensor, group: dist.ProcessGroup, device=None) -> torch.Tensor:
+    """All-gather one small tensor from every rank of ``group``: a (P, ...) tensor.
+    ``device``: where the collective runs when the group cannot take CPU tensors."""
+    # a group with a CPU backend too ("cpu:gloo,cuda:nccl") gathers CPU tensors there: the
+    # host then waits for the other ranks only, not for this GPU's queued work
+    on = device or tensor.device
+    if tensor.device.type == "cpu" and backend_mismatch(str(dist.get_backend(group)), "cpu") is None:
+        on = tensor.device
+    tensor = tensor.to(on).contiguous()
+    out = [torch.empty_like(tensor) for _ in range(dist.get_world_size(group))]
+    try:
+        dist.all_gather(out, tensor, group=group)
+    except Exception as e:  # noqa: BLE001 - a dead or stuck peer ends here
+        raise _peer_failure(group, e) from e
+    return torch.stack(out)
 
 
 def group_timeout(group: dist.ProcessGroup, device: torch.device | None = None) -> datetime.timedelta | None:
@@ -229,32 +270,35 @@ def run_on_group(program: RankProgram, group: dist.ProcessGroup, device: torch.d
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     timeout = group_timeout(group, device)
 
+    outstanding: set = set()  # posted transfers not yet waited for
+
     def exchange(request: Exchange):
         if request.stream is None:
-            return _post_exchange(request, group, rank, world, timeout)
+            return _post_exchange(request, group, rank, world, timeout, outstanding)
         with torch.cuda.stream(request.stream):
-            return _post_exchange(request, group, rank, world, timeout)
-
-    # a group with a CPU backend too ("cpu:gloo,cuda:nccl") gathers CPU tensors there: the
-    # host then waits for the other ranks only, not for this GPU's queued work
-    cpu_ok = backend_mismatch(str(dist.get_backend(group)), "cpu") is None
+            return _post_exchange(request, group, rank, world, timeout, outstanding)
 
     def all_gather(request: AllGather):
-        device = request.device or request.tensor.device
-        if request.tensor.device.type == "cpu" and cpu_ok:
-            device = request.tensor.device
-        tensor = request.tensor.to(device).contiguous()
-        out = [torch.empty_like(tensor) for _ in range(world)]
-        try:
-            dist.all_gather(out, tensor, group=group)
-        except Exception as e:  # noqa: BLE001 - a dead or stuck peer ends here
-            raise _peer_failure(group, e) from e
-        return torch.stack(out)
+        return gather_small(request.tensor, group, request.device)
 
-    return drive(program, exchange, all_gather)
+    check_usable(group)
+    try:
+        return drive(program, exchange, all_gather)
+    except Exception as e:
+        if outstanding and group.group_name not in _UNUSABLE:
+            # complete this rank's posted transfers before raising: a transfer left
+            # pending would be matched by the next call's and mix the two calls' data
+            for handle in list(outstanding):
+                handle.drain()
+            e.add_note(
+                f"ring attention failed on rank {rank} after its ring transfers had started; they were "
+                "completed before raising, so the group stays usable where every rank failed at the same "
+                "step (a rank that did not fail reports a dead or stuck peer after the group's timeout)"
+            )
+        raise
 
 
-def _post_exchange(request: Exchange, group, rank, world, timeout):
+def _post_exchange(request: Exchange, group, rank, world, timeout, outstanding: set):
     shift = request.shift % world
     if shift == 0:
         return _Ready(list(request.tensors))
@@ -264,7 +308,7 @@ def _post_exchange(request: Exchange, group, rank, world, timeout):
     ops = [dist.P2POp(dist.isend, t, dst, group) for t in request.tensors]
     ops += [dist.P2POp(dist.irecv, t, src, group) for t in received]
     works = dist.batch_isend_irecv(ops)
-    return _Pending(works, received, group, timeout)
+    return _Pending(works, received, group, timeout, outstanding)
 
 
 def backend_mismatch(backend: str, device_type: str) -> str | None:

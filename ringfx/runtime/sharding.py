@@ -9,15 +9,26 @@ of the sequence) and ``unshard`` inverts it.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.distributed as dist
 
-from .layout import check_divisible, check_layout, chunk_ranges, layout_permutation, local_positions
-from .ring import LoopbackRing, group_name_of, resolve_group
+from .layout import LAYOUTS, check_divisible, check_layout, chunk_ranges, layout_permutation, local_positions
+from .ring import LoopbackRing, check_usable, gather_small, group_name_of, resolve_group
 
 
 def _ring(group):
     return resolve_group(group_name_of(group))
+
+
+def _sequence_dim(x: torch.Tensor, dim: int) -> int:
+    """``dim`` as a non-negative index, refused like torch refuses an out-of-range dim."""
+    n = x.dim()
+    if not -max(n, 1) <= dim < max(n, 1):
+        raise IndexError(f"Dimension out of range (expected to be in range of [{-max(n, 1)}, {max(n, 1) - 1}], "
+                         f"but got {dim}): dim names the sequence dimension of a {n}-D tensor")
+    return dim % max(n, 1)
 
 
 def _own_tokens(x: torch.Tensor, dim: int, layout: str, rank: int, world: int) -> torch.Tensor:
@@ -30,7 +41,7 @@ def _own_tokens(x: torch.Tensor, dim: int, layout: str, rank: int, world: int) -
 def shard(x: torch.Tensor, dim: int, *, layout: str = "contiguous", group=None) -> torch.Tensor:
     """This rank's part of ``x`` along the sequence dimension ``dim``."""
     check_layout(layout)
-    dim = dim % x.dim()
+    dim = _sequence_dim(x, dim)
     ring = _ring(group)
     if isinstance(ring, LoopbackRing):
         if layout == "contiguous":
@@ -41,9 +52,11 @@ def shard(x: torch.Tensor, dim: int, *, layout: str = "contiguous", group=None) 
 
 
 def unshard(x: torch.Tensor, dim: int, *, layout: str = "contiguous", group=None) -> torch.Tensor:
-    """The full tensor, in global order, from every rank's shard along ``dim``."""
+    """The full tensor, in global order, from every rank's shard along ``dim``. On a real
+    group every rank must pass a shard of the same shape (checked first: a ValueError
+    on every rank otherwise)."""
     check_layout(layout)
-    dim = dim % x.dim()
+    dim = _sequence_dim(x, dim)
     ring = _ring(group)
     if isinstance(ring, LoopbackRing):
         if layout == "contiguous":
@@ -68,6 +81,7 @@ class _GatherSequence(torch.autograd.Function):
     def forward(ctx, x, dim, layout, group):
         world, rank = dist.get_world_size(group), dist.get_rank(group)
         ctx.dim, ctx.layout, ctx.group = dim, layout, group
+        _agree_on_shards(x, dim, layout, group)
         x = x.contiguous()
         parts = [torch.empty_like(x) for _ in range(world)]
         dist.all_gather(parts, x, group=group)
@@ -86,3 +100,30 @@ class _GatherSequence(torch.autograd.Function):
     def backward(ctx, grad):
         own = _own_tokens(grad, ctx.dim, ctx.layout, dist.get_rank(ctx.group), dist.get_world_size(ctx.group))
         return own, None, None, None
+
+
+_SHAPE_SLOTS = 12
+_GATHER_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32,
+                  torch.int16, torch.int8, torch.uint8, torch.bool, torch.complex64, torch.complex128)
+
+
+def _agree_on_shards(x: torch.Tensor, dim: int, layout: str, group) -> None:
+    """Raise on every rank unless all ranks pass shards of one shape and dtype, gathered
+    along the same dim in the same layout (an all-gather of mismatched shapes aborts
+    one rank and returns a wrong-sized tensor on another)."""
+    check_usable(group)
+    shape = list(x.shape[:_SHAPE_SLOTS])
+    if x.dim() > _SHAPE_SLOTS:
+        shape[-1] = math.prod(x.shape[_SHAPE_SLOTS - 1:])  # the trailing dims' product
+    code = _GATHER_DTYPES.index(x.dtype) if x.dtype in _GATHER_DTYPES else -1
+    row = [x.dim(), dim, LAYOUTS.index(layout), code] + shape + [0] * (_SHAPE_SLOTS - len(shape))
+    rows = gather_small(torch.tensor(row, dtype=torch.int64), group, x.device).tolist()
+    if any(r != rows[0] for r in rows):
+        shapes = [tuple(r[4:4 + min(r[0], _SHAPE_SLOTS)]) for r in rows]
+        dtypes = [str(_GATHER_DTYPES[r[3]]) if r[3] >= 0 else "other" for r in rows]
+        raise ValueError(
+            f"ringfx.unshard: the ranks passed different shards (shapes {shapes}, dims {[r[1] for r in rows]}, "
+            f"layouts {[LAYOUTS[r[2]] for r in rows]}, dtypes {dtypes}); "
+            "every rank must pass its shard of one tensor, all of the same shape (S/P tokens each), along "
+            "the same dim and layout"
+        )
