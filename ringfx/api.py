@@ -171,31 +171,38 @@ class _Sequence:
 
 
 def transform(model: nn.Module, mesh=None, **options) -> RingModule:
-    """Wrap ``model`` so that every attention runs as exact ring attention on ``mesh``.
+    """Wrap ``model`` so that it runs on a ring with every attention exact ring attention.
+
+    Called exactly as the untransformed model (full-length inputs, the same on every
+    rank, as a data loader yields them), it returns what the untransformed model returns:
+    the graph pass shards the sequence inside the captured graphs, gives ops that combine
+    tokens (losses, pooling, token selection) their distributed forms, all-gathers where
+    it has no exact sharded form (reported by ``ringfx.explain``), and gathers per-token
+    outputs back. On a real ring of P > 1 in training, parameter gradients are averaged
+    over the ring after each backward (gradient hooks), so they equal single-process
+    gradients on every rank with no code in the training loop.
 
     Args:
         model: any ``nn.Module`` (or callable); not copied, its parameters are shared.
         mesh: the ring: None (default process group), a ProcessGroup, a 1-D DeviceMesh,
-            ``(mesh, dim)`` or ``ringfx.LoopbackRing(P)``.
+            ``(mesh, dim)``, a 2-D DeviceMesh (data parallel x ring: the ring is its
+            dim named "cp" or else its last dim; gradients are averaged over the whole
+            mesh) or ``ringfx.LoopbackRing(P)``.
         **options: ``layout`` ("contiguous" | "zigzag"), ``inner`` ("eager" default,
             "aot_eager", "inductor", or a backend), ``strict`` (True: raise
             ``UnsupportedError`` for attention that cannot be rewritten on P > 1),
             ``kernel``, ``dynamic`` (passed to torch.compile; default False),
-            ``plan`` ("auto" with ``example_inputs=`` full-length inputs and planner
-            keywords such as ``device_memory="80GiB"``, or a ``ringfx.Plan``): check the
-            ring against the planner and take its layout (kept as ``.plan``).
+            ``gather_outputs`` (default True; False keeps per-token outputs as each
+            rank's tokens), ``inputs`` ("full" default; "sharded": the caller passes
+            each rank's tokens from ``ringfx.shard`` and gets its tokens' outputs back,
+            as data loaders that read shards do), ``reduce_gradients`` (default True on
+            a real ring), ``plan`` ("auto" with ``example_inputs=`` full-length inputs
+            and planner keywords such as ``device_memory="80GiB"``, or a
+            ``ringfx.Plan``): check the ring against the planner and take its layout.
 
-    Inputs: by default the caller shards the sequence inputs with ``ringfx.shard`` (same
-    layout and ring). With ``shard_inputs={"input_ids": 1, "position_ids": 1}`` the model
-    takes full-length inputs on every rank and shards those arguments itself (dim per
-    argument name; ``"auto"``: every tensor argument of two or more dims whose dim 1 has
-    the first one's length); with ``gather_outputs=1`` every output tensor that holds the local
-    tokens at that dim comes back full-length (a differentiable all-gather); other
-    outputs (a loss, a pooled vector) come back as the rank computed them. Gradients of
-    sharded inputs come back on each rank for its own tokens only. ``position_ids=
-    "position_ids"`` fills that argument, when the caller leaves it out, with the tokens'
-    positions (B, S) before sharding, for models that would otherwise make them with
-    ``arange`` over the shard.
+    Legacy (with ``inputs="sharded"`` semantics inside): ``shard_inputs={"input_ids": 1}``
+    / ``"auto"``, ``gather_outputs=1`` (an int dim) and ``position_ids="position_ids"``
+    shard the named arguments in the wrapper instead of in the graph.
     """
     if not callable(model):
         raise TypeError(f"transform(model=...) needs an nn.Module or callable, got {type(model).__name__}")
@@ -203,6 +210,18 @@ def transform(model: nn.Module, mesh=None, **options) -> RingModule:
     shard_inputs = options.pop("shard_inputs", None)
     gather_outputs = options.pop("gather_outputs", None)
     position_ids = options.pop("position_ids", None)
+    reduce_gradients = options.pop("reduce_gradients", True)
+    mesh, gradient_group = _ring_and_gradient_group(mesh)
+    legacy = shard_inputs is not None or position_ids is not None or (
+        gather_outputs is not None and not isinstance(gather_outputs, bool))
+    inputs = options.setdefault("inputs", "sharded" if legacy else "full")
+    if inputs not in ("full", "sharded"):
+        raise ValueError(f"inputs={inputs!r}: use 'full' (the model's own inputs) or 'sharded' (each rank's tokens)")
+    if legacy and inputs == "full":
+        raise ValueError("shard_inputs= / position_ids= / gather_outputs=<dim> shard in the wrapper; with "
+                         "inputs='full' (the default) the graph pass shards by itself: drop them")
+    if isinstance(gather_outputs, bool):
+        options["gather_outputs"] = gather_outputs
     chosen = _apply_plan(model, mesh, options)
     options.setdefault("inner", "eager")
     reports: list[CompiledGraph] = []
@@ -210,13 +229,45 @@ def transform(model: nn.Module, mesh=None, **options) -> RingModule:
     backend = _bound_backend(config)
     compiled = torch.compile(model, backend=backend, dynamic=dynamic)
     sequence = None
-    if shard_inputs is not None or gather_outputs is not None or position_ids is not None:
+    if legacy:
         sequence = _sequence_options(model, shard_inputs, gather_outputs, config.pass_options.layout,
                                      config.pass_options.group_name, position_ids)
     ring = RingModule(model, compiled, reports, sequence)
-    ring.ring_options = {"group": config.pass_options.group_name, "layout": config.pass_options.layout}
+    ring.ring_options = {"group": config.pass_options.group_name, "layout": config.pass_options.layout,
+                         "inputs": config.pass_options.inputs,
+                         "gather_outputs": config.pass_options.gather_outputs}
     ring.plan = chosen
+    ring.gradient_hooks = []
+    if (reduce_gradients and inputs == "full" and isinstance(model, nn.Module)
+            and not config.pass_options.loopback and config.pass_options.ring_size > 1):
+        from .runtime.gradients import average_gradients
+
+        group = gradient_group if gradient_group is not None else _group_of(config.pass_options.group_name)
+        ring.gradient_hooks = average_gradients(model, group)
     return ring
+
+
+def _group_of(name: str):
+    from .runtime.ring import resolve_group
+
+    return resolve_group(name)
+
+
+def _ring_and_gradient_group(mesh):
+    """A 2-D DeviceMesh (data parallel x ring) -> (its ring dim, the group of all its
+    ranks, over which gradients are averaged); anything else -> (mesh, None)."""
+    if type(mesh).__name__ != "DeviceMesh" or mesh.ndim == 1:
+        return mesh, None
+    if mesh.ndim != 2:
+        raise ValueError(f"transform(mesh=...): a {mesh.ndim}-D DeviceMesh; pass a 1-D ring or a 2-D "
+                         "(data parallel, ring) mesh")
+    names = mesh.mesh_dim_names or ()
+    ring_dim = names.index("cp") if "cp" in names else 1
+    import torch.distributed as dist
+
+    ranks = mesh.mesh.flatten().tolist()
+    everyone = dist.new_group(ranks) if sorted(ranks) != list(range(dist.get_world_size())) else dist.group.WORLD
+    return (mesh, names[ring_dim] if names else ring_dim), everyone
 
 
 def _sequence_options(model, shard_inputs, gather_outputs, layout: str, group_name: str,

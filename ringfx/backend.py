@@ -14,6 +14,11 @@ Options (``torch.compile(..., options={...})`` arrives here as ``options``):
     strict         True (default): on a ring of P > 1, an attention that cannot be
                    rewritten raises UnsupportedError instead of running wrongly on shards
     kernel         per-block kernel of the ring op ("auto")
+    inputs         "full" (default): the model is called as it is, with full-length inputs on
+                   every rank; the graph is sharded along the sequence by the pass and
+                   per-token outputs are gathered back. "sharded": the caller passes each
+                   rank's tokens (ringfx.shard) and gets its tokens' outputs
+    gather_outputs with inputs="full": False keeps per-token outputs sharded (long logits)
 """
 
 from __future__ import annotations
@@ -33,7 +38,8 @@ from .passes.sites import SiteRecord
 
 log = logging.getLogger("ringfx.backend")
 
-_KNOWN = {"group", "mesh", "layout", "inner", "strict", "kernel", "collector", "execute"}
+_KNOWN = {"group", "mesh", "layout", "inner", "strict", "kernel", "collector", "execute", "inputs",
+          "gather_outputs"}
 
 
 @dataclass
@@ -44,6 +50,7 @@ class CompiledGraph:
     graph_module: fx.GraphModule
     sites: list[SiteRecord] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # what the guards could not prove right
+    sharding: Any = None  # the sharding pass's ShardingReport (inputs="full" on a ring of P > 1)
 
 
 @dataclass
@@ -76,7 +83,9 @@ class BackendConfig:
             raise ValueError(f"execute={execute!r}: use 'rewritten' or 'original'")
         return BackendConfig(
             PassOptions(group_name=name, layout=options.get("layout", "contiguous"), ring_size=size,
-                        loopback=name.startswith("loopback:"), kernel=options.get("kernel", "auto")),
+                        loopback=name.startswith("loopback:"), kernel=options.get("kernel", "auto"),
+                        inputs=options.get("inputs", "full"),
+                        gather_outputs=bool(options.get("gather_outputs", True))),
             inner=inner, strict=bool(options.get("strict", True)), execute=execute,
             collector=options.get("collector"))
 
@@ -110,7 +119,8 @@ def ringfx_backend(gm: fx.GraphModule, example_inputs, **kwargs) -> Callable:
         index = len(config.collector)
         for r in records:
             r.graph_index = index
-        config.collector.append(CompiledGraph(index, gm, records, notes))
+        sharding = next((r for r in reports if r.name == "shard_sequence"), None)
+        config.collector.append(CompiledGraph(index, gm, records, notes, sharding))
     if config.execute != "original":  # explain() reports them instead
         for note in notes:
             warnings.warn(f"ringfx: {note}", RingfxWarning, stacklevel=2)

@@ -89,7 +89,7 @@ def test_bad_options_are_refused():
     with pytest.raises(TypeError, match="sequence dim"):
         ringfx.transform(model, ring, shard_inputs={"input_ids": "seq"})
     with pytest.raises(TypeError, match="gather_outputs"):
-        ringfx.transform(model, ring, gather_outputs=True)
+        ringfx.transform(model, ring, gather_outputs="1")
     ids, pos = (i.value for i in tokens(16, 0))
     with pytest.raises(ValueError, match="same sequence"):
         ringfx.transform(model, ring, shard_inputs={"input_ids": 1, "position_ids": 1})(ids, pos[:, :8])

@@ -92,7 +92,7 @@ def test_pattern_table_entry_is_found_checked_and_exact(pattern):
     torch._dynamo.reset()
     sharded = [ringfx.shard(x.detach(), 2 if x.dim() == 4 else 1, layout="zigzag", group=ring)
                .requires_grad_(x.is_floating_point()) for x in inputs]
-    out = transform(pattern.fn, mesh=ring, layout="zigzag")(*sharded)
+    out = transform(pattern.fn, mesh=ring, layout="zigzag", inputs="sharded")(*sharded)
     out.sum().backward()
     tol = 1e-5 if "upcast" in site.pattern or "llama" in pattern.name else 1e-10
     torch.testing.assert_close(out, ringfx.shard(ref.detach(), 2, layout="zigzag", group=ring), atol=tol, rtol=tol)
@@ -316,6 +316,6 @@ def test_expanded_indexed_padding_is_key_padding(layout):
     assert [s.mask_kind for s in report.sites] == ["key_padding"]
     ring = ringfx.LoopbackRing(2)
     model = IndexedPadding()
-    out = ringfx.transform(model, ring, layout=layout)(*(ringfx.shard(t, 1, layout=layout, group=ring)
+    out = ringfx.transform(model, ring, layout=layout, inputs="sharded")(*(ringfx.shard(t, 1, layout=layout, group=ring)
                                                           for t in (x, keep)))
     torch.testing.assert_close(ringfx.unshard(out, 2, layout=layout, group=ring), model(x, keep))

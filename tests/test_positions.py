@@ -50,14 +50,14 @@ class ArangeOverHeads(nn.Module):  # an arange over another axis, of another len
 def _notes(model, ring, *inputs):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        out = ringfx.transform(model, ring)(*inputs)
+        out = ringfx.transform(model, ring, inputs="sharded")(*inputs)
     return out, [str(w.message) for w in caught if issubclass(w.category, RingfxWarning)]
 
 
 def test_arange_positions_are_noted_with_the_source_line():
     ring = ringfx.LoopbackRing(2)
     x = ringfx.shard(torch.randn(1, 12, E, dtype=torch.float64), 1, layout="zigzag", group=ring)
-    ring_model = ringfx.transform(Rope(), ring)
+    ring_model = ringfx.transform(Rope(), ring, inputs="sharded")
     with pytest.warns(RingfxWarning) as caught:
         ring_model(x)
     notes = [str(w.message) for w in caught if issubclass(w.category, RingfxWarning)]
@@ -72,14 +72,14 @@ def test_noted_model_is_wrong_on_zigzag_and_right_with_positions_given():
     x = torch.randn(2, 18, E, dtype=torch.float64)
     ref = model(x)
     xs = ringfx.shard(x, 1, layout="zigzag", group=ring)
-    ring_model = ringfx.transform(model, ring, layout="zigzag")
+    ring_model = ringfx.transform(model, ring, layout="zigzag", inputs="sharded")
     with pytest.warns(RingfxWarning, match="arange"):
         wrong = ringfx.unshard(ring_model(xs), 2, layout="zigzag", group=ring)
     assert (wrong - ref).abs().max() > 1e-3  # what the warning is about: the shard's positions
     pos = ringfx.positions(18, layout="zigzag", group=ring)
     with warnings.catch_warnings():
         warnings.simplefilter("error", RingfxWarning)
-        right = ringfx.unshard(ringfx.transform(Rope(), ring, layout="zigzag")(xs, pos), 2, layout="zigzag",
+        right = ringfx.unshard(ringfx.transform(Rope(), ring, layout="zigzag", inputs="sharded")(xs, pos), 2, layout="zigzag",
                                group=ring)
     torch.testing.assert_close(right, ref)
 
@@ -99,7 +99,7 @@ def test_warning_can_be_made_an_error():
     with warnings.catch_warnings():
         warnings.simplefilter("error", RingfxWarning)
         with pytest.raises(RingfxWarning, match="arange"):
-            ringfx.transform(Rope(), ring)(x)
+            ringfx.transform(Rope(), ring, inputs="sharded")(x)
 
 
 def test_explain_of_a_transformed_model_reports_for_its_ring():

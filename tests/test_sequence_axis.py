@@ -36,8 +36,8 @@ class TokenAttention(nn.Module):  # ordinary attention over tokens, its input ch
 def test_channel_attention_is_refused_on_a_ring(model):
     x = torch.randn(2, 12, 6, dtype=torch.float64)
     with pytest.raises(UnsupportedError, match="non-sequence axis"):
-        ringfx.transform(model, ringfx.LoopbackRing(2))(x)
-    out = ringfx.transform(model, ringfx.LoopbackRing(2), strict=False)(x)
+        ringfx.transform(model, ringfx.LoopbackRing(2), inputs="sharded")(x)
+    out = ringfx.transform(model, ringfx.LoopbackRing(2), strict=False, inputs="sharded")(x)
     torch.testing.assert_close(out, model(x))  # left as it was
 
 
@@ -49,7 +49,7 @@ def test_channel_attention_on_one_rank_is_harmless():
 def test_token_attention_with_channels_first_input_is_rewritten():
     model, ring = TokenAttention(), ringfx.LoopbackRing(3)
     x = torch.randn(2, 6, 12, dtype=torch.float64)
-    ring_model = ringfx.transform(model, ring)
+    ring_model = ringfx.transform(model, ring, inputs="sharded")
     out = ringfx.unshard(ring_model(ringfx.shard(x, 2, group=ring)), 1, group=ring)
     torch.testing.assert_close(out, model(x))
     assert [s.decision for g in ring_model.reports for s in g.sites] == ["rewritten"]

@@ -81,7 +81,7 @@ def _notes(model, *inputs, world=2):
     sharded = [ringfx.shard(t, 1, group=ring) for t in inputs]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        ringfx.transform(model, ring)(*sharded)
+        ringfx.transform(model, ring, inputs="sharded")(*sharded)
     return [str(w.message) for w in caught if issubclass(w.category, RingfxWarning)]
 
 
@@ -116,7 +116,7 @@ def test_per_token_model_has_no_note_and_runs_exactly():
     x, labels = _x(), _labels()
     with warnings.catch_warnings():
         warnings.simplefilter("error", RingfxWarning)
-        out = ringfx.transform(model, ring)(ringfx.shard(x, 1, group=ring), ringfx.shard(labels, 1, group=ring))
+        out = ringfx.transform(model, ring, inputs="sharded")(ringfx.shard(x, 1, group=ring), ringfx.shard(labels, 1, group=ring))
     torch.testing.assert_close(ringfx.unshard(out, 1, group=ring), model(x, labels))
 
 
@@ -132,7 +132,7 @@ def test_zoo_models_get_no_note(entry):
               for i in entry.make_inputs(16, 0)]
     with warnings.catch_warnings():
         warnings.simplefilter("error", RingfxWarning)
-        ringfx.transform(model, ring)(*inputs)
+        ringfx.transform(model, ring, inputs="sharded")(*inputs)
 
 
 @pytest.mark.parametrize("model_cls", [TinyGpt2, TinyLlama], ids=["tiny-gpt2", "tiny-llama"])

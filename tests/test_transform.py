@@ -237,7 +237,7 @@ def test_dynamic_sequence_length(name):
     torch.manual_seed(0)
     model = entry.make_module().eval()
     ref = copy.deepcopy(model)
-    ring = transform(model, mesh=ringfx.LoopbackRing(2), dynamic=True)
+    ring = transform(model, mesh=ringfx.LoopbackRing(2), dynamic=True, inputs="sharded")
     for seq_len in (16, 24):
         inputs = [i.value for i in entry.make_inputs(seq_len, 0)]
         torch.testing.assert_close(ring(*inputs), ref(*inputs), atol=entry.tol, rtol=entry.tol)
@@ -283,7 +283,7 @@ def test_dense_mask_on_a_zigzag_loopback_ring():
     x, bias = (i.value for i in hidden_dense(16, 0))
     ring = ringfx.LoopbackRing(4)
     shard = lambda t, d: ringfx.shard(t, d, layout="zigzag", group=ring)
-    out = transform(model, mesh=ring, layout="zigzag")(shard(x, 1), shard(shard(bias, 2), 3))
+    out = transform(model, mesh=ring, layout="zigzag", inputs="sharded")(shard(x, 1), shard(shard(bias, 2), 3))
     torch.testing.assert_close(out, shard(ref(x, bias), 1))
 
 

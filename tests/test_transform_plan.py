@@ -18,7 +18,7 @@ def _model_and_inputs(s=48):
 def test_auto_plan_that_fits_runs_exactly():
     model, ids, pos = _model_and_inputs()
     ring_model = ringfx.transform(model, RING, plan="auto", example_inputs=(ids, pos), device_memory="1GiB",
-                                  causal=True, layout="zigzag")
+                                  causal=True, layout="zigzag", inputs="sharded")
     assert ring_model.plan.feasible and ring_model.plan.ring_size <= RING.size
     shard = lambda x: ringfx.shard(x, 1, layout="zigzag", group=RING)  # noqa: E731
     out = ringfx.unshard(ring_model(shard(ids), shard(pos)), 1, layout="zigzag", group=RING)

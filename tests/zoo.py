@@ -508,7 +508,7 @@ def compare_case(entry: ZooEntry, group, layout: str = "contiguous", seq_len: in
     w = torch.randn(ref_out.shape, generator=_gen(seed + 7), dtype=ref_out.dtype)
     (ref_out * w).sum().backward()
 
-    ring = transform(model, mesh=group, layout=layout)
+    ring = transform(model, mesh=group, layout=layout, inputs="sharded")
     shard = lambda x, dim: ringfx.shard(x, dim, layout=layout, group=group)
     out = ring(*[shard(i.value, i.seq_dim) if i.seq_dim is not None else i.value for i in inputs])
     (out * shard(w, 1)).sum().backward()

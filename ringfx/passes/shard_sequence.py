@@ -117,10 +117,10 @@ def shard_sequence_pass(gm: fx.GraphModule, *, options: Optional[PassOptions] = 
                         ) -> tuple[fx.GraphModule, ShardingReport]:
     options = options or PassOptions()
     report = ShardingReport("shard_sequence")
-    if options.inputs != "full" or options.ring_size == 1:
-        return gm, report
-    ring_ops = ring_attention_nodes(gm)
+    ring_ops = ring_attention_nodes(gm) if options.inputs == "full" and options.ring_size > 1 else []
     if not ring_ops:
+        log.info("shard_sequence: nothing to shard (%s)", "no ring op in the graph" if options.inputs == "full"
+                 and options.ring_size > 1 else f"inputs={options.inputs!r}, ring of {options.ring_size}")
         return gm, report
     _Sharder(gm, options, report).run(ring_ops)
     gm.graph.lint()
@@ -361,6 +361,8 @@ class _Sharder:
             return self._embedding(node)
         if name in ("matmul", "bmm", "mm"):
             return self._matmul(node)
+        if name == "addmm":
+            return self._addmm(node)
         if name == "einsum":
             return self._einsum(node)
         if name in ("transpose", "swapaxes", "t", "permute", "movedim", "unsqueeze", "squeeze"):
@@ -502,6 +504,17 @@ class _Sharder:
             self.placed[node] = s
             return
         self._require(node, s, {x: len(self.shape(x)) for x in (a, b) if isinstance(x, fx.Node)})
+        self.placed[node] = s
+
+    def _addmm(self, node: fx.Node) -> None:
+        """``addmm(bias, x, w)`` (GPT-2's Conv1D): the rows of ``x`` are tokens."""
+        bias, x, w = node.args[:3]
+        s = self.placed.get(x)
+        if not isinstance(s, Sharded) or s.axis != 0 or bias in self.placed or w in self.placed:
+            raise _Fallback()
+        bshape = self.shape(bias)
+        if bshape is not None and len(bshape) == 2 and bshape[0] != 1:
+            raise _Fallback()
         self.placed[node] = s
 
     def _einsum(self, node: fx.Node) -> None:
@@ -776,6 +789,12 @@ class _Sharder:
         nd = len(out) - (name == "stack")
         dim = normalize_dim(dim, len(out))
         wanted = set()
+        if name != "stack":  # an empty KV cache: cat([empty, x]) is x
+            live = [t for t in tensors if not (isinstance(t, fx.Node) and self.shape(t) is not None
+                                               and 0 in self.shape(t))]
+            if len(live) == 1 and isinstance(self.placed.get(live[0]), Sharded):
+                self.placed[node] = self.placed[live[0]]
+                return
         for t in tensors:
             s = self.placed.get(t)
             if isinstance(s, Sharded):
