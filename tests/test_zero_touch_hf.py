@@ -1,0 +1,278 @@
+"""Zero-touch sharding of Hugging Face transformers models.
+
+On a ring of P > 1 ranks, ``model = ringfx.transform(model)`` (default process group,
+or ``mesh=``) is called with exactly the inputs the untransformed model takes — full
+length, identical on every rank — and returns what the untransformed model returns
+(full-length logits / hidden states, the pooled vector, the same loss); after
+``loss.backward()`` every rank's parameter gradients equal the single-process ones.
+
+Every case builds a tiny random model (``hf_zoo``), runs it untransformed for the
+reference (outputs, and for causal LMs with labels every parameter's gradient), then
+transformed on the same parameters and inputs, and compares every floating-point
+tensor of the output and every gradient (atol 2e-5, rtol 1e-4, float32).
+
+* loopback rings (``ringfx.LoopbackRing(P)``): every model at P = 2 (contiguous) and
+  P = 3 (zigzag), sdpa on one and eager on the other (``RINGFX_ZT_FULL=1``: both on
+  both; trimmed for CI time, see ``loopback_cases``); LLaMA with gradient checkpointing in train mode, with
+  S = 1 + a multiple of P, and with a prime S;
+* real gloo rings (``@pytest.mark.gloo``): one spawn per ring size (2, 3) runs a matrix
+  covering every model, both attention implementations and both layouts (LLaMA, GPT-2,
+  BERT and ViT in both layouts); every rank compares its own outputs and gradients with
+  the untransformed model in the same process and reports each case.
+
+Checking the harness itself: ``RINGFX_ZT_SELFCHECK=1`` replaces ``ringfx.transform`` by
+the identity (every case must pass, on every rank); ``RINGFX_ZT_SELFCHECK=compile`` by
+``torch.compile(model, backend="eager")`` (the same, with dynamo's tracing cost, a proxy
+for the transform's compile time).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import time
+import traceback
+import warnings
+
+import pytest
+import torch
+
+import ringfx
+
+pytestmark = pytest.mark.skipif(
+    os.environ.get("RINGFX_ZERO_TOUCH") != "1" and not os.environ.get("RINGFX_ZT_SELFCHECK"),
+    reason="zero-touch sharding is in progress; set RINGFX_ZERO_TOUCH=1")
+
+transformers = pytest.importorskip("transformers", reason="needs transformers (pip install transformers)")
+
+import hf_zoo  # noqa: E402  (needs transformers)
+
+ATOL, RTOL = 2e-5, 1e-4
+S = 24  # divisible by P and 2P for P = 2, 3 (both layouts); apart from every model dim
+SELFCHECK = os.environ.get("RINGFX_ZT_SELFCHECK", "")
+GLOO_TIMEOUT = 60  # seconds: a hang on the ring raises instead of stalling the suite
+GLOO_BUDGET = 400  # seconds per spawn: cases left when it is spent are reported as not run
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    torch._dynamo.reset()
+
+
+def transform(model, mesh, layout, selfcheck=SELFCHECK):
+    """``ringfx.transform`` (``mesh=None``: the default process group), or its stand-in
+    for checking the harness."""
+    if selfcheck == "1":
+        return model
+    if selfcheck == "compile":
+        return torch.compile(model, backend="eager", dynamic=False)
+    if selfcheck:
+        raise ValueError(f"RINGFX_ZT_SELFCHECK={selfcheck!r}: use 1 or compile")
+    return ringfx.transform(model, mesh, layout=layout)
+
+
+def _max_err(a, b) -> float:
+    if a.shape != b.shape:
+        return float("inf")
+    d = (a.detach().double() - b.detach().double()).abs()
+    return float("nan") if d.isnan().any() else (d.max().item() if d.numel() else 0.0)
+
+
+def _close(a, b) -> bool:
+    return a.shape == b.shape and torch.allclose(a.detach(), b.detach(), rtol=RTOL, atol=ATOL)
+
+
+def case_name(name, attn, layout, world, seq_len=S, checkpointing=False):
+    extra = (f"-S{seq_len}" if seq_len != S else "") + ("-ckpt" if checkpointing else "")
+    return f"{name}-{attn}-P{world}-{layout}{extra}"
+
+
+def check(name, attn, layout, mesh, world, *, seq_len=S, checkpointing=False, rank=0, selfcheck=SELFCHECK):
+    """Run one case; return ``{"case", "rank", "ok", "errors": {output: max abs err},
+    "problems": [str]}``. Exceptions propagate (the caller decides)."""
+    model, inputs, kind = hf_zoo.build(name, attn, seq_len)
+    if checkpointing:
+        # transformers 5.x: gradient_checkpointing_enable is a deprecated alias
+        (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
+        assert model.model.gradient_checkpointing
+        model.train()
+    params = dict(model.named_parameters())
+
+    ref = model(**{k: v.clone() for k, v in inputs.items()})
+    ref_out = {k: v.detach().clone() for k, v in hf_zoo.float_outputs(ref).items()}
+    ref_grads = {}
+    if kind == "loss":
+        ref.loss.backward()
+        ref_grads = {n: None if p.grad is None else p.grad.clone() for n, p in params.items()}
+        model.zero_grad(set_to_none=True)
+    ref_type = type(ref)
+    del ref
+
+    ring_model = transform(model, mesh, layout, selfcheck)
+    out = ring_model(**{k: v.clone() for k, v in inputs.items()})
+    got = hf_zoo.float_outputs(out)
+
+    errors, problems = {}, []
+    if type(out) is not ref_type:
+        problems.append(f"returned {type(out).__name__}, expected {ref_type.__name__}")
+    if sorted(got) != sorted(ref_out):
+        problems.append(f"float outputs {sorted(got)}, expected {sorted(ref_out)}")
+    for k, r in ref_out.items():
+        if k not in got:
+            continue
+        errors[k] = _max_err(got[k], r)
+        if not _close(got[k], r):
+            problems.append(f"{k}: max abs err {errors[k]:.3g}"
+                            + (f" (shape {tuple(got[k].shape)}, expected {tuple(r.shape)})"
+                               if got[k].shape != r.shape else ""))
+    if kind == "loss":
+        if "loss" not in got:
+            problems.append("no loss to backpropagate")
+        else:
+            got["loss"].backward()
+            worst, bad = ("", 0.0), []
+            for n, p in params.items():
+                r, g = ref_grads[n], p.grad
+                if (r is None) != (g is None):
+                    bad.append(f"{n}: grad {'missing' if g is None else 'unexpected'}")
+                    continue
+                if r is None:
+                    continue
+                e = _max_err(g, r)
+                if not e <= worst[1]:
+                    worst = (n, e)
+                if not _close(g, r):
+                    bad.append(n)
+            errors["grads"] = worst[1]
+            if bad:
+                problems.append(f"grads of {len(bad)}/{len(ref_grads)} params differ (worst {worst[0]}: "
+                                f"{worst[1]:.3g}): {', '.join(bad[:4])}{' ...' if len(bad) > 4 else ''}")
+    return {"case": case_name(name, attn, layout, world, seq_len, checkpointing), "rank": rank,
+            "ok": not problems, "errors": errors, "problems": problems}
+
+
+def _describe(r) -> str:
+    errs = " ".join(f"{k}={v:.2g}" for k, v in r["errors"].items())
+    return f"{r['case']:<36} rank {r['rank']}  {'ok  ' if r['ok'] else 'FAIL'}  {errs}  {'; '.join(r['problems'])}"
+
+
+def _assert_ok(r):
+    assert r["ok"], _describe(r)
+
+
+# ---- loopback rings -------------------------------------------------------------------
+
+LOOPBACK_RINGS = [(2, "contiguous"), (3, "zigzag")]
+
+
+def loopback_cases(full=os.environ.get("RINGFX_ZT_FULL") == "1"):
+    """(name, attn, world, layout). Trimmed for time (the whole file must stay under
+    ~3 minutes on a 2-core CI machine; every model x {sdpa, eager} at both rings is
+    ~2x the loopback time): every model at both rings, its attention implementation
+    alternating between them (so every model meets both implementations and both
+    layouts, and each ring sees both implementations). RINGFX_ZT_FULL=1: every model x
+    {sdpa, eager} x both rings."""
+    cases = []
+    for i, name in enumerate(hf_zoo.MODELS):
+        for j, (world, layout) in enumerate(LOOPBACK_RINGS):
+            attns = ("sdpa", "eager") if full else (("sdpa", "eager")[(i + j) % 2],)
+            cases += [(name, attn, world, layout) for attn in attns]
+    return cases
+
+
+@pytest.mark.parametrize("name,attn,world,layout", loopback_cases(),
+                         ids=[f"{n}-{a}-P{p}-{lay}" for n, a, p, lay in loopback_cases()])
+def test_loopback(name, attn, world, layout):
+    _assert_ok(check(name, attn, layout, ringfx.LoopbackRing(world), world))
+
+
+@pytest.mark.parametrize("world,layout", LOOPBACK_RINGS, ids=[f"P{p}-{lay}" for p, lay in LOOPBACK_RINGS])
+def test_loopback_llama_gradient_checkpointing_train_mode(world, layout):
+    _assert_ok(check("llama", "sdpa", layout, ringfx.LoopbackRing(world), world, checkpointing=True))
+
+
+UNEVEN = [  # (P, layout, attn, S): S = 1 + a multiple of P, and prime S
+    (2, "contiguous", "sdpa", 21), (3, "zigzag", "eager", 25),
+    (2, "zigzag", "eager", 23), (3, "contiguous", "sdpa", 19),
+]
+
+
+@pytest.mark.parametrize("world,layout,attn,seq_len", UNEVEN, ids=[f"P{p}-{lay}-{a}-S{s}" for p, lay, a, s in UNEVEN])
+def test_loopback_llama_uneven_length(world, layout, attn, seq_len):
+    _assert_ok(check("llama", attn, layout, ringfx.LoopbackRing(world), world, seq_len=seq_len))
+
+
+# ---- real gloo rings -------------------------------------------------------------------
+
+def gloo_cases(world):
+    """(name, attn, layout, seq_len) for a ring of ``world``: every model once with the
+    attention implementation and layout alternating (shifted by ring size, so the two
+    rings see different pairs), LLaMA, GPT-2, BERT and ViT in the other layout too, and
+    LLaMA at a prime length."""
+    cases, shift = [], world % 2
+    for i, name in enumerate(hf_zoo.MODELS):
+        cases.append((name, ("sdpa", "eager")[(i + shift) % 2], ("contiguous", "zigzag")[(i // 2 + shift) % 2], S))
+    for name, attn, layout, s in list(cases):
+        if name in ("llama", "gpt2", "bert", "vit"):
+            other = "zigzag" if layout == "contiguous" else "contiguous"
+            cases.append((name, "eager" if attn == "sdpa" else "sdpa", other, s))
+    cases.append(("llama", "sdpa", "zigzag", 23))
+    return cases
+
+
+def _ring_matrix(rank, world, cases, selfcheck):
+    """Inside a spawned rank: run every case on the default process group; a case that
+    raises on any rank is reported and the following cases run on a fresh group (the
+    default one may hold unmatched transfers)."""
+    import torch.distributed as dist
+
+    warnings.simplefilter("error", ringfx.RingfxWarning)  # as in the test suite
+    timeout = datetime.timedelta(seconds=GLOO_TIMEOUT)
+    control = dist.new_group(backend="gloo", timeout=timeout)
+    mesh, start, results = None, time.monotonic(), []
+    for name, attn, layout, seq_len in cases:
+        elapsed = [None] * world
+        dist.all_gather_object(elapsed, time.monotonic() - start, group=control)
+        if max(elapsed) > GLOO_BUDGET:
+            results.append({"case": case_name(name, attn, layout, world, seq_len), "rank": rank, "ok": False,
+                            "errors": {}, "problems": [f"not run: the {GLOO_BUDGET} s budget is spent"]})
+            continue
+        torch._dynamo.reset()
+        try:
+            r = check(name, attn, layout, mesh, world, seq_len=seq_len, rank=rank, selfcheck=selfcheck)
+            raised = None
+        except Exception as e:  # noqa: BLE001  (reported per case and rank)
+            where = traceback.extract_tb(e.__traceback__)[-1]
+            raised = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} " \
+                     f"[{os.path.basename(where.filename)}:{where.lineno}]"
+            r = {"case": case_name(name, attn, layout, world, seq_len), "rank": rank, "ok": False,
+                 "errors": {}, "problems": [raised]}
+        r["group"] = "default" if mesh is None else "fresh"
+        everyone = [None] * world
+        dist.all_gather_object(everyone, raised, group=control)
+        if any(everyone):
+            mesh = dist.new_group(backend="gloo", timeout=timeout)
+            if raised is None:
+                r["ok"] = False
+                r["problems"].append(f"ranks {[i for i, x in enumerate(everyone) if x]} raised")
+        results.append(r)
+    return results
+
+
+@pytest.mark.gloo
+@pytest.mark.parametrize("world", [2, 3])
+def test_gloo_ring(world):
+    from ringfx.testing import spawn_gloo
+
+    cases = gloo_cases(world)
+    per_rank = spawn_gloo(world, _ring_matrix, cases, SELFCHECK, timeout=GLOO_TIMEOUT)
+    rows = [r for results in per_rank for r in (results or [])]
+    missing = [rank for rank, results in enumerate(per_rank) if results is None or len(results) != len(cases)]
+    failures = [r for r in rows if not r["ok"]]
+    table = "\n".join(_describe(r) for r in sorted(failures, key=lambda r: (r["case"], r["rank"])))
+    ok_cases = {r["case"] for r in rows} - {r["case"] for r in failures}
+    print(f"\nring of {world}: {len(ok_cases)}/{len(cases)} cases pass on every rank")
+    if failures:
+        print(table)
+    assert not missing, f"ranks {missing} returned no (or incomplete) results"
+    assert not failures, f"{len({r['case'] for r in failures})}/{len(cases)} cases fail on some rank:\n{table}"
