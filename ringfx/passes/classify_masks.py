@@ -23,13 +23,14 @@ Sums and conjunctions of masks (``a + b``, ``a & b``) are split into their parts
 from __future__ import annotations
 
 import logging
+import dataclasses
 from typing import Any, Optional
 
 import torch
 import torch.fx as fx
 
 from .find_attention import MASKED_FILL_LIMIT, sites_of
-from .node_facts import dtype_of, is_model_state, op_name, real_value, scalar, shape_of, value_of
+from .node_facts import OUTER_KEY, dtype_of, is_model_state, op_name, real_value, scalar, shape_of, value_of
 from .options import PassOptions
 from .sites import REWRITE, AttentionSite, MaskTerm, PassReport, SiteRecord
 
@@ -60,8 +61,14 @@ def classify_masks_pass(gm: fx.GraphModule, *, options: Optional[PassOptions] = 
 def classify_site(gm, site: AttentionSite, options: PassOptions, values: dict, cache=None) -> None:
     sq = _canonical_len(site)
     site.terms = [t for term in site.terms for t in _split(term)]
+    terms = []
     for term in site.terms:
-        classify_term(gm, term, sq, values, options, cache)
+        if isinstance(_region_input(term.node).meta.get(OUTER_KEY), fx.Node):
+            terms += _classify_outer(term, sq, options, cache)
+        else:
+            classify_term(gm, term, sq, values, options, cache)
+            terms.append(term)
+    site.terms = terms
     kinds = [t.kind for t in site.terms]
     bad = [t for t in site.terms if t.kind == "unsupported"]
     if bad:
@@ -79,7 +86,8 @@ def classify_site(gm, site: AttentionSite, options: PassOptions, values: dict, c
     if sum(k == "segment_ids" for k in kinds) > 1:
         site.skip("more than one segment-id mask")
         return
-    if "dense" in kinds and options.ring_size > 1 and not options.loopback:
+    # with full-length inputs the sharding pass hands the ring op every key column
+    if "dense" in kinds and options.ring_size > 1 and not options.loopback and options.inputs != "full":
         dense = next(t for t in site.terms if t.kind == "dense")
         cols = (shape_of(dense.node) or (None,))[-1]
         site.skip(f"dense mask {dense.node.name} holds {cols} key columns, this rank's only: on a ring "
@@ -92,6 +100,53 @@ def classify_site(gm, site: AttentionSite, options: PassOptions, values: dict, c
         parts.append(f"window({site.window})")
     parts += sorted({k for k in kinds if k not in ("none", "causal", "window")})
     site.mask_kind = "+".join(parts) or "none"
+
+
+def _region_input(node: fx.Node) -> fx.Node:
+    """The placeholder that ``node`` passes on unchanged (``mask[:, :, :, :S]`` of a mask of
+    length S, ``.contiguous()``), or ``node``."""
+    while op_name(node) in ("getitem", "contiguous") and isinstance(node.args[0], fx.Node) and \
+            shape_of(node) is not None and shape_of(node) == shape_of(node.args[0]):
+        node = node.args[0]
+    return node
+
+
+def _classify_outer(term: MaskTerm, n: int, options: PassOptions, cache) -> list[MaskTerm]:
+    """A mask that a checkpointed region receives as an input: classified where the calling
+    graph builds it. Parts that the ring op needs as tensors (key padding, segment ids,
+    dense) must be that very input; a part computed outside the region is not available
+    inside it."""
+    outer = _region_input(term.node).meta[OUTER_KEY]
+    owner = outer.graph.owning_module
+    parts = _split(MaskTerm(outer, term.form))
+    values = _placeholder_values(owner, dataclasses.replace(options, example_inputs=None))
+    if isinstance(outer.meta.get(OUTER_KEY), fx.Node):  # nested regions: one level further out
+        classified = [t for p in parts for t in _classify_outer(p, n, options, cache)]
+    else:
+        for p in parts:
+            classify_term(owner, p, n, values, options, cache)
+        classified = parts
+    direct = not isinstance(outer.meta.get(OUTER_KEY), fx.Node)
+    if direct or all(p.kind not in ("key_padding", "dense", "segment_ids") or p.node is outer for p in classified):
+        # parts made in the calling graph stay nodes of it: the rewrite passes them into the region
+        for p in classified:
+            if p.node is outer:
+                p.node = term.node
+        return classified
+    # a part the ring op needs as a tensor exists only outside the region: take the mask whole
+    whole = MaskTerm(term.node, term.form)
+    if isinstance(outer.meta.get(OUTER_KEY), fx.Node):
+        inner = _classify_outer(MaskTerm(outer, term.form), n, options, cache)
+        kind = inner[0].kind if len(inner) == 1 else "unsupported"
+        whole.kind, whole.window, whole.detail = kind, inner[0].window, inner[0].detail
+    else:
+        probe = MaskTerm(outer, term.form)
+        classify_term(owner, probe, n, values, options, cache)
+        whole.kind, whole.window, whole.detail = probe.kind, probe.window, probe.detail
+    if whole.kind == "segment_ids":
+        whole.kind, whole.detail = "unsupported", (f"segment ids of mask {outer.name} are computed outside the "
+                                                   "checkpointed region that holds the attention")
+    return [whole]
 
 
 def _canonical_len(site: AttentionSite) -> int:
@@ -119,7 +174,7 @@ def _split(term: MaskTerm) -> list[MaskTerm]:
             all(isinstance(a, fx.Node) for a in args[:2]) and node.kwargs.get("alpha", 1) == 1:
         return [t for a in args[:2] for t in _split(MaskTerm(a, term.form))]
     if term.form == "additive" and name == "where" and len(args) == 3 and isinstance(args[0], fx.Node):
-        zero = lambda x: scalar(x) == 0.0
+        zero = lambda x: scalar(x) == 0.0 or (op_name(x) in ("zeros", "zeros_like") and shape_of(x) == ())
         if zero(args[1]) and _masked(args[2]):
             return _split(MaskTerm(args[0], "keep"))
         if _masked(args[1]) and zero(args[2]):
@@ -161,6 +216,10 @@ def classify_term(gm, term: MaskTerm, n: int, values: dict, options: PassOptions
         return
     if _static(ancestors):
         _classify_static(gm, term, n, ancestors, values, options, cache)
+        if term.kind == "unsupported" and options.inputs == "full" and "built from sizes" in term.detail:
+            # with full-length inputs the model builds it over the whole sequence (an ALiBi
+            # bias, say): the sharding pass hands the ring op its rows for this rank's queries
+            term.kind, term.detail = "dense", f"{term.detail}; passed whole as attn_bias (full-length inputs)"
         return
     if shape[-2] == 1 and shape[-1] == 1:
         if term.form in ("additive", "subtracted"):
@@ -422,8 +481,8 @@ def _keep_matrix(value: torch.Tensor, form: str, m: int) -> tuple[Optional[torch
 
 def _pattern_of(keep: torch.Tensor) -> Optional[tuple[str, int]]:
     m = keep.shape[0]
-    i = torch.arange(m).unsqueeze(1)
-    j = torch.arange(m).unsqueeze(0)
+    i = torch.arange(m, device=keep.device).unsqueeze(1)  # the mask's device: a CUDA buffer's mask is on CUDA
+    j = torch.arange(m, device=keep.device).unsqueeze(0)
     if bool(keep.all()):
         return "none", 0
     if torch.equal(keep, j <= i):

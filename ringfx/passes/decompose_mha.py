@@ -117,9 +117,10 @@ def mha_as_sdpa(query, key, value, in_proj_weight, in_proj_bias, out_proj_weight
             mask = torch.logical_and(mask, kp)
         else:
             if mask_bool:
-                mask = torch.zeros((1, 1, L, S), dtype=dtype).masked_fill(torch.logical_not(mask), float("-inf"))
+                # new_zeros: on the inputs' device (a bare torch.zeros would make a CPU tensor on CUDA)
+                mask = query.new_zeros((1, 1, L, S), dtype=dtype).masked_fill(torch.logical_not(mask), float("-inf"))
             if kpm_bool:
-                kp = torch.zeros((B, 1, 1, S), dtype=dtype).masked_fill(torch.logical_not(kp), float("-inf"))
+                kp = query.new_zeros((B, 1, 1, S), dtype=dtype).masked_fill(torch.logical_not(kp), float("-inf"))
             mask = mask + kp
     o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
     o = o.permute(2, 0, 1, 3).reshape(L * B, E)

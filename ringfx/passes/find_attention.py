@@ -22,6 +22,10 @@ reshape) is looked through, so the ring op receives the un-repeated K/V heads.
 
 A softmax that is not over the key axis, or whose input is no ``q @ kᵀ`` product, is
 not attention and is not recorded.
+
+``remove_dead_code_pass`` runs first: a value the model computes and drops (``saved =
+s.clone()`` kept only for optional intermediates) still hangs off the scores in the
+captured graph and would count as a second use.
 """
 
 from __future__ import annotations
@@ -43,6 +47,41 @@ SCORE_OPS = ("matmul", "bmm", "einsum", "baddbmm")
 # A fill value at or below this counts as "masked out": exp(-1e4) is 0 in float32 and
 # float64 once subtracted from the row maximum. (Exact unless a whole row is masked.)
 MASKED_FILL_LIMIT = -1.0e4
+
+
+# Ops that only compute a value (no mutation, no randomness, no communication): when
+# nothing reads their value they can go. Anything else stays even when unused.
+_DEAD_IF_UNUSED = CASTS | SHAPE_ONLY | frozenset({
+    "matmul", "bmm", "einsum", "baddbmm", "softmax", "log_softmax", "div", "mul", "add", "sub", "neg",
+    "transpose", "permute", "reshape", "view", "unsqueeze", "squeeze", "expand", "expand_as", "getitem",
+    "detach", "where", "masked_fill", "logical_not", "logical_and", "logical_or", "eq", "ne", "lt", "le",
+    "gt", "ge", "exp", "log", "sqrt", "rsqrt", "pow", "size", "sym_size", "dim", "numel", "repeat_interleave",
+    "flatten", "unflatten", "chunk", "split", "unbind", "select", "narrow", "sum", "mean", "amax", "max",
+    "arange", "full", "zeros", "ones", "zeros_like", "ones_like", "full_like", "tril", "triu", "linear",
+})
+
+
+def remove_dead_code_pass(gm: fx.GraphModule, *, options=None) -> tuple[fx.GraphModule, PassReport]:
+    """Erase pure ops whose value nothing reads, so that they do not count as uses::
+
+        s = q @ k.transpose(-2, -1) / 8.0          s = q @ k.transpose(-2, -1) / 8.0
+        saved = s.clone()             # unused  ->  (gone)
+        p = s.softmax(-1)                          p = s.softmax(-1)
+
+    Only ops of ``_DEAD_IF_UNUSED`` (pure by construction) are erased; in-place ops,
+    random ops, collectives and calls of unknown effect stay."""
+    report = PassReport("remove_dead_code")
+    erased = 0
+    for node in reversed(list(gm.graph.nodes)):
+        if node.op in ("call_function", "call_method") and not node.users and op_name(node) in _DEAD_IF_UNUSED \
+                and not node.is_impure():
+            gm.graph.erase_node(node)
+            erased += 1
+    if erased:
+        gm.graph.lint()
+        gm.recompile()
+    log.info("remove_dead_code: erased %d unused node(s)", erased)
+    return gm, report
 
 
 def find_attention_pass(gm: fx.GraphModule, *, options=None) -> tuple[fx.GraphModule, PassReport]:

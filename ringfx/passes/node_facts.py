@@ -125,9 +125,23 @@ def source_line(node: fx.Node) -> str:
     return f"<no stack trace: {node.format_node()}>"
 
 
+# On a placeholder of a subgraph called by a higher-order op (checkpointing): the node of
+# the calling graph that it receives (set by the pipeline before the passes run on it).
+OUTER_KEY = "ringfx_outer"
+
+
+def outer_input(node: fx.Node) -> fx.Node:
+    """For a placeholder of a called subgraph, the value it receives in the outermost graph
+    (through nested calls); otherwise the node itself."""
+    while node.op == "placeholder" and isinstance(node.meta.get(OUTER_KEY), fx.Node):
+        node = node.meta[OUTER_KEY]
+    return node
+
+
 def placeholder_source(node: fx.Node) -> Optional[str]:
     """Dynamo's name for where a graph input came from (``L['x']``,
     ``L['self']._buffers['bias']``), or None for other tracers."""
+    node = outer_input(node)
     grapharg = node.meta.get("grapharg")
     source = getattr(grapharg, "source", None)
     name = getattr(source, "name", None)
@@ -138,6 +152,7 @@ def placeholder_source(node: fx.Node) -> Optional[str]:
 
 def is_model_state(node: fx.Node) -> bool:
     """True for graph inputs that are parameters or buffers, not per-call user data."""
+    node = outer_input(node)
     if node.op == "get_attr":
         return True
     if node.op != "placeholder":
@@ -152,7 +167,7 @@ def is_model_state(node: fx.Node) -> bool:
 def real_value(node: fx.Node) -> Any:
     """The concrete value behind a dynamo placeholder (a parameter, buffer or the example
     input of this compilation), or None."""
-    grapharg = node.meta.get("grapharg")
+    grapharg = outer_input(node).meta.get("grapharg")
     if grapharg is None:
         return None
     try:
@@ -199,3 +214,57 @@ def arange_length(node: fx.Node):
     if isinstance(end, fx.Node):  # a symbolic length: compare its value
         end = end.meta.get("val", end.meta.get("example_value"))
     return end if isinstance(end, (int, torch.SymInt)) else None
+
+
+# Higher-order ops that call their first argument (a subgraph module) with the remaining
+# arguments, as a function call: activation checkpointing and dynamo's plain ``wrap``.
+_CALLING_HOPS = frozenset({"tag_activation_checkpoint", "wrap_activation_checkpoint", "wrap"})
+
+
+def _hop_name(node: fx.Node) -> Optional[str]:
+    if node.op == "call_function" and isinstance(node.target, torch._ops.HigherOrderOperator):
+        return node.target.name()
+    return None
+
+
+def called_subgraph(gm: fx.GraphModule, node: fx.Node) -> Optional[tuple[str, fx.GraphModule, list]]:
+    """``(attribute name, subgraph, operands)`` when ``node`` calls a subgraph of ``gm`` with
+    ``operands`` as its placeholders, in order (``tag_activation_checkpoint(wrap_body_0,
+    x, w)``); else None."""
+    if _hop_name(node) not in _CALLING_HOPS or not node.args:
+        return None
+    body = node.args[0]
+    if not isinstance(body, fx.Node) or body.op != "get_attr":
+        return None
+    sub = getattr(gm, body.target, None)
+    if not isinstance(sub, fx.GraphModule):
+        return None
+    return body.target, sub, list(node.args[1:])
+
+
+def hop_subgraphs(gm: fx.GraphModule):
+    """Every subgraph module a higher-order op of ``gm`` takes, nested ones included, as
+    ``(owner GraphModule, attribute name, subgraph GraphModule)``; an owner before the
+    subgraphs it holds, each subgraph once."""
+    seen = set()
+
+    def walk(owner):
+        for node in owner.graph.nodes:
+            if _hop_name(node) is None:
+                continue
+            for a in _flat_nodes((node.args, node.kwargs)):
+                if a.op != "get_attr":
+                    continue
+                sub = getattr(owner, a.target, None)
+                if isinstance(sub, fx.GraphModule) and id(sub) not in seen:
+                    seen.add(id(sub))
+                    yield owner, a.target, sub
+                    yield from walk(sub)
+
+    yield from walk(gm)
+
+
+def _flat_nodes(x) -> list:
+    found = []
+    fx.node.map_arg(x, found.append)
+    return found

@@ -16,7 +16,7 @@ import torch.fx as fx
 from .classify_masks import classify_masks_pass
 from .decompose_mha import decompose_mha_pass
 from .find_attention import find_attention_pass, remove_dead_code_pass
-from .node_facts import OUTER_KEY, called_subgraph, hop_subgraphs
+from .node_facts import OUTER_KEY, called_subgraph
 from .options import PassOptions
 from .positions import check_positions_pass
 from .rewrite_attention import rewrite_attention_pass
@@ -56,23 +56,29 @@ SUBGRAPH_PASSES = (remove_dead_code_pass, decompose_mha_pass, find_attention_pas
                    check_sequence_axis_pass, rewrite_attention_pass, check_positions_pass, check_sequence_mixing_pass)
 
 
-def _with_subgraphs(p, gm: fx.GraphModule, options: PassOptions) -> tuple[fx.GraphModule, PassReport]:
-    gm, report = p(gm, options=options)
-    owners = [gm] + [sub for _, _, sub in hop_subgraphs(gm)]
-    calls = [(o, called_subgraph(o, n)) for o in owners for n in o.graph.nodes]
-    done = set()
-    for owner, (name, sub, operands) in [(o, c) for o, c in calls if c is not None]:
-        if id(sub) in done:  # one body called twice: analysed and rewritten once
+def _with_subgraphs(p, gm: fx.GraphModule, options: PassOptions, done=None) -> tuple[fx.GraphModule, PassReport]:
+    """``p`` on the bodies ``gm`` calls (innermost first), then on ``gm``: a body's rewrite
+    is done when its caller's pass runs, so the caller can drop operands the body no
+    longer reads (a mask the ring op replaced)."""
+    done = set() if done is None else done
+    reports = []
+    for node in list(gm.graph.nodes):
+        called = called_subgraph(gm, node)
+        if called is None or id(called[1]) in done:  # one body called twice: analysed and rewritten once
             continue
+        name, sub, operands = called
         done.add(id(sub))
         for placeholder, operand in zip((n for n in sub.graph.nodes if n.op == "placeholder"), operands):
             placeholder.meta[OUTER_KEY] = operand  # what the analyses of the subgraph look through
-        sub, sub_report = p(sub, options=dataclasses.replace(options, example_inputs=None))
-        setattr(owner, name, sub)
-        report.sites += sub_report.sites
-        report.notes += sub_report.notes
-        report.rewritten += sub_report.rewritten
-        report.skipped += sub_report.skipped
+        sub, sub_report = _with_subgraphs(p, sub, dataclasses.replace(options, example_inputs=None), done)
+        setattr(gm, name, sub)
+        reports.append(sub_report)
+    gm, report = p(gm, options=options)
+    report.sites = [s for r in reports for s in r.sites] + report.sites  # the bodies' sites count as this graph's
+    for r in reports:
+        report.notes += r.notes
+        report.rewritten += r.rewritten
+        report.skipped += r.skipped
     return gm, report
 
 

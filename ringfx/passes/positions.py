@@ -40,7 +40,7 @@ def check_positions_pass(gm: fx.GraphModule, *, options: Optional[PassOptions] =
     from .rewrite_attention import ring_attention_nodes
 
     lengths = set()
-    for node in ring_attention_nodes(gm) if options.ring_size > 1 else ():
+    for node in ring_attention_nodes(gm, nested=True) if options.ring_size > 1 else ():
         shape = shape_of(node.args[0])
         if shape is not None:
             lengths.add(str(shape[-2]))

@@ -26,7 +26,7 @@ import torch.fx as fx
 
 from . import ring_glue
 from .find_attention import sites_of
-from .node_facts import dtype_of, shape_of
+from .node_facts import OUTER_KEY, VALUE_KEY, called_subgraph, dtype_of, hop_subgraphs, shape_of
 from .options import PassOptions
 from .sites import REWRITE, AttentionSite, Operand, PassReport, SiteRecord
 
@@ -40,10 +40,12 @@ def ring_attention_target():
     return torch.ops.ringfx.ring_attention.default
 
 
-def ring_attention_nodes(gm: fx.GraphModule) -> list[fx.Node]:
-    """The ring attention ops of a rewritten graph."""
+def ring_attention_nodes(gm: fx.GraphModule, *, nested: bool = False) -> list[fx.Node]:
+    """The ring attention ops of a rewritten graph (``nested``: also those in the subgraphs
+    its higher-order ops call, e.g. checkpointed regions)."""
     target = ring_attention_target()
-    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target == target]
+    graphs = [gm] + ([sub for _, _, sub in hop_subgraphs(gm)] if nested else [])
+    return [n for g in graphs for n in g.graph.nodes if n.op == "call_function" and n.target == target]
 
 
 def rewrite_attention_pass(gm: fx.GraphModule, *, options: Optional[PassOptions] = None
@@ -51,22 +53,25 @@ def rewrite_attention_pass(gm: fx.GraphModule, *, options: Optional[PassOptions]
     options = options or PassOptions()
     report = PassReport("rewrite_attention")
     sites = sites_of(gm)
+    replaced: dict[fx.Node, fx.Node] = {}  # a rewritten site's output -> the node now holding its value
     for site in sites:
         if site.decision == REWRITE:
-            _rewrite(gm, site, options)
+            _rewrite(gm, site, options, replaced)
             report.rewritten += 1
         else:
             report.skipped += 1
         report.sites.append(SiteRecord.of(site))
-    if report.rewritten:
+    # a body rewritten before this graph may have added operands to its call here
+    calls = _drop_unread_operands(gm)
+    if report.rewritten or calls:
         gm.graph.lint()
         gm.recompile()
     log.info("rewrite_attention: rewrote %d attention ops, skipped %d", report.rewritten, report.skipped)
     return gm, report
 
 
-def _canonical(graph: fx.Graph, o: Operand) -> fx.Node:
-    x = o.node
+def _canonical(graph: fx.Graph, o: Operand, replaced: dict) -> fx.Node:
+    x = replaced.get(o.node, o.node)
     if o.permute is not None:
         x = graph.call_method("permute", (x, *o.permute))
     if o.unsqueeze0:
@@ -74,24 +79,29 @@ def _canonical(graph: fx.Graph, o: Operand) -> fx.Node:
     return x
 
 
-def _rewrite(gm: fx.GraphModule, site: AttentionSite, options: PassOptions) -> None:
+def _rewrite(gm: fx.GraphModule, site: AttentionSite, options: PassOptions, replaced: dict) -> None:
+    """Insert the ring op just before the site's output: every input of the site (q, k, v,
+    masks, scale factors) is defined above it. A site fed by an earlier rewritten site
+    (attention after attention) reads that site's new output through ``replaced``."""
     graph = gm.graph
     out_node = site.output
     scores_nd = 3 if site.q.unsqueeze0 else 4
+    now = lambda n: _passed_in(gm, n, replaced) if n.graph is not graph else replaced.get(n, n)
     with graph.inserting_before(out_node):
-        q, k, v = (_canonical(graph, o) for o in (site.q, site.k, site.v))
+        q, k, v = (_canonical(graph, o, replaced) for o in (site.q, site.k, site.v))
         kpms, biases, seg = [], [], None
         for term in site.terms:
-            if term.kind == "key_padding" and term.form in ("keep", "drop") and _kpm_ok(term.node, scores_nd):
+            mask = now(term.node)
+            if term.kind == "key_padding" and term.form in ("keep", "drop") and _kpm_ok(mask, scores_nd):
                 kpms.append(graph.call_function(ring_glue.key_padding_from_mask,
-                                                (term.node, term.form == "drop", q)))
+                                                (mask, term.form == "drop", q)))
             elif term.kind in ("key_padding", "dense"):
                 b = graph.call_function(ring_glue.bias_from_mask,
-                                        (term.node, term.form, scores_nd, site.q.unsqueeze0))
+                                        (mask, term.form, scores_nd, site.q.unsqueeze0))
                 biases.append(graph.call_function(ring_glue.gather_key_columns,
                                                   (b, options.group_name, options.layout)))
             elif term.kind == "segment_ids":
-                seg = term.segment_node
+                seg = now(term.segment_node)
         kpm = kpms[0] if kpms else None
         for extra in kpms[1:]:
             kpm = graph.call_function(torch.logical_and, (kpm, extra))
@@ -102,7 +112,7 @@ def _rewrite(gm: fx.GraphModule, site: AttentionSite, options: PassOptions) -> N
             bias = graph.call_function(ring_glue.combine_biases, (dtype_of(site.q.node), *biases))
         scale = float(site.scale)
         for node, power in site.scale_nodes:
-            scale = graph.call_function(operator.mul if power > 0 else operator.truediv, (scale, node))
+            scale = graph.call_function(operator.mul if power > 0 else operator.truediv, (scale, now(node)))
         ring = graph.call_function(ring_attention_target(), (
             q, k, v, kpm, seg, bias, options.group_name, options.layout, bool(site.causal),
             scale, int(site.window or 0), options.kernel))
@@ -116,7 +126,58 @@ def _rewrite(gm: fx.GraphModule, site: AttentionSite, options: PassOptions) -> N
     ring.meta["stack_trace"] = out_node.meta.get("stack_trace")
     ring.meta["ringfx_site"] = SiteRecord.of(site)
     out_node.replace_all_uses_with(out)
+    replaced[out_node] = out
     _erase_unused(graph, list(site.chain) + [out_node])
+
+
+def _passed_in(gm: fx.GraphModule, node: fx.Node, passed: dict) -> fx.Node:
+    """A mask part that the graph calling this region (a checkpointed body) computes: made
+    an operand of the call and a placeholder of the body, once per node::
+
+        tag_activation_checkpoint(body, x, m)   ->   tag_activation_checkpoint(body, x, m, pad)
+        def body(x, m):                          ->   def body(x, m, pad):
+    """
+    if node in passed:
+        return passed[node]
+    owner = node.graph.owning_module
+    call = next(n for n in owner.graph.nodes if (c := called_subgraph(owner, n)) is not None and c[1] is gm)
+    last = [n for n in gm.graph.nodes if n.op == "placeholder"][-1]
+    with gm.graph.inserting_after(last):
+        placeholder = gm.graph.placeholder(f"{node.name}_passed_in")
+    placeholder.meta.update({k: node.meta[k] for k in ("example_value", "val", VALUE_KEY) if k in node.meta})
+    placeholder.meta[OUTER_KEY] = node
+    call.args = call.args + (node,)
+    passed[node] = placeholder
+    return placeholder
+
+
+def _drop_unread_operands(gm: fx.GraphModule) -> int:
+    """The number of regions ``gm`` calls. Operands of checkpointed regions whose body no longer reads them (a mask that a ring
+    op inside replaced) are dropped, and what only fed them is erased::
+
+        m = causal_mask(...)                          (gone)
+        tag_activation_checkpoint(body, x, m)    ->   tag_activation_checkpoint(body, x)
+    """
+    calls = 0
+    for node in list(gm.graph.nodes):
+        called = called_subgraph(gm, node)
+        if called is None:
+            continue
+        calls += 1
+        _, body, operands = called
+        placeholders = [n for n in body.graph.nodes if n.op == "placeholder"]
+        if len(placeholders) != len(operands):
+            continue
+        unread = [i for i, p in enumerate(placeholders) if not p.users]
+        if not unread:
+            continue
+        for i in unread:
+            body.graph.erase_node(placeholders[i])
+        body.graph.lint()
+        body.recompile()
+        node.args = (node.args[0],) + tuple(a for i, a in enumerate(operands) if i not in unread)
+        _erase_unused(gm.graph, [operands[i] for i in unread if isinstance(operands[i], fx.Node)])
+    return calls
 
 
 def _kpm_ok(mask: fx.Node, nd: int) -> bool:

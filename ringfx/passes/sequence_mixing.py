@@ -31,8 +31,8 @@ from typing import Optional
 import torch.fx as fx
 
 from . import ring_glue
-from .node_facts import (CASTS, SHAPE_ONLY, arange_length, is_model_state, live_nodes, normalize_dim, op_name,
-                         shape_of, source_line)
+from .node_facts import (CASTS, SHAPE_ONLY, arange_length, called_subgraph, is_model_state, live_nodes,
+                         normalize_dim, op_name, outer_input, shape_of, source_line)
 from .options import PassOptions
 from .rewrite_attention import ring_attention_nodes
 from .sequence_axis import follow_axis
@@ -74,7 +74,8 @@ def check_sequence_mixing_pass(gm: fx.GraphModule, *, options: Optional[PassOpti
                                ) -> tuple[fx.GraphModule, PassReport]:
     options = options or PassOptions()
     report = PassReport("check_sequence_mixing")
-    ring_ops = ring_attention_nodes(gm) if options.ring_size > 1 else []
+    # ring ops inside checkpointed regions set the sequence's length for this graph too
+    ring_ops = ring_attention_nodes(gm, nested=True) if options.ring_size > 1 else []
     seeds = _seeds(gm, ring_ops)
     if seeds:
         _propagate(gm, seeds, set(ring_ops), report, options.ring_size)
@@ -94,6 +95,8 @@ def _seeds(gm: fx.GraphModule, ring_ops: list) -> dict:
         origin = follow_axis(op.args[0], len(q_shape) - 2, keep_last=True)
         if origin is not None:
             node, axis = origin
+            if node.graph is not gm.graph:  # q of a ring op inside a checkpointed region
+                node = outer_input(node)
             seeds[node] = _Seq(axis)
             lengths.add((axis, str(q_shape[-2])))  # str: symbolic lengths do not hash
     queries = {str(shape_of(op.args[0])[-2]) for op in ring_ops if shape_of(op.args[0]) is not None}
@@ -188,6 +191,8 @@ def _rule(node: fx.Node, name: str, carried, shape_of=shape_of):
             str(out_shape[s.axis]) == str(in_shape[s.axis]) else "unknown"
     if name in _CONVS or name.startswith(("conv", "avg_pool", "max_pool")):
         return f"'{name}' over the tokens (its window crosses the shard's edges)"
+    if called_subgraph(node.graph.owning_module, node) is not None:
+        return s  # a checkpointed region: its body is checked on its own; its outputs keep the tokens
     if name in ("sdpa", "scaled_dot_product_attention"):
         return "an attention that was not rewritten"
     if name == "einsum":
