@@ -90,12 +90,20 @@ class BackendConfig:
             collector=options.get("collector"))
 
 
+_warned_no_group = False  # the ring-of-one warning is logged once per process
+
+
 def resolve_group_name(group: Any) -> str:
     """The ring op's group name for ``group`` (None: the default process group when
     torch.distributed is initialised, otherwise a loopback ring of one rank)."""
     from .runtime import group_name_of
 
     if group is None and not (dist.is_available() and dist.is_initialized()):
+        global _warned_no_group
+        if not _warned_no_group:
+            _warned_no_group = True
+            log.warning("ringfx: no ring given and torch.distributed is not initialised: running as a ring of "
+                        "one rank (call torch.distributed.init_process_group, or pass mesh= / group=)")
         return "loopback:1"
     return group_name_of(group)
 
@@ -123,17 +131,34 @@ def ringfx_backend(gm: fx.GraphModule, example_inputs, **kwargs) -> Callable:
         config.collector.append(CompiledGraph(index, gm, records, notes, sharding))
     if config.execute != "original":  # explain() reports them instead
         for note in notes:
-            warnings.warn(f"ringfx: {note}", RingfxWarning, stacklevel=2)
+            _warn_at(f"ringfx: {note}", getattr(note, "filename", ""), getattr(note, "lineno", 0))
+        if not records and config.collector is None:  # transform() says it once per model
+            log.warning("ringfx backend: no attention found in this captured graph (%d nodes); it runs unchanged "
+                        "(see ringfx.explain)", len(gm.graph.nodes))
     _check_strict(records, config)
     if original is not None:
         return original.forward
     return compile_inner(gm, example_inputs, config.inner)
 
 
+def _warn_at(message: str, filename: str, lineno: int) -> None:
+    """A RingfxWarning that points at the user's source line (not at ringfx's own code)."""
+    if filename:
+        warnings.warn_explicit(message, RingfxWarning, filename, lineno, module=filename.rsplit("/", 1)[-1][:-3])
+    else:
+        warnings.warn(message, RingfxWarning, stacklevel=3)
+
+
 def _check_strict(sites, config: BackendConfig) -> None:
-    if not config.strict or config.pass_options.ring_size == 1 or config.execute == "original":
+    if config.pass_options.ring_size == 1 or config.execute == "original":
         return
     left = [s for s in sites if s.decision != "rewritten"]
+    if not config.strict:  # run as asked, but never wrong without a word
+        for s in left:
+            _warn_at(f"ringfx: attention at {s.source_line} ({s.pattern}) is left alone: {s.reason}. strict=False: "
+                     f"on a ring of {config.pass_options.ring_size} ranks it runs on this rank's shard only "
+                     "(wrong unless the model needs no other rank's tokens)", s.filename, s.lineno)
+        return
     if left:
         s = left[0]
         raise UnsupportedError(

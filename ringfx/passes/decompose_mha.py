@@ -45,11 +45,25 @@ _TENSORS = ("query", "key", "value", "in_proj_weight", "in_proj_bias", "out_proj
             "key_padding_mask", "attn_mask", "q_proj_weight", "k_proj_weight", "v_proj_weight")
 
 
+# Fused fast paths of torch.nn (eval mode under no_grad) that hide an attention.
+_FUSED = {"_transformer_encoder_layer_fwd": "nn.TransformerEncoderLayer's fast path",
+          "_native_multi_head_attention": "nn.MultiheadAttention's fast path"}
+
+
 def decompose_mha_pass(gm: fx.GraphModule, *, options: Optional[PassOptions] = None
                        ) -> tuple[fx.GraphModule, PassReport]:
     report = PassReport("decompose_mha")
     changed = False
     for node in list(gm.graph.nodes):
+        if op_name(node) in _FUSED:
+            # eval + no_grad fast paths: one native op holds the attention; ringfx cannot open it yet
+            site = AttentionSite(output=node, pattern=op_name(node), source_line=source_line(node), anchor=node)
+            node.meta[META_KEY] = site.skip(f"{_FUSED[op_name(node)]} runs its attention inside one fused op "
+                                            "that ringfx cannot rewrite; call the model with gradients enabled or "
+                                            "torch.backends.mha.set_fastpath_enabled(False) before capturing")
+            report.sites.append(SiteRecord.of(site))
+            report.skipped += 1
+            continue
         if op_name(node) != "multi_head_attention_forward":
             continue
         a = {name: arg(node, i, name, _DEFAULTS.get(name)) for i, name in enumerate(_ARGS)}

@@ -138,6 +138,20 @@ def outer_input(node: fx.Node) -> fx.Node:
     return node
 
 
+def source_location(node: fx.Node) -> Optional[tuple[str, int]]:
+    """``(file path, line)`` of the user's code that made ``node`` (its stack trace's
+    innermost frame), or None."""
+    trace = (node.meta.get("stack_trace") or "") if isinstance(node, fx.Node) else ""
+    for line in reversed(trace.strip().splitlines()):
+        line = line.strip()
+        if line.startswith("File ") and '"' in line and "line " in line:
+            try:
+                return line.split('"')[1], int(line.split("line ")[1].split(",")[0])
+            except (IndexError, ValueError):
+                return None
+    return None
+
+
 def placeholder_source(node: fx.Node) -> Optional[str]:
     """Dynamo's name for where a graph input came from (``L['x']``,
     ``L['self']._buffers['bias']``), or None for other tracers."""

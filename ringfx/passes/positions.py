@@ -26,9 +26,9 @@ from typing import Optional
 
 import torch.fx as fx
 
-from .node_facts import arange_length, live_nodes, op_name, shape_of, source_line
+from .node_facts import arange_length, live_nodes, op_name, shape_of, source_line, source_location
 from .options import PassOptions
-from .sites import PassReport
+from .sites import Note, PassReport
 
 log = logging.getLogger("ringfx.passes")
 
@@ -48,12 +48,12 @@ def check_positions_pass(gm: fx.GraphModule, *, options: Optional[PassOptions] =
     for node in gm.graph.nodes:
         end = arange_length(node)
         if node in live and end is not None and str(end) in lengths and not _only_indexes(node):
-            report.notes.append(
+            report.notes.append(Note(
                 f"torch.arange({end}) at {source_line(node)}: on a ring of {options.ring_size} ranks the model "
                 f"sees its local {end} tokens, so this makes the positions of the shard, not the tokens' global "
                 "positions; if it feeds positions (RoPE, position embeddings, masks), pass position ids as an "
                 "input sharded like the sequence (ringfx.shard) or made with ringfx.positions; ignore this if "
-                "it is over another axis of the same size")
+                "it is over another axis of the same size", source_location(node)))
     log.info("check_positions: %d position generator(s) over the local sequence", len(report.notes))
     return gm, report
 

@@ -32,11 +32,11 @@ import torch.fx as fx
 
 from . import ring_glue
 from .node_facts import (CASTS, SHAPE_ONLY, arange_length, called_subgraph, is_model_state, live_nodes,
-                         normalize_dim, op_name, outer_input, shape_of, source_line)
+                         normalize_dim, op_name, outer_input, shape_of, source_line, source_location)
 from .options import PassOptions
 from .rewrite_attention import ring_attention_nodes
 from .sequence_axis import follow_axis
-from .sites import PassReport
+from .sites import Note, PassReport
 
 log = logging.getLogger("ringfx.passes")
 
@@ -121,8 +121,8 @@ def _propagate(gm: fx.GraphModule, seeds: dict, ring_ops: set, report: PassRepor
     unknown_noted: set = set()
 
     def note(node, what):
-        report.notes.append(f"{what} at {source_line(node)}: on a ring of {ring_size} ranks it sees only this "
-                            "rank's tokens of the sequence")
+        report.notes.append(Note(f"{what} at {source_line(node)}: on a ring of {ring_size} ranks it sees only "
+                                 "this rank's tokens of the sequence", source_location(node)))
 
     shapes: dict = {}  # of the nodes the rewrite inserted without a recorded value
 
@@ -156,9 +156,9 @@ def _propagate(gm: fx.GraphModule, seeds: dict, ring_ops: set, report: PassRepor
         elif isinstance(result, str) and result == "unknown":
             if name not in unknown_noted:
                 unknown_noted.add(name)
-                report.notes.append(f"'{name}' at {source_line(node)} takes a tensor that carries the sequence and "
-                                    "ringfx cannot tell whether it mixes tokens; on a ring it sees only this "
-                                    "rank's tokens")
+                report.notes.append(Note(f"'{name}' at {source_line(node)} takes a tensor that carries the sequence "
+                                         "and ringfx cannot tell whether it mixes tokens; on a ring it sees only "
+                                         "this rank's tokens", source_location(node)))
         elif isinstance(result, str):
             note(node, result)
             src_shape, out_shape = shape(carried[0][0]), shape(node)

@@ -93,12 +93,31 @@ class SiteRecord:
     causal: bool
     window: int
     gqa: str
+    filename: str = ""  # the user's source file and line, for warnings that point there
+    lineno: int = 0
 
     @staticmethod
     def of(site: AttentionSite, graph_index: int = 0) -> "SiteRecord":
+        from .node_facts import source_location
+
+        where = source_location(site.anchor if site.anchor is not None else site.output) or ("", 0)
         return SiteRecord(graph_index, site.source_line, site.pattern, site.mask_kind,
                           "rewritten" if site.decision == REWRITE else "left alone",
-                          site.reason, site.causal, site.window, site.gqa)
+                          site.reason, site.causal, site.window, site.gqa, *where)
+
+
+class Note(str):
+    """A guard's note (the text the user reads), carrying where in the user's code the op
+    it is about was written, so that its warning can point there."""
+
+    filename: str = ""
+    lineno: int = 0
+
+    def __new__(cls, text: str, where: Optional[tuple[str, int]] = None):
+        note = super().__new__(cls, text)
+        if where is not None:
+            note.filename, note.lineno = where
+        return note
 
 
 @dataclass
