@@ -19,6 +19,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .planner.cli import positive_int
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim, eps=1e-6):
@@ -123,10 +125,15 @@ def _run_rank(rank, world, seq_len, layout):
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m ringfx demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ranks", type=int, default=3, help="local CPU processes in the ring (default 3)")
-    p.add_argument("--seq-len", type=int, default=96)
+    p.add_argument("--ranks", type=positive_int, default=3, help="local CPU processes in the ring, >= 1 (default 3)")
+    p.add_argument("--seq-len", type=positive_int, default=96,
+                   help="tokens, a multiple of --ranks (2 x --ranks for zigzag) (default 96)")
     p.add_argument("--layout", default="zigzag", choices=["contiguous", "zigzag"])
     args = p.parse_args(argv)
+    chunks = args.ranks * (2 if args.layout == "zigzag" else 1)
+    if args.seq_len % chunks:
+        p.error(f"--seq-len {args.seq_len} must be a multiple of {chunks} ({'2 x ' if chunks != args.ranks else ''}"
+                f"--ranks for the {args.layout} layout)")
     from .testing import spawn_gloo
 
     print(f"ringfx demo: TinyLlama (2 layers, GQA 4/2 heads, RoPE, causal) on a gloo ring of {args.ranks} "
@@ -137,7 +144,7 @@ def main(argv=None) -> int:
     for r, res in enumerate(results):
         print(f"{r:>4} {res['sites']:>5} {res['rewritten']:>9} {res['logits_err']:>17.2e} {res['grad_err']:>15.2e} "
               f"{res['full_call_err']:>20.2e} {res['seconds']:>6.2f}")
-    ok = all(r["rewritten"] == 2 and r["logits_err"] < 1e-9 and r["grad_err"] < 1e-9 and r["full_call_err"] < 1e-9
+    ok = len(results) == args.ranks and all(r["rewritten"] == 2 and r["logits_err"] < 1e-9 and r["grad_err"] < 1e-9 and r["full_call_err"] < 1e-9
              for r in results)
     print("OK: matches the untransformed model" if ok else "MISMATCH against the untransformed model")
     return 0 if ok else 1

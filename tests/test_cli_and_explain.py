@@ -92,3 +92,108 @@ def test_explain_many_times_stays_within_the_recompile_limit():
 def test_explain_rejects_a_model_that_is_not_callable(model):
     with pytest.raises(TypeError, match=r"explain\(model=\.\.\.\).*" + type(model).__name__):
         ringfx.explain(model, _x())
+
+
+# ------------------------------------------------------------------ command line
+
+def _cli_error(argv, capsys) -> str:
+    """Run ``python -m ringfx <argv>`` in-process; it must fail with exit status 2 (an
+    argument error) before doing any work. Returns its stderr."""
+    from ringfx.__main__ import main
+
+    try:
+        status = main(argv)
+    except SystemExit as exit_:
+        status = exit_.code
+    captured = capsys.readouterr()
+    assert status == 2, (status, captured)
+    assert "OK" not in captured.out
+    return captured.err
+
+
+@pytest.mark.parametrize("ranks", ["0", "-1"])
+def test_demo_refuses_an_empty_ring(ranks, capsys):
+    err = _cli_error(["demo", "--ranks", ranks], capsys)
+    assert "argument --ranks" in err and "at least 1" in err
+
+
+def test_demo_refuses_a_length_the_ring_cannot_split(capsys):
+    err = _cli_error(["demo", "--ranks", "3", "--seq-len", "97"], capsys)
+    assert "--seq-len 97" in err and "multiple of 6" in err
+
+
+PLAN = ["plan", "--model", "gpt2-like", "--seq-len", "64K", "--device", "H100", "--gpus", "8"]
+
+
+def test_plan_device_memory_needs_a_unit(capsys):
+    err = _cli_error(PLAN + ["--device-memory", "80"], capsys)
+    assert "argument --device-memory" in err and "no unit" in err and "80GiB" in err
+    assert "device_memory" not in err
+
+
+@pytest.mark.parametrize("unit, expected", [("80GiB", 80 * 2**30), ("80GB", 80 * 10**9), ("0.5TiB", 2**39)])
+def test_plan_device_memory_with_a_unit_is_that_many_bytes(unit, expected, capsys):
+    import json
+
+    from ringfx.__main__ import main
+
+    assert main(PLAN + ["--device-memory", unit, "--json", "--headroom", "0"]) == 0
+    assert json.loads(capsys.readouterr().out)["budget_bytes"] == expected
+
+
+def test_plan_help_says_what_a_bare_number_means(capsys):
+    from ringfx.__main__ import main
+
+    with pytest.raises(SystemExit):
+        main(["plan", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--device-memory" in text and "a bare number is refused" in text
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["--seq-len", "lots"], "--seq-len"),
+    (["--seq-len", "0"], "--seq-len"),
+    (["--gpus", "0"], "--gpus"),
+    (["--flops", "fast"], "--flops"),
+    (["--bandwidth", "-3GB/s"], "--bandwidth"),
+    (["--headroom", "1.5"], "--headroom"),
+    (["--batch-size", "0"], "--batch-size"),
+])
+def test_plan_errors_name_the_flag(argv, flag, capsys):
+    args = ["plan", "--model", "gpt2-like", "--seq-len", "64K", "--device-memory", "80GiB", "--device", "H100"]
+    err = _cli_error(args + argv, capsys)
+    assert f"argument {flag}:" in err
+    for internal in ("parse_seq_len", "parse_bytes", "parse_rate", "seq_len=", "device_memory=", "world_size="):
+        assert internal not in err
+
+
+def test_plan_without_device_memory_names_the_flag(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("the device memory is read from the GPU here")
+    err = _cli_error(["plan", "--model", "gpt2-like", "--seq-len", "64K"], capsys)
+    assert "--device-memory is required" in err and "device_memory" not in err
+
+
+def test_plan_errors_from_the_planner_use_flag_names():
+    from ringfx.planner.cli import _in_flags
+
+    assert _in_flags("device memory is unknown: pass device_memory='80GiB'") == \
+        "device memory is unknown: pass --device-memory '80GiB'"
+    assert _in_flags("seq_len=7 is not divisible; give flops= and bandwidth=") == \
+        "--seq-len 7 is not divisible; give --flops and --bandwidth"
+
+
+def test_plan_shows_progress_on_stderr_only(capsys):
+    import json
+
+    from ringfx.__main__ import main
+
+    # fits are kept per (config, batch size) for the process: a batch size no other test plans
+    argv = PLAN + ["--device-memory", "80GiB", "--batch-size", "3"]
+    assert main(argv + ["--json"]) == 0
+    captured = capsys.readouterr()
+    assert "ringfx plan: memory model of gpt2-like: simulating a training step" in captured.err
+    assert "done (" in captured.err
+    json.loads(captured.out)  # stdout holds the JSON alone
+    assert main(PLAN + ["--device-memory", "80GiB", "--batch-size", "5", "--quiet"]) == 0
+    assert "simulating" not in capsys.readouterr().err

@@ -36,16 +36,26 @@ _UNITS = {
 _NUMBER = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([a-z]*)\s*(?:/s)?\s*$", re.IGNORECASE)
 
 
-def _parse(value: Union[str, int, float], what: str, *, binary_counts: bool) -> float:
+def _named(what: str, value) -> str:
+    return f"{what}={value!r}" if what else repr(value)
+
+
+def _parse(value: Union[str, int, float], what: str, *, binary_counts: bool, require_unit: bool = False) -> float:
+    """A number with an optional unit. ``what`` names the value in errors (a keyword or a
+    command-line flag; empty: the value alone, for argparse, which names the flag itself)."""
+    named = _named(what, value)
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     if not isinstance(value, str):
-        raise TypeError(f"{what}: expected a number or a string like '80GiB', got {type(value).__name__}")
+        raise TypeError(f"{what or 'value'}: expected a number or a string like '80GiB', got {type(value).__name__}")
     match = _NUMBER.match(value.replace("_", "").replace(",", ""))
     if not match:
-        raise ValueError(f"{what}={value!r} is not understood; write a number with an optional unit, e.g. "
+        raise ValueError(f"{named} is not understood; write a number with an optional unit, e.g. "
                          f"'80GiB', '1M', '128K', '300GB/s', '312T'")
     number, unit = float(match.group(1)), match.group(2).lower()
+    if require_unit and not unit:
+        raise ValueError(f"{named} has no unit: write {match.group(1)}GiB (2**30 bytes) or {match.group(1)}GB "
+                         f"(10**9 bytes)")
     unit = {"flops": "", "flop": ""}.get(unit, unit)
     for suffix in ("flops", "flop"):
         if unit.endswith(suffix) and len(unit) > len(suffix):
@@ -53,20 +63,21 @@ def _parse(value: Union[str, int, float], what: str, *, binary_counts: bool) -> 
     if binary_counts and unit in ("k", "m", "g", "t"):
         unit += "i"  # sequence lengths: 1M = 2**20, 128K = 131072, as everyone writes them
     if unit not in _UNITS:
-        raise ValueError(f"{what}={value!r}: unknown unit {unit!r}; use one of K, M, G, T, KiB, MiB, GiB, TiB, GB")
+        raise ValueError(f"{named}: unknown unit {unit!r}; use one of K, M, G, T, KiB, MiB, GiB, TiB, GB")
     return number * _UNITS[unit]
 
 
-def parse_bytes(value: Union[str, int, float], what: str = "device_memory") -> int:
-    """``"80GiB"`` -> 85899345920, ``"80GB"`` -> 80e9, plain numbers are bytes."""
-    return int(_parse(value, what, binary_counts=False))
+def parse_bytes(value: Union[str, int, float], what: str = "device_memory", *, require_unit: bool = False) -> int:
+    """``"80GiB"`` -> 85899345920, ``"80GB"`` -> 80e9, plain numbers are bytes
+    (``require_unit=True``: a string without a unit is an error, as on the command line)."""
+    return int(_parse(value, what, binary_counts=False, require_unit=require_unit))
 
 
 def parse_seq_len(value: Union[str, int], what: str = "seq_len") -> int:
     """``"1M"`` -> 1048576, ``"128K"`` -> 131072, ``"1048576"`` -> 1048576 (K and M are powers of two)."""
     number = _parse(value, what, binary_counts=True)
     if number != int(number) or number <= 0:
-        raise ValueError(f"{what}={value!r} must be a positive whole number of tokens")
+        raise ValueError(f"{_named(what, value)} must be a positive whole number of tokens")
     return int(number)
 
 
@@ -74,7 +85,7 @@ def parse_rate(value: Union[str, int, float], what: str) -> float:
     """``"312T"``/``"312TFLOPS"`` -> 3.12e14; ``"300GB/s"`` -> 3e11 (decimal units)."""
     rate = _parse(value, what, binary_counts=False)
     if rate <= 0:
-        raise ValueError(f"{what}={value!r} must be positive")
+        raise ValueError(f"{_named(what, value)} must be positive")
     return rate
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from typing import Callable, Optional, Union
 
 import sympy
@@ -112,7 +113,15 @@ def _build_model(target: _Target, options: TrainingOptions, ring: bool, fits: Op
     if fits is not None and key in fits:
         envelope, attention, exact = fits[key]
     else:
+        # progress: a large preset's simulations take tens of seconds (the CLI shows these lines)
+        what = ("training step" if options.training else "forward") + (" on a ring" if ring else " on one device") \
+            + (", checkpointed" if options.activation_checkpointing else "") \
+            + (f", {options.query_chunks} query chunks" if options.query_chunks > 1 else "")
+        log.info("memory model of %s: simulating a %s (at %s tokens) ...", target.name, what,
+                 ", ".join(map(str, target.points)))
+        start = time.perf_counter()
         envelope, attention, exact = fit_peak_envelope(run, target.points)
+        log.info("memory model of %s: %s done (%.1f s)", target.name, what, time.perf_counter() - start)
         if fits is not None:
             fits[key] = (envelope, attention, exact)
     shards = P if options.param_shards == "ring" else options.param_shards
@@ -431,6 +440,7 @@ def _suggestions(search: _Search, options: TrainingOptions, spec: DeviceSpec, ma
     far = _ring_sizes(None, max(max_ring_size, 2**16))
 
     def describe(opts, what):
+        log.info("does not fit: trying %s", what)
         try:
             found = search.first_fit(opts, far, chunking=True)
         except ValueError as err:  # e.g. checkpointing asked of a model without a layer list
