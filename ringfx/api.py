@@ -41,6 +41,8 @@ class ExplainReport:
     graph_modules: list[fx.GraphModule] = field(default_factory=list)
     graph_breaks: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # what the guards could not prove right on a ring
+    # per graph, what the sharding pass did (inputs sharded, distributed forms, all-gather fallbacks)
+    sharding: list[str] = field(default_factory=list)
 
     @property
     def rewritten(self) -> list[SiteRecord]:
@@ -62,6 +64,7 @@ class ExplainReport:
         lines += [fmt(r) for r in rows]
         lines += [f"graph break: {b}" for b in self.graph_breaks]
         lines += [f"note: {n}" for n in self.notes]
+        lines += self.sharding
         return "\n".join(lines)
 
 
@@ -375,7 +378,9 @@ def explain(model, *args, **kwargs) -> ExplainReport:
         name = names.get((s.pattern, s.mask_kind))
         if name is not None and name != s.pattern:
             s.pattern = f"{name} [{s.pattern}]"
-    return ExplainReport(sites, [g.graph_module for g in collected], breaks, [n for g in collected for n in g.notes])
+    sharding = [f"graph {g.index} {line}" for g in collected if g.sharding is not None for line in g.sharding.summary()]
+    return ExplainReport(sites, [g.graph_module for g in collected], breaks, [n for g in collected for n in g.notes],
+                         sharding)
 
 
 @functools.lru_cache(maxsize=1)

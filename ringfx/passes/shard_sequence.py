@@ -79,6 +79,13 @@ class ShardingReport(PassReport):
     sharded_inputs: list[str] = dataclasses.field(default_factory=list)
     distributed: list[str] = dataclasses.field(default_factory=list)
     fallbacks: list[str] = dataclasses.field(default_factory=list)
+    costly_fallbacks: list[str] = dataclasses.field(default_factory=list)  # of floating-point values
+
+    def summary(self) -> list[str]:
+        lines = [f"sharded input: {x}" for x in self.sharded_inputs]
+        lines += [f"distributed: {x}" for x in self.distributed]
+        lines += [f"all-gather fallback: {x}" for x in self.fallbacks]
+        return lines
 
 
 _POINTWISE = frozenset({
@@ -123,6 +130,10 @@ def shard_sequence_pass(gm: fx.GraphModule, *, options: Optional[PassOptions] = 
                  and options.ring_size > 1 else f"inputs={options.inputs!r}, ring of {options.ring_size}")
         return gm, report
     _Sharder(gm, options, report).run(ring_ops)
+    if report.costly_fallbacks:
+        report.notes.append(
+            f"{len(report.costly_fallbacks)} op(s) have no sharded form and run on the whole sequence, their "
+            f"operands all-gathered first (exact, but not sharded): {'; '.join(report.costly_fallbacks)}")
     gm.graph.lint()
     gm.recompile()
     log.info("shard_sequence: %d input(s) sharded, %d distributed op(s), %d all-gather fallback(s)",
@@ -316,10 +327,14 @@ class _Sharder:
             self._fallback(node)
 
     def _fallback(self, node: fx.Node) -> None:
+        floating = []
+
         def full(a):
             if isinstance(a, fx.Node) and a in self.placed:
                 if not isinstance(self.placed[a], Sharded):
                     raise NotImplementedError(f"a tuple of sharded values reaches {node.format_node()}")
+                dtype = getattr(value_of(a), "dtype", None)
+                floating.append(dtype is None or dtype.is_floating_point or dtype.is_complex)
                 return self.gather(a, node)
             return a
 
@@ -327,7 +342,10 @@ class _Sharder:
         node.kwargs = fx.node.map_arg(node.kwargs, full)
         self.placed.pop(node, None)
         name = op_name(node) or str(node.target)
-        self.report.fallbacks.append(f"'{name}' at {source_line(node)}")
+        line = f"'{name}' at {source_line(node)}"
+        self.report.fallbacks.append(line)
+        if any(floating):  # ids and masks are O(S) to gather; activations are what sharding is for
+            self.report.costly_fallbacks.append(line)
 
     def _distributed(self, node: fx.Node, what: str) -> None:
         self.report.distributed.append(f"{what} at {source_line(node)}")

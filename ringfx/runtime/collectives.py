@@ -240,7 +240,10 @@ def select_token(x: Tensor, dim: int, index: int, length: int, group_name: str, 
     world, rank, _ = _world_rank(group_name)
     if rank < 0:
         return x.select(dim, hits[0])
-    local = x.select(dim, hits[0]) if hits else torch.zeros_like(x.select(dim, 0))
+    if hits:
+        local = x.select(dim, hits[0])
+    else:  # zeros, still connected to x: every rank must take part in the backward's all-reduce
+        local = torch.where(torch.zeros((), dtype=torch.bool, device=x.device), x.select(dim, 0), 0)
     return all_reduce_sum(local, group_name)
 
 
