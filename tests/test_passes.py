@@ -284,8 +284,13 @@ def test_a_crash_inside_a_pass_names_the_pass():
     def broken(gm, *, options):
         raise ValueError("boom")
 
-    with pytest.raises(Exception, match="ringfx pass broken failed: boom"):
+    # the pass's own exception type, its message prefixed with the pass name
+    with pytest.raises(ValueError, match="ringfx pass broken failed: boom"):
+        run_passes(torch.fx.symbolic_trace(lambda x: x + 1), options=LOOPBACK2, passes=[broken])
+    # through torch.compile, dynamo wraps it
+    with pytest.raises(torch._dynamo.exc.BackendCompilerFailed, match="ringfx pass broken failed: boom") as info:
         rewrite(lambda x: x + 1, torch.ones(2), passes=[broken])
+    assert isinstance(info.value.inner_exception, ValueError)
 
 
 def test_pass_options_validate():
