@@ -75,10 +75,14 @@ def test_outputs_without_the_token_dim_come_back_as_computed():
     ring = ringfx.LoopbackRing(2)
     model = WithPooled().eval()
     ids, pos = (i.value for i in tokens(16, 0))
+    ref_h, _ = model(ids, pos)
     with pytest.warns(ringfx.RingfxWarning, match="'sum' over the sequence axis"):
-        h, total = ringfx.transform(model, ring, shard_inputs={"input_ids": 1, "position_ids": 1},
+        h, total = ringfx.transform(model, ring, layout="zigzag", shard_inputs={"input_ids": 1, "position_ids": 1},
                                     gather_outputs=1)(ids, pos)
-    assert h.shape == (2, 16, 16) and total.dim() == 0
+    torch.testing.assert_close(h, ref_h)  # per-token: gathered back to full length
+    # not per-token: the sum over the rank's own tokens (the loopback ring's rank holds all P shards)
+    assert total.dim() == 0
+    torch.testing.assert_close(total, ringfx.shard(ref_h, 1, layout="zigzag", group=ring).sum())
 
 
 def test_bad_options_are_refused():
