@@ -6,10 +6,22 @@
     plan = ringfx.plan("llama-8b-like", seq_len=1_000_000, device_memory="80GiB", world_size=8)
 """
 
+from importlib import metadata as _metadata
+
 from .api import explain, transform
 from .errors import RingfxWarning, UnsupportedError
 from .planner import DeviceSpec, Plan, plan
 from .runtime import LoopbackRing, positions, ring_attention, shard, unshard
+
+try:
+    __version__ = _metadata.version("ringfx")
+except _metadata.PackageNotFoundError:  # a source tree that was not installed: its pyproject.toml's version
+    import pathlib as _pathlib
+    import re as _re
+
+    _pyproject = _pathlib.Path(__file__).resolve().parent.parent / "pyproject.toml"
+    _found = _re.search(r'^version\s*=\s*"([^"]+)"', _pyproject.read_text(), _re.M) if _pyproject.is_file() else None
+    __version__ = _found.group(1) if _found else "0+unknown"
 
 __all__ = [
     "DeviceSpec", "LoopbackRing", "Plan", "RingfxWarning", "UnsupportedError", "explain", "plan", "positions",
