@@ -197,3 +197,13 @@ def test_plan_shows_progress_on_stderr_only(capsys):
     json.loads(captured.out)  # stdout holds the JSON alone
     assert main(PLAN + ["--device-memory", "80GiB", "--batch-size", "5", "--quiet"]) == 0
     assert "simulating" not in capsys.readouterr().err
+
+
+def test_version_is_the_installed_one_and_the_pyprojects():
+    import importlib.metadata
+    import pathlib
+    import re
+
+    pyproject = (pathlib.Path(ringfx.__file__).resolve().parent.parent / "pyproject.toml").read_text()
+    assert ringfx.__version__ == re.search(r'^version = "([^"]+)"', pyproject, re.M).group(1)
+    assert ringfx.__version__ == importlib.metadata.version("ringfx")
