@@ -23,7 +23,8 @@ tensor of the output and every gradient (atol 2e-5, rtol 1e-4, float32).
 Checking the harness itself: ``RINGFX_ZT_SELFCHECK=1`` replaces ``ringfx.transform`` by
 the identity (every case must pass, on every rank); ``RINGFX_ZT_SELFCHECK=compile`` by
 ``torch.compile(model, backend="eager")`` (the same, with dynamo's tracing cost, a proxy
-for the transform's compile time).
+for the transform's compile time); ``RINGFX_ZT_SELFCHECK=broken`` by a wrong model (every
+case must fail, with a table, and no hang).
 """
 
 from __future__ import annotations
@@ -66,9 +67,33 @@ def transform(model, mesh, layout, selfcheck=SELFCHECK):
         return model
     if selfcheck == "compile":
         return torch.compile(model, backend="eager", dynamic=False)
+    if selfcheck == "broken":
+        return _Broken(model)
     if selfcheck:
-        raise ValueError(f"RINGFX_ZT_SELFCHECK={selfcheck!r}: use 1 or compile")
+        raise ValueError(f"RINGFX_ZT_SELFCHECK={selfcheck!r}: use 1, compile or broken")
     return ringfx.transform(model, mesh, layout=layout)
+
+
+class _Broken(torch.nn.Module):
+    """RINGFX_ZT_SELFCHECK=broken: the harness must catch this. The last rank (every
+    loopback case) gets its first float output off by 1e-3; Whisper raises on rank 0 only
+    (the other ranks must not hang, and the cases after it must still run)."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, **kwargs):
+        import torch.distributed as dist
+
+        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        if "input_features" in kwargs and rank == 0:
+            raise RuntimeError("broken on purpose")
+        out = self.module(**kwargs)
+        if rank == world - 1:
+            first = next(iter(hf_zoo.float_outputs(out)))
+            out[first] = out[first] + 1e-3
+        return out
 
 
 def _max_err(a, b) -> float:
