@@ -178,6 +178,7 @@ class MixingCase:
     make: Callable[[], nn.Module]
     inputs: Callable[[int, torch.Generator], list]
     costly_fallback: bool = False  # an op with no sharded form: all-gathered, exact, and warned
+    tol: float = 1e-10
 
 
 def _x(s, g):
@@ -201,7 +202,8 @@ CASES = [
     MixingCase("first_token_pooler", FirstTokenPooler, _x),
     MixingCase("last_token_head", LastTokenHead, _x),
     MixingCase("shifted_loss", ShiftedLoss, _ids_labels, costly_fallback=True),
-    MixingCase("padded_shift_sum_loss", PaddedShiftSumLoss, _ids_labels),
+    # float32 logits: gradients summed over P ranks and averaged round at float32 (P not a power of 2)
+    MixingCase("padded_shift_sum_loss", PaddedShiftSumLoss, _ids_labels, tol=1e-6),
     MixingCase("cumsum_scan", CumsumScan, _x, costly_fallback=True),
     MixingCase("causal_conv", CausalConv, _x, costly_fallback=True),
     MixingCase("roll_shift", RollShift, _x, costly_fallback=True),
@@ -237,7 +239,7 @@ def run_case(case: MixingCase, group, layout: str, seq_len: int, seed: int = 0) 
     (out * w).sum().backward()
     grad_err = max((_grad(p) - _grad(q)).abs().max().item() for p, q in zip(model.parameters(), ref.parameters()))
     reports = [r.sharding for r in ring.reports if r.sharding is not None]
-    return {"name": case.name, "out_err": (out - ref_out).abs().max().item(), "grad_err": grad_err,
+    return {"name": case.name, "tol": case.tol, "out_err": (out - ref_out).abs().max().item(), "grad_err": grad_err,
             "shape_ok": out.shape == ref_out.shape, "rewritten": sum(s.decision == "rewritten" for s in ring.sites),
             "warned": sum(issubclass(w.category, RingfxWarning) for w in caught),
             "distributed": [d for r in reports for d in r.distributed],

@@ -333,8 +333,7 @@ class _Sharder:
             if isinstance(a, fx.Node) and a in self.placed:
                 if not isinstance(self.placed[a], Sharded):
                     raise NotImplementedError(f"a tuple of sharded values reaches {node.format_node()}")
-                dtype = getattr(value_of(a), "dtype", None)
-                floating.append(dtype is None or dtype.is_floating_point or dtype.is_complex)
+                floating.append(not self._cheap(a))
                 return self.gather(a, node)
             return a
 
@@ -346,6 +345,14 @@ class _Sharder:
         self.report.fallbacks.append(line)
         if any(floating):  # ids and masks are O(S) to gather; activations are what sharding is for
             self.report.costly_fallbacks.append(line)
+
+    def _cheap(self, node: fx.Node) -> bool:
+        """O(S) to gather: ids, masks, labels, a per-key bias (one value per token and batch row)."""
+        dtype = getattr(value_of(node), "dtype", None)
+        if dtype is not None and not (dtype.is_floating_point or dtype.is_complex):
+            return True
+        shape, s = self.shape(node), self.placed[node]
+        return shape is not None and all(n == 1 for d, n in enumerate(shape) if d not in (0, s.axis))
 
     def _distributed(self, node: fx.Node, what: str) -> None:
         self.report.distributed.append(f"{what} at {source_line(node)}")
@@ -876,6 +883,14 @@ class _Sharder:
                 return
             if mask not in self.placed:
                 return
+        if node.target is ring_glue.bias_from_mask:
+            mask, out = node.args[0], self.shape(node)
+            s, shape = self.placed.get(mask), self.shape(mask)
+            if isinstance(s, Sharded) and shape is not None and out is not None:
+                self.placed[node] = s.at(s.axis + len(out) - len(shape))
+                return
+        if node.target is ring_glue.gather_key_columns:
+            return  # the ring op reads the bias it wraps
         raise _Fallback()
 
     def _ring_op(self, node: fx.Node) -> None:
@@ -899,13 +914,14 @@ class _Sharder:
         if bias is not None:
             if bias.target is ring_glue.gather_key_columns:
                 bias = bias.args[0]
-            if bias in self.placed:
-                bias = self.gather(bias, node)
             bshape = self.shape(bias)
             if bshape is None or len(bshape) != 4:
                 raise NotImplementedError(f"attention bias of unknown shape at {source_line(node)}")
-            if bshape[-2] != 1:
-                bias = self.shard(bias, Sharded(2, length), node)
+            rows = Sharded(2, length)
+            if bias in self.placed and not (self.placed[bias] == rows and bshape[-1] == length):
+                bias = self.gather(bias, node)  # key columns are needed whole: O(S) for a per-key bias
+            if bshape[-2] != 1 and bias not in self.placed:
+                bias = self.shard(bias, rows, node)
             if bshape[-1] != 1 and padded:
                 with self.graph.inserting_before(node):
                     bias = self.graph.call_function(collectives.pad_sequence, (
