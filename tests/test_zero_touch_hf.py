@@ -269,7 +269,8 @@ def _ring_matrix(rank, world, cases, selfcheck):
         dist.all_gather_object(elapsed, time.monotonic() - start, group=control)
         if max(elapsed) > GLOO_BUDGET:
             results.append({"case": case_name(name, attn, layout, world, seq_len), "rank": rank, "ok": False,
-                            "warnings": [], "errors": {}, "problems": [f"not run: the {GLOO_BUDGET} s budget is spent"]})
+                            "warnings": [], "errors": {},
+                            "problems": [f"not run: the {GLOO_BUDGET} s budget is spent"]})
             continue
         torch._dynamo.reset()
         try:
