@@ -172,6 +172,19 @@ class MseLoss(nn.Module):  # a regression loss averaged over every token and fea
         return F.mse_loss(self.attn(x), target)
 
 
+class CheckpointedLayers(nn.Module):  # activation checkpointing per layer (dynamo: tag_activation_checkpoint)
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList([Attention(), Attention()])
+
+    def forward(self, x):
+        from torch.utils.checkpoint import checkpoint
+
+        for layer in self.layers:
+            x = checkpoint(layer, x, use_reentrant=False)
+        return x.mean(dim=1)
+
+
 @dataclass
 class MixingCase:
     name: str
@@ -211,6 +224,7 @@ CASES = [
     MixingCase("arange_rope", ArangeRope, _x),
     MixingCase("alibi_bias", AlibiBias, _x),
     MixingCase("mse_loss", MseLoss, _x_target),
+    MixingCase("checkpointed_layers", CheckpointedLayers, _x),
 ]
 
 

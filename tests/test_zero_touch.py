@@ -63,7 +63,7 @@ def test_sequence_mixing_ops_exact(case, config):
     world, layout, seq_len = config
     r = run_case(case, ringfx.LoopbackRing(world), layout, seq_len)
     assert r["shape_ok"] and r["out_err"] < case.tol and r["grad_err"] < case.tol, r
-    assert r["rewritten"] == 1
+    assert r["rewritten"] == (2 if case.name == "checkpointed_layers" else 1)
     # the op without a sharded form runs all-gathered (exact) and says so, once; the others do not
     assert bool(r["fallbacks"]) == case.costly_fallback, r["fallbacks"]
     assert r["warned"] == (1 if case.costly_fallback else 0)

@@ -44,7 +44,7 @@ import torch.fx as fx
 
 from ..runtime import collectives
 from . import ring_glue
-from .node_facts import VALUE_KEY, CASTS, SHAPE_ONLY, is_model_state, normalize_dim, op_name, placeholder_source, \
+from .node_facts import VALUE_KEY, CASTS, SHAPE_ONLY, called_subgraph, hop_subgraphs, is_model_state, normalize_dim, op_name, placeholder_source, \
     shape_of, source_line, value_of
 from .options import PassOptions
 from .rewrite_attention import ring_attention_nodes, ring_attention_target
@@ -124,7 +124,7 @@ def shard_sequence_pass(gm: fx.GraphModule, *, options: Optional[PassOptions] = 
                         ) -> tuple[fx.GraphModule, ShardingReport]:
     options = options or PassOptions()
     report = ShardingReport("shard_sequence")
-    ring_ops = ring_attention_nodes(gm) if options.inputs == "full" and options.ring_size > 1 else []
+    ring_ops = _all_ring_ops(gm) if options.inputs == "full" and options.ring_size > 1 else []
     if not ring_ops:
         log.info("shard_sequence: nothing to shard (%s)", "no ring op in the graph" if options.inputs == "full"
                  and options.ring_size > 1 else f"inputs={options.inputs!r}, ring of {options.ring_size}")
@@ -139,6 +139,11 @@ def shard_sequence_pass(gm: fx.GraphModule, *, options: Optional[PassOptions] = 
     log.info("shard_sequence: %d input(s) sharded, %d distributed op(s), %d all-gather fallback(s)",
              len(report.sharded_inputs), len(report.distributed), len(report.fallbacks))
     return gm, report
+
+
+def _all_ring_ops(gm: fx.GraphModule) -> list[fx.Node]:
+    """The ring ops of ``gm`` and of the subgraphs its higher-order ops call (checkpointing)."""
+    return ring_attention_nodes(gm) + [n for _, _, sub in hop_subgraphs(gm) for n in ring_attention_nodes(sub)]
 
 
 class _Sharder:
@@ -260,18 +265,48 @@ class _Sharder:
 
     # ---- the walk ---------------------------------------------------------------------------------
     def run(self, ring_ops: list[fx.Node]) -> None:
-        lengths = {self.shape(op.args[0])[-2] for op in ring_ops if self.shape(op.args[0]) is not None}
+        lengths = {_shape_or_none(op.args[0]) for op in ring_ops}
+        lengths = {shape[-2] for shape in lengths if shape is not None}
         if not all(isinstance(n, int) for n in lengths):
             raise NotImplementedError("whole-model sharding needs static sequence lengths (transform(dynamic=False))")
         self.lengths = lengths
+        self._walk()
+
+    def run_body(self, operands: list) -> tuple:
+        """A subgraph called by a higher-order op (a checkpointed region): its placeholders
+        hold what the caller passes (``operands``: a placement or None each); its outputs
+        stay as they are and their placements are returned."""
+        placeholders = [n for n in self.graph.nodes if n.op == "placeholder"]
+        for ph, s in zip(placeholders, operands):
+            if s is not None:
+                self.placed[ph] = s
+        self._walk(body=True)
+        (out,) = [n for n in self.graph.nodes if n.op == "output"]
+        results = out.args[0] if isinstance(out.args[0], (tuple, list)) else (out.args[0],)
+        return tuple(self.placed.get(r) if isinstance(r, fx.Node) else None for r in results)
+
+    def _walk(self, body: bool = False) -> None:
         for node in list(self.graph.nodes):
-            if node.op == "placeholder":
+            if node.op == "placeholder" and not body:
                 self._seed(node)
-            elif node.op == "output":
+            elif node.op == "output" and not body:
                 self._output(node)
             elif node.op in ("call_function", "call_method"):
                 self._visit(node)
         self._erase_dead_moves()
+        self.gm.recompile()
+
+    def _hop(self, node: fx.Node, called) -> None:
+        """Run the sharding inside a called subgraph with the operands' placements."""
+        _, body, operands = called
+        sub = _Sharder(body, self.options, self.report)
+        sub.lengths = self.lengths
+        outputs = sub.run_body([self.placed.get(a) if isinstance(a, fx.Node) else None for a in operands])
+        body.graph.lint()
+        if any(o is not None for o in outputs):
+            self.placed[node] = outputs
+        else:
+            self.placed.pop(node, None)
 
     def _erase_dead_moves(self) -> None:
         """Drop the moves (and bypassed mask helpers) that ended up with no user."""
@@ -314,6 +349,9 @@ class _Sharder:
         node.args = fx.node.map_arg(node.args, full)
 
     def _visit(self, node: fx.Node) -> None:
+        called = called_subgraph(self.gm, node)
+        if called is not None:
+            return self._hop(node, called)
         sharded_inputs = [a for a in node.all_input_nodes if a in self.placed]
         is_ring = node.target == ring_attention_target()
         if not sharded_inputs and not is_ring:
@@ -929,6 +967,15 @@ class _Sharder:
             args[5] = bias
         node.args = tuple(args)
         self.placed[node] = (s, s)
+
+
+def _shape_or_none(node):
+    shape = shape_of(node)
+    if shape is None and isinstance(node, fx.Node) and op_name(node) == "permute":  # the rewrite's canonical q
+        src = shape_of(node.args[0])
+        dims = node.args[1:] if not isinstance(node.args[1], (tuple, list)) else node.args[1]
+        shape = None if src is None else tuple(src[d] for d in dims)
+    return shape
 
 
 def _through_view(s: Sharded, in_shape, out_shape) -> Optional[Sharded]:
