@@ -290,11 +290,11 @@ def run_on_group(program: RankProgram, group: dist.ProcessGroup, device: torch.d
             # pending would be matched by the next call's and mix the two calls' data
             for handle in list(outstanding):
                 handle.drain()
-            e.add_note(
-                f"ring attention failed on rank {rank} after its ring transfers had started; they were "
-                "completed before raising, so the group stays usable where every rank failed at the same "
-                "step (a rank that did not fail reports a dead or stuck peer after the group's timeout)"
-            )
+            note = getattr(e, "add_note", None)  # Python 3.11+
+            if note is not None:
+                note(f"ring attention failed on rank {rank} after its ring transfers had started; they were "
+                     "completed before raising, so the group stays usable where every rank failed at the same "
+                     "step (a rank that did not fail reports a dead or stuck peer after the group's timeout)")
         raise
 
 
