@@ -3,10 +3,11 @@
     torchrun --nproc-per-node 4 examples/train_step_torchrun.py               # CPU, gloo
     torchrun --nproc-per-node 8 examples/train_step_torchrun.py --cuda        # GPUs, NCCL
 
-Each rank holds S/P tokens of every sequence: ids, position ids and labels are sharded
-with ``ringfx.shard`` (zigzag layout: balanced causal work); the model code is not
-changed. The loss is summed over this rank's tokens; parameter gradients are summed
-over the ring (each rank holds its tokens' share), then averaged over all tokens.
+Every rank is given the same full-length batch, as a data loader yields it, and the code
+is the single-process training step with one line added: ``ringfx.transform(model)``.
+Inside, each rank computes S/P tokens of every sequence (zigzag layout: balanced causal
+work); the logits come back full length, and after ``backward`` the parameter gradients
+are already averaged over the ring (equal to single-process gradients).
 """
 
 import argparse
@@ -40,18 +41,13 @@ def main():
     pos = torch.arange(args.seq_len, device=device)[None]
 
     ring_model = ringfx.transform(model, layout="zigzag")
-    shard = lambda x: ringfx.shard(x, 1, layout="zigzag")  # noqa: E731
-    logits = ring_model(shard(ids), shard(pos))
-    loss = F.cross_entropy(logits.flatten(0, 1), shard(labels).flatten(), reduction="sum")
+    logits = ring_model(ids, pos)
+    loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten())
     loss.backward()
-    for param in model.parameters():
-        dist.all_reduce(param.grad)
-        param.grad /= args.seq_len
-    dist.all_reduce(loss.detach())
     if dist.get_rank() == 0:
-        print(f"ring of {world}: loss {loss.item() / args.seq_len:.4f} over {args.seq_len} tokens, "
+        print(f"ring of {world}: loss {loss.item():.4f} over {args.seq_len} tokens, "
               f"{args.seq_len // world} per rank")
-        print(ringfx.explain(model, ids[:, :64], pos[:, :64]))
+        print(ringfx.explain(ring_model, ids[:, :64], pos[:, :64]))
     dist.destroy_process_group()
 
 

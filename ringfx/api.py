@@ -31,6 +31,9 @@ __all__ = ["ExplainReport", "RingModule", "explain", "transform"]
 
 log = logging.getLogger("ringfx.api")
 
+# graphs one transformed model may compile (one per distinct input shape) before it refuses
+RECOMPILE_LIMIT = 64
+
 
 @dataclass
 class ExplainReport:
@@ -85,10 +88,17 @@ class RingModule(nn.Module):
     def forward(self, *args, **kwargs):
         if self._sequence is not None:
             args, kwargs, local = self._sequence.shard(self.__signature__, args, kwargs)
-        # a recompile past dynamo's limit would silently run the unrewritten model
+        # a recompile past dynamo's limit would silently run the unrewritten model: raise
+        # instead, after as many graphs as RECOMPILE_LIMIT (one per sequence length)
         try:
-            with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+            with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True, recompile_limit=RECOMPILE_LIMIT):
                 out = self._compiled(*args, **kwargs)
+        except torch._dynamo.exc.FailOnRecompileLimitHit as e:
+            raise RuntimeError(
+                f"ringfx.transform: this model has been compiled for {RECOMPILE_LIMIT} different input shapes "
+                "(each new sequence length or batch size compiles the model again: shapes are static so that "
+                "the sequence can be sharded exactly); pad batches to a few bucket lengths, or raise "
+                "ringfx.api.RECOMPILE_LIMIT") from e
         except torch._dynamo.exc.BackendCompilerFailed as e:
             inner = getattr(e, "inner_exception", None)
             if isinstance(inner, (UnsupportedError, RingfxWarning, ValueError, TypeError)):

@@ -234,3 +234,18 @@ def test_three_optimizer_steps_on_a_2x2_mesh_equal_single_process_training():
         for p, q in zip(params, model.parameters()):
             torch.testing.assert_close(p, q.detach(), atol=1e-10, rtol=1e-10, msg=f"rank {rank}")
 
+
+
+def test_many_sequence_lengths_each_exact_and_a_clear_error_past_the_limit(monkeypatch):
+    import ringfx.api
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = PerToken()
+    ring = ringfx.transform(model, mesh=ringfx.LoopbackRing(2))
+    for seq_len in range(5, 16):  # more lengths than dynamo's default recompile limit (8)
+        x = torch.randn(1, seq_len, E, dtype=DTYPE)
+        torch.testing.assert_close(ring(x), model(x))
+    monkeypatch.setattr(ringfx.api, "RECOMPILE_LIMIT", 11)
+    with pytest.raises(RuntimeError, match="pad batches to a few bucket lengths"):
+        ring(torch.randn(1, 17, E, dtype=DTYPE))
