@@ -110,11 +110,11 @@ def main():
                 print(f"{seq:>7} {str(checkpointing):>5} {variant:>16} {fmt(row['step_s'], '8.3f'):>8} "
                       f"{fmt(row.get('time_ratio'), '8.3f'):>8} {fmt(row['peak_gib'], '9.2f'):>9} "
                       f"{fmt(row.get('memory_ratio'), '8.3f'):>8} {row['sites']}", flush=True)
-    if args.json:
-        os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "args": vars(args),
-                       "rows": rows}, f, indent=1)
+                if args.json:  # after every row: a run cut short keeps what it measured
+                    os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
+                    with open(args.json, "w") as f:
+                        json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                                   "args": vars(args), "rows": rows}, f, indent=1)
     dist.destroy_process_group()
 
 

@@ -40,10 +40,6 @@ import torch
 
 import ringfx
 
-pytestmark = pytest.mark.skipif(
-    os.environ.get("RINGFX_ZERO_TOUCH") != "1" and not os.environ.get("RINGFX_ZT_SELFCHECK"),
-    reason="zero-touch sharding is in progress; set RINGFX_ZERO_TOUCH=1")
-
 transformers = pytest.importorskip("transformers", reason="needs transformers (pip install transformers)")
 
 import hf_zoo  # noqa: E402  (needs transformers)
