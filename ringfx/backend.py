@@ -196,16 +196,16 @@ def eager_checkpointing(gm: fx.GraphModule) -> fx.GraphModule:
     import torch
 
     hop = getattr(torch.ops.higher_order, "tag_activation_checkpoint", None)
-    changed = False
-    for node in gm.graph.nodes:
-        if node.op == "call_function" and hop is not None and node.target is hop:
+    if hop is None or not any(n.op == "call_function" and n.target is hop for n in gm.graph.nodes):
+        return gm
+    graph = fx.Graph()  # a copy: the graph reported by explain keeps the op dynamo captured
+    graph.output(graph.graph_copy(gm.graph, {}))
+    for node in graph.nodes:
+        if node.op == "call_function" and node.target is hop:
             node.target = checkpoint_body
             node.kwargs = {}
-            changed = True
-    if changed:
-        gm.graph.lint()
-        gm.recompile()
-    return gm
+    graph.lint()
+    return fx.GraphModule(gm, graph)
 
 
 def checkpoint_body(body, *args):
