@@ -220,6 +220,8 @@ def gather_small(tensor: torch.Tensor, group: dist.ProcessGroup, device=None) ->
     ``device``: where the collective runs when the group cannot take CPU tensors."""
     # a group with a CPU backend too ("cpu:gloo,cuda:nccl") gathers CPU tensors there: the
     # host then waits for the other ranks only, not for this GPU's queued work
+    if dist.get_world_size(group) == 1:  # a ring of one: nothing to gather, no collective to wait for
+        return tensor[None]
     on = device or tensor.device
     if tensor.device.type == "cpu" and backend_mismatch(str(dist.get_backend(group)), "cpu") is None:
         on = tensor.device
