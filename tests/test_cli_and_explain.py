@@ -117,9 +117,10 @@ def test_demo_refuses_an_empty_ring(ranks, capsys):
     assert "argument --ranks" in err and "at least 1" in err
 
 
-def test_demo_refuses_a_length_the_ring_cannot_split(capsys):
-    err = _cli_error(["demo", "--ranks", "3", "--seq-len", "97"], capsys)
-    assert "--seq-len 97" in err and "multiple of 6" in err
+@pytest.mark.parametrize("seq_len", ["0", "many"])
+def test_demo_refuses_a_sequence_of_no_tokens(seq_len, capsys):
+    err = _cli_error(["demo", "--seq-len", seq_len], capsys)
+    assert "argument --seq-len" in err
 
 
 PLAN = ["plan", "--model", "gpt2-like", "--seq-len", "64K", "--device", "H100", "--gpus", "8"]
