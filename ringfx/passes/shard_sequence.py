@@ -265,8 +265,7 @@ class _Sharder:
 
     # ---- the walk ---------------------------------------------------------------------------------
     def run(self, ring_ops: list[fx.Node]) -> None:
-        lengths = {_shape_or_none(op.args[0]) for op in ring_ops}
-        lengths = {shape[-2] for shape in lengths if shape is not None}
+        lengths = {shape[-2] for shape in map(self.shape, (op.args[0] for op in ring_ops)) if shape is not None}
         if not all(isinstance(n, int) for n in lengths):
             raise NotImplementedError("whole-model sharding needs static sequence lengths (transform(dynamic=False))")
         self.lengths = lengths
@@ -967,15 +966,6 @@ class _Sharder:
             args[5] = bias
         node.args = tuple(args)
         self.placed[node] = (s, s)
-
-
-def _shape_or_none(node):
-    shape = shape_of(node)
-    if shape is None and isinstance(node, fx.Node) and op_name(node) == "permute":  # the rewrite's canonical q
-        src = shape_of(node.args[0])
-        dims = node.args[1:] if not isinstance(node.args[1], (tuple, list)) else node.args[1]
-        shape = None if src is None else tuple(src[d] for d in dims)
-    return shape
 
 
 def _through_view(s: Sharded, in_shape, out_shape) -> Optional[Sharded]:
