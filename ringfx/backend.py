@@ -19,6 +19,8 @@ Options (``torch.compile(..., options={...})`` arrives here as ``options``):
                    per-token outputs are gathered back. "sharded": the caller passes each
                    rank's tokens (ringfx.shard) and gets its tokens' outputs
     gather_outputs with inputs="full": False keeps per-token outputs sharded (long logits)
+    sequence_inputs with inputs="full": {"input_ids": 1, ...} names the inputs to shard where they
+                   enter (default: every input with an axis of an attention's sequence length)
 """
 
 from __future__ import annotations
@@ -34,12 +36,12 @@ import torch.fx as fx
 
 from .errors import RingfxWarning, UnsupportedError
 from .passes import PassOptions, run_passes
-from .passes.sites import SiteRecord
+from .passes.sites import Decision, SiteRecord
 
 log = logging.getLogger("ringfx.backend")
 
 _KNOWN = {"group", "mesh", "layout", "inner", "strict", "kernel", "collector", "execute", "inputs",
-          "gather_outputs"}
+          "gather_outputs", "sequence_inputs"}
 
 
 @dataclass
@@ -85,12 +87,24 @@ class BackendConfig:
             PassOptions(group_name=name, layout=options.get("layout", "contiguous"), ring_size=size,
                         loopback=name.startswith("loopback:"), kernel=options.get("kernel", "auto"),
                         inputs=options.get("inputs", "full"),
-                        gather_outputs=bool(options.get("gather_outputs", True))),
+                        gather_outputs=bool(options.get("gather_outputs", True)),
+                        sequence_inputs=_sequence_inputs(options.get("sequence_inputs"))),
             inner=inner, strict=bool(options.get("strict", True)), execute=execute,
             collector=options.get("collector"))
 
 
 _warned_no_group = False  # the ring-of-one warning is logged once per process
+
+
+def _sequence_inputs(named) -> tuple:
+    """``{"input_ids": 1}`` -> ``(("input_ids", 1),)``, checked."""
+    if named is None:
+        return ()
+    if not isinstance(named, dict) or not all(isinstance(k, str) and isinstance(d, int) and not isinstance(d, bool)
+                                              for k, d in named.items()):
+        raise TypeError(f"sequence_inputs= takes a dict of argument name -> sequence dim, e.g. "
+                        f"{{'input_ids': 1}}; got {named!r}")
+    return tuple(sorted(named.items()))
 
 
 def resolve_group_name(group: Any) -> str:
@@ -152,7 +166,7 @@ def _warn_at(message: str, filename: str, lineno: int) -> None:
 def _check_strict(sites, config: BackendConfig) -> None:
     if config.pass_options.ring_size == 1 or config.execute == "original":
         return
-    left = [s for s in sites if s.decision != "rewritten"]
+    left = [s for s in sites if s.decision is not Decision.REWRITE]
     if not config.strict:  # run as asked, but never wrong without a word
         for s in left:
             _warn_at(f"ringfx: attention at {s.source_line} ({s.pattern}) is left alone: {s.reason}. strict=False: "

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-E, H, VOCAB, CLASSES = 12, 3, 40, 5
+E, H, VOCAB, CLASSES = 16, 4, 40, 5  # E differs from every tested sequence length
 DTYPE = torch.float64
 
 
@@ -185,6 +185,19 @@ class CheckpointedLayers(nn.Module):  # activation checkpointing per layer (dyna
         return x.mean(dim=1)
 
 
+class PatchesWithClassToken(nn.Module):  # ViT: tokens made inside the model (patches + a class token)
+    def __init__(self):
+        super().__init__()
+        self.patch = nn.Conv1d(2, E, 4, stride=4, dtype=DTYPE)
+        self.cls = nn.Parameter(torch.randn(1, 1, E, dtype=DTYPE))
+        self.attn = Attention(causal=False)
+
+    def forward(self, signal):  # (B, 2, 4 * patches)
+        x = self.patch(signal).transpose(1, 2)
+        x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], dim=1)
+        return self.attn(x)[:, 0]
+
+
 @dataclass
 class MixingCase:
     name: str
@@ -209,6 +222,10 @@ def _x_target(s, g):
     return [torch.randn(2, s, E, generator=g, dtype=DTYPE), torch.randn(2, s, E, generator=g, dtype=DTYPE)]
 
 
+def _signal(s, g):  # s - 1 patches of 4 samples: s tokens with the class token
+    return [torch.randn(2, 2, 4 * (s - 1), generator=g, dtype=DTYPE)]
+
+
 CASES = [
     MixingCase("mean_pool_classifier", MeanPoolClassifier, _x),
     MixingCase("sum_pool", SumPool, _x),
@@ -225,6 +242,7 @@ CASES = [
     MixingCase("alibi_bias", AlibiBias, _x),
     MixingCase("mse_loss", MseLoss, _x_target),
     MixingCase("checkpointed_layers", CheckpointedLayers, _x),
+    MixingCase("patches_with_class_token", PatchesWithClassToken, _signal),
 ]
 
 
@@ -257,6 +275,7 @@ def run_case(case: MixingCase, group, layout: str, seq_len: int, seed: int = 0) 
             "shape_ok": out.shape == ref_out.shape, "rewritten": sum(s.decision == "rewritten" for s in ring.sites),
             "warned": sum(issubclass(w.category, RingfxWarning) for w in caught),
             "distributed": [d for r in reports for d in r.distributed],
+            "sharded_inputs": [x for r in reports for x in r.sharded_inputs],
             "fallbacks": [f for r in reports for f in r.costly_fallbacks]}
 
 

@@ -76,6 +76,29 @@ def test_distributed_forms_are_named():
     assert "cross_entropy" in run_case(BY_CASE["padded_shift_sum_loss"], ring, "zigzag", 12)["distributed"][0]
 
 
+def test_tokens_made_inside_the_model_are_sharded_where_they_are_made():
+    r = run_case(BY_CASE["patches_with_class_token"], ringfx.LoopbackRing(3), "zigzag", 13)
+    assert r["out_err"] < 1e-10 and r["grad_err"] < 1e-10, r
+    made = [x for x in r["sharded_inputs"] if "made inside the model" in x]
+    assert made and "'cat'" in made[0], r["sharded_inputs"]
+
+
+def test_sequence_inputs_names_what_is_sharded_where_it_enters():
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = BY_CASE["mse_loss"].make()
+    x, target = torch.randn(2, 11, E, dtype=DTYPE), torch.randn(2, 11, E, dtype=DTYPE)
+    ring = ringfx.transform(model, mesh=ringfx.LoopbackRing(3), sequence_inputs={"x": 1})
+    torch.testing.assert_close(ring(x, target), model(x, target))
+    (sharding,) = [g.sharding for g in ring.reports]
+    assert [s.split()[0] for s in sharding.sharded_inputs] == ["L['x']"]
+    torch._dynamo.reset()
+    with pytest.raises(ValueError, match="sequence_inputs: dim 2"):
+        ringfx.transform(model, mesh=ringfx.LoopbackRing(3), sequence_inputs={"x": 2})(x, target)
+    with pytest.raises(TypeError, match="sequence_inputs="):
+        ringfx.transform(model, mesh=ringfx.LoopbackRing(3), sequence_inputs=["x"])
+
+
 class LossAfterGraphBreak(nn.Module):
     """Attention, a graph break, then a token mean in a graph with no attention."""
 
@@ -130,7 +153,7 @@ def test_explain_lists_sharded_inputs_distributed_forms_and_fallbacks():
     ring_model = ringfx.transform(BY_CASE["cumsum_scan"].make(), mesh=ringfx.LoopbackRing(2))
     report = ringfx.explain(ring_model, torch.randn(2, 8, E, dtype=DTYPE))
     text = str(report)
-    assert "sharded input: " in text and "(2, 8, 12) along dim 1" in text
+    assert "sharded input: " in text and "(2, 8, 16) along dim 1" in text
     assert "all-gather fallback: 'cumsum' at mixing_zoo.py" in text
     torch._dynamo.reset()
     ring_model = ringfx.transform(BY_CASE["mean_pool_classifier"].make(), mesh=ringfx.LoopbackRing(2))

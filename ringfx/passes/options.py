@@ -27,6 +27,9 @@ class PassOptions:
     # "sharded": the caller passes this rank's tokens (the guards note what that gets wrong)
     inputs: str = "sharded"
     gather_outputs: bool = True  # with inputs="full": per-token outputs come back full length
+    # with inputs="full": ((argument name, sequence dim), ...) sharded where they enter, instead
+    # of every input with an axis of an attention's sequence length
+    sequence_inputs: tuple = ()
 
     def __post_init__(self):
         if self.layout not in ("contiguous", "zigzag"):

@@ -285,6 +285,7 @@ class _Sharder:
         return tuple(self.placed.get(r) if isinstance(r, fx.Node) else None for r in results)
 
     def _walk(self, body: bool = False) -> None:
+        self.feeds = self._feeding_attention()
         for node in list(self.graph.nodes):
             if node.op == "placeholder" and not body:
                 self._seed(node)
@@ -292,8 +293,27 @@ class _Sharder:
                 self._output(node)
             elif node.op in ("call_function", "call_method"):
                 self._visit(node)
+                self._born(node)
         self._erase_dead_moves()
         self.gm.recompile()
+
+    def _feeding_attention(self) -> set:
+        """Nodes whose values reach a ring op's q, k or v here (or a region that holds one)."""
+        target = ring_attention_target()
+        todo = []
+        for n in self.graph.nodes:
+            if n.op == "call_function" and n.target == target:
+                todo.extend(a for a in n.args[:3] if isinstance(a, fx.Node))
+            called = called_subgraph(self.gm, n)
+            if called is not None and _all_ring_ops(called[1]):
+                todo.extend(a for a in called[2] if isinstance(a, fx.Node))
+        seen = set()
+        while todo:
+            n = todo.pop()
+            if n not in seen:
+                seen.add(n)
+                todo.extend(n.all_input_nodes)
+        return seen
 
     def _hop(self, node: fx.Node, called) -> None:
         """Run the sharding inside a called subgraph with the operands' placements."""
@@ -315,14 +335,38 @@ class _Sharder:
                 self.graph.erase_node(node)
 
     def _seed(self, node: fx.Node) -> None:
-        """Shard a user input where it enters if one of its axes is an attention's sequence."""
+        """Shard a user input where it enters: one named by ``sequence_inputs``, or else any
+        input with an axis of an attention's sequence length."""
         shape = self.shape(node)
         if shape is None or is_model_state(node) or not isinstance(value_of(node), torch.Tensor):
             return
+        named = dict(self.options.sequence_inputs)
+        if named:
+            source = placeholder_source(node) or node.name
+            dims = [d for n, d in named.items() if source.endswith(f"['{n}']")]
+            if not dims:
+                return
+            axis = normalize_dim(dims[0], len(shape))
+            if not 0 <= axis < len(shape) or shape[axis] not in self.lengths:
+                raise ValueError(f"sequence_inputs: dim {dims[0]} of {source} {tuple(shape)} is not an attention's "
+                                 f"sequence (lengths {sorted(self.lengths)})")
+        else:
+            axis = self._sequence_axis(shape)
+            if axis is None:
+                return
+        self._shard_in_place(node, axis)
+        self.report.sharded_inputs.append(f"{placeholder_source(node) or node.name} {tuple(shape)} along dim {axis}")
+
+    def _sequence_axis(self, shape) -> Optional[int]:
+        """The axis of ``shape`` that holds an attention's sequence (dim 1 over dim 0 when both could)."""
         axes = [a for a, n in enumerate(shape) if isinstance(n, int) and n in self.lengths]
         if not axes:
-            return
-        axis = axes[1] if len(axes) > 1 and axes[0] == 0 else axes[0]
+            return None
+        return axes[1] if len(axes) > 1 and axes[0] == 0 else axes[0]
+
+    def _shard_in_place(self, node: fx.Node, axis: int) -> fx.Node:
+        """Every later user of ``node`` reads this rank's tokens of it instead."""
+        shape = self.shape(node)
         s = Sharded(axis, shape[axis])
         users = list(node.users)
         fill = False if value_of(node).dtype == torch.bool else 0
@@ -330,12 +374,32 @@ class _Sharder:
             new = self.graph.call_function(collectives.shard_sequence,
                                            (node, axis, s.length, self.group, self.layout, fill, 1, 1))
         new.meta[VALUE_KEY] = value_of(node)
+        new.meta["stack_trace"] = node.meta.get("stack_trace")
         self.shapes[new] = shape
         self.placed[new] = s
         self._shards[(node, s, fill)] = new
         for u in users:
             u.replace_input_with(node, new)
-        self.report.sharded_inputs.append(f"{placeholder_source(node) or node.name} {tuple(shape)} along dim {axis}")
+        return new
+
+    def _born(self, node: fx.Node) -> None:
+        """A replicated activation with the sequence in it that flows into attention (a
+        vision transformer's patches after the class token is prepended, a conv front-end's
+        frames, RoPE tables): shard it where the model makes it, not at the attention."""
+        value = value_of(node)
+        if (node not in self.feeds or node in self.placed or not isinstance(value, torch.Tensor)
+                or not value.dtype.is_floating_point or getattr(node.target, "__module__", None) == ring_glue.__name__
+                or node.target in (collectives.shard_sequence, collectives.gather_sequence)):
+            return
+        shape = self.shape(node)
+        axes = [] if shape is None else [a for a, n in enumerate(shape) if isinstance(n, int) and n in self.lengths]
+        # only an unambiguous token axis, and not the last one (features; a conv's (B, C, S)
+        # output is sharded after its transpose): a hidden size equal to S must not be sharded
+        if len(axes) == 1 and (axes[0] != len(shape) - 1 or len(shape) == 1):
+            axis = axes[0]
+            self._shard_in_place(node, axis)
+            self.report.sharded_inputs.append(f"'{op_name(node)}' at {source_line(node)} {tuple(shape)} along "
+                                              f"dim {axis} (made inside the model)")
 
     def _output(self, node: fx.Node) -> None:
         def full(a):
