@@ -59,7 +59,8 @@ def test_compiled_op_refuses_a_bias_that_requires_grad():
     q, k, v = (t.requires_grad_() for t in _qkv())
     bias = torch.randn(B, 1, 1, S, dtype=F64, requires_grad=True)
     compiled = torch.compile(lambda *t: _op(*t)[0], backend="aot_eager", fullgraph=True)
-    with pytest.raises(Exception, match="learned attention biases are not supported"):  # dynamo wraps it
+    # dynamo raises it from fake-tensor propagation wrapped in its TorchRuntimeError, a RuntimeError
+    with pytest.raises(RuntimeError, match="learned attention biases are not supported"):
         compiled(q, k, v, None, None, bias)
 
 

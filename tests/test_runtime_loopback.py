@@ -88,21 +88,43 @@ def test_merge_partial_equals_joint_softmax():
 
 
 def test_merge_partial_ignores_rows_nobody_saw():
-    out = torch.zeros(1, 1, 2, 3)
-    lse = torch.full((1, 1, 2), float("-inf"))
-    merge_partial(out, lse, torch.zeros(1, 1, 2, 3), torch.full((1, 1, 2), float("-inf")))
-    assert torch.isfinite(out).all() and (lse == float("-inf")).all()
+    # row 0 sees keys 0..4 in two blocks; row 1 sees no key in either: its lse stays -inf
+    # and its output 0, and row 0 equals a float64 softmax over its keys
+    torch.manual_seed(0)
+    s = torch.randn(1, 1, 2, 5, dtype=torch.float64)
+    v = torch.randn(1, 1, 5, 3, dtype=torch.float64)
+    s[..., 1, :] = float("-inf")
+
+    def part(a, b):
+        lse = torch.logsumexp(s[..., a:b], -1)
+        p = torch.exp(s[..., a:b] - lse[..., None]).nan_to_num(0.0)  # a row that sees nothing: 0
+        return p @ v[..., a:b, :], lse
+
+    out = torch.zeros(1, 1, 2, 3, dtype=torch.float64)
+    lse = torch.full((1, 1, 2), float("-inf"), dtype=torch.float64)
+    for a, b in ((0, 2), (2, 5)):
+        merge_partial(out, lse, *part(a, b))
+    assert (out[..., 1, :] == 0).all() and (lse[..., 1] == float("-inf")).all()
+    torch.testing.assert_close(out[..., 0, :], torch.softmax(s[..., 0, :], -1) @ v[0, 0])
+    torch.testing.assert_close(lse[..., 0], torch.logsumexp(s[..., 0, :], -1))
 
 
 def test_fully_masked_queries_give_zero_output_and_gradient():
-    # every key of batch 1 is padding: its queries see nothing; output and grads are 0, never NaN
+    # every key of batch 1 is padding: its queries see nothing; output and gradients are 0,
+    # never NaN; batch 0's output and gradients equal float64 SDPA's
+    torch.manual_seed(0)
     ring = ringfx.LoopbackRing(3)
-    q, k, v = (torch.randn(2, 2, 12, 8, requires_grad=True) for _ in range(3))
+    q, k, v = (torch.randn(2, 2, 12, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
     pad = torch.ones(2, 12, dtype=torch.bool)
     pad[1] = False
     out = ringfx.ring_attention(q, k, v, group=ring, key_padding_mask=pad)
-    out.sum().backward()
-    assert torch.isfinite(out).all() and (out[1] == 0).all()
-    assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
-    ref = F.scaled_dot_product_attention(q[:1], k[:1], v[:1])
+    w = torch.randn_like(out)  # a weighted sum: every output element gets its own gradient
+    (out * w).sum().backward()
+    assert (out[1] == 0).all()
+    assert all((t.grad[1] == 0).all() for t in (q, k, v))
+    q0, k0, v0 = (t.detach()[:1].requires_grad_() for t in (q, k, v))
+    ref = F.scaled_dot_product_attention(q0, k0, v0)
+    (ref * w[:1]).sum().backward()
     torch.testing.assert_close(out[:1], ref)
+    for t, t0 in ((q, q0), (k, k0), (v, v0)):
+        torch.testing.assert_close(t.grad[:1], t0.grad)
