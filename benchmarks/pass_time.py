@@ -8,7 +8,8 @@ not the arithmetic, is what is measured) it times
 * capture: dynamo tracing the model into one FX graph (first call with a backend that
   only records the graph, minus the time of running that graph), and
 * passes: ``ringfx.passes.run_passes`` on that graph (decompose MHA, find attention,
-  classify masks, rewrite), inside the backend as ``torch.compile(backend="ringfx")`` runs it,
+  classify masks, rewrite, shard the whole graph along the sequence), inside the backend as
+  ``torch.compile(backend="ringfx")`` runs it,
 
 and prints the ratio (target: passes < 10 % of capture). Writes
 ``benchmarks/results/pass_time.json``.
@@ -44,7 +45,8 @@ def measure(make_model, layers: int, seq_len: int) -> dict:
     def backend(gm, example_inputs):
         timing["backend_entered"] = time.perf_counter()
         nodes = len(gm.graph.nodes)
-        options = PassOptions(group_name="loopback:2", ring_size=2, loopback=True, example_inputs=list(example_inputs))
+        options = PassOptions(group_name="loopback:2", ring_size=2, loopback=True, example_inputs=list(example_inputs),
+                              inputs="full")  # the zero-touch pipeline: attention passes + whole-graph sharding
         t0 = time.perf_counter()
         gm, reports = run_passes(gm, options=options)
         timing["passes"] = time.perf_counter() - t0
