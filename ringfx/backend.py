@@ -21,6 +21,8 @@ Options (``torch.compile(..., options={...})`` arrives here as ``options``):
     gather_outputs with inputs="full": False keeps per-token outputs sharded (long logits)
     sequence_inputs with inputs="full": {"input_ids": 1, ...} names the inputs to shard where they
                    enter (default: every input with an axis of an attention's sequence length)
+    fallbacks      with inputs="full": "gather" (default: an op with no sharded form gets its
+                   activations all-gathered, exact and warned) or "error" (UnsupportedError)
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from typing import Any, Callable, Optional
 import torch.distributed as dist
 import torch.fx as fx
 
+from ._compat import inductor_compile, lookup_backend
 from .errors import RingfxWarning, UnsupportedError
 from .passes import PassOptions, run_passes
 from .passes.sites import Decision, SiteRecord
@@ -41,7 +44,7 @@ from .passes.sites import Decision, SiteRecord
 log = logging.getLogger("ringfx.backend")
 
 _KNOWN = {"group", "mesh", "layout", "inner", "strict", "kernel", "collector", "execute", "inputs",
-          "gather_outputs", "sequence_inputs"}
+          "gather_outputs", "sequence_inputs", "fallbacks"}
 
 
 @dataclass
@@ -88,7 +91,8 @@ class BackendConfig:
                         loopback=name.startswith("loopback:"), kernel=options.get("kernel", "auto"),
                         inputs=options.get("inputs", "full"),
                         gather_outputs=bool(options.get("gather_outputs", True)),
-                        sequence_inputs=_sequence_inputs(options.get("sequence_inputs"))),
+                        sequence_inputs=_sequence_inputs(options.get("sequence_inputs")),
+                        fallbacks=options.get("fallbacks", "gather")),
             inner=inner, strict=bool(options.get("strict", True)), execute=execute,
             collector=options.get("collector"))
 
@@ -187,11 +191,7 @@ def compile_inner(gm: fx.GraphModule, example_inputs, inner) -> Callable:
     if inner == "eager":
         return eager_checkpointing(gm).forward
     if inner == "inductor":
-        from torch._inductor.compile_fx import compile_fx
-
-        return compile_fx(gm, example_inputs)
-    from torch._dynamo.backends.registry import lookup_backend
-
+        return inductor_compile(gm, example_inputs)
     return lookup_backend(inner)(gm, example_inputs)
 
 

@@ -7,6 +7,7 @@ the untransformed model, forward and backward, on every rank of every ring.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -198,6 +199,18 @@ class PatchesWithClassToken(nn.Module):  # ViT: tokens made inside the model (pa
         return self.attn(x)[:, 0]
 
 
+class HandWrittenSoftmax(nn.Module):  # attention the matcher does not know: exp(s - max) / sum
+    def __init__(self):
+        super().__init__()
+        self.qkv, self.attn = nn.Linear(E, 3 * E, dtype=DTYPE), Attention()
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        s = q @ k.transpose(1, 2) / math.sqrt(E)
+        p = torch.exp(s - s.amax(-1, keepdim=True))
+        return self.attn(x + (p / p.sum(-1, keepdim=True)) @ v)
+
+
 @dataclass
 class MixingCase:
     name: str
@@ -243,6 +256,7 @@ CASES = [
     MixingCase("mse_loss", MseLoss, _x_target),
     MixingCase("checkpointed_layers", CheckpointedLayers, _x),
     MixingCase("patches_with_class_token", PatchesWithClassToken, _signal),
+    MixingCase("hand_written_softmax", HandWrittenSoftmax, _x, costly_fallback=True),
 ]
 
 

@@ -99,6 +99,14 @@ def test_sequence_inputs_names_what_is_sharded_where_it_enters():
         ringfx.transform(model, mesh=ringfx.LoopbackRing(3), sequence_inputs=["x"])
 
 
+def test_fallbacks_error_refuses_an_op_with_no_sharded_form_naming_its_line():
+    torch._dynamo.reset()
+    model = BY_CASE["hand_written_softmax"].make()
+    ring = ringfx.transform(model, mesh=ringfx.LoopbackRing(2), fallbacks="error")
+    with pytest.raises(ringfx.UnsupportedError, match="mixing_zoo.py:.*has no sharded form"):
+        ring(torch.randn(2, 12, E, dtype=DTYPE))
+
+
 class LossAfterGraphBreak(nn.Module):
     """Attention, a graph break, then a token mean in a graph with no attention."""
 

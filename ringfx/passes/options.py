@@ -30,10 +30,15 @@ class PassOptions:
     # with inputs="full": ((argument name, sequence dim), ...) sharded where they enter, instead
     # of every input with an axis of an attention's sequence length
     sequence_inputs: tuple = ()
+    # with inputs="full": what an op with no sharded form does with activations: "gather"
+    # (all-gather them, exact, warned) or "error" (ringfx.UnsupportedError naming the op)
+    fallbacks: str = "gather"
 
     def __post_init__(self):
         if self.layout not in ("contiguous", "zigzag"):
             raise ValueError(f"layout must be 'contiguous' or 'zigzag', got {self.layout!r}")
+        if self.fallbacks not in ("gather", "error"):
+            raise ValueError(f"fallbacks must be 'gather' or 'error', got {self.fallbacks!r}")
         if self.inputs not in ("full", "sharded"):
             raise ValueError(f"inputs must be 'full' or 'sharded', got {self.inputs!r}")
         if not isinstance(self.ring_size, int) or self.ring_size < 1:

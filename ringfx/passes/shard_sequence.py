@@ -42,6 +42,7 @@ from typing import Any, Optional
 import torch
 import torch.fx as fx
 
+from ..errors import UnsupportedError
 from ..runtime import collectives
 from . import ring_glue
 from .node_facts import VALUE_KEY, CASTS, SHAPE_ONLY, called_subgraph, hop_subgraphs, is_model_state, normalize_dim, op_name, placeholder_source, \
@@ -445,6 +446,10 @@ class _Sharder:
         line = f"'{name}' at {source_line(node)}"
         self.report.fallbacks.append(line)
         if any(floating):  # ids and masks are O(S) to gather; activations are what sharding is for
+            if self.options.fallbacks == "error":
+                raise UnsupportedError(f"{line} has no sharded form: on a ring of {self.options.ring_size} its "
+                                       "activations would be all-gathered (exact, but not sharded); pass "
+                                       "fallbacks='gather' to allow it, or change the op")
             self.report.costly_fallbacks.append(line)
 
     def _cheap(self, node: fx.Node) -> bool:
