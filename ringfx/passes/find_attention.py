@@ -151,7 +151,7 @@ def match_softmax_chain(softmax: fx.Node) -> Optional[AttentionSite]:
     dim = arg(softmax, 1, "dim", None)
     if not isinstance(dim, int):
         return None
-    walk = _walk_scores(x)
+    walk = _walk_scores(x, softmax)
     pv, chain_fwd, fwd_features, escape = _walk_probs(softmax)
     if pv is None and walk is not None:
         pv = _product_downstream(softmax)
@@ -171,7 +171,7 @@ def match_softmax_chain(softmax: fx.Node) -> Optional[AttentionSite]:
                              source_line=source_line(softmax), anchor=softmax)
         return site.skip(f"the ops between {scores.name} ({op_name(scores)}) and softmax are not a "
                          "recognised scale / mask spelling")
-    scores, chain_back, terms, scale, features, problem = walk
+    scores, chain_back, terms, scale, features, problem, split = walk
     site = AttentionSite(output=pv, pattern="", source_line=source_line(softmax),
                          anchor=softmax)
     site.chain = chain_back + [softmax] + chain_fwd
@@ -187,7 +187,7 @@ def match_softmax_chain(softmax: fx.Node) -> Optional[AttentionSite]:
         return site.skip(problem)
     if escape:
         return site.skip(escape)
-    problem = _decode_products(site, scores, pv)
+    problem = _decode_products(site, scores, pv, split)
     if problem:
         return site.skip(problem)
     return _finish(site)
@@ -260,10 +260,61 @@ def _symbolic_scalar(x) -> bool:
         isinstance(v, (int, float, torch.SymInt, torch.SymFloat))
 
 
-def _scalar_factor(node: fx.Node):
+# In-place arithmetic, read as its functional form where nothing else reads the tensor it
+# overwrites (``scores /= math.sqrt(d)`` (Falcon), ``scores += position_bias`` (T5)).
+_INPLACE = {"iadd": "add", "isub": "sub", "imul": "mul", "itruediv": "div",
+            "add_": "add", "sub_": "sub", "mul_": "mul", "div_": "div"}
+
+
+def _fname(node) -> Optional[str]:
+    """``op_name``, with an in-place op named as its functional form when the tensor it
+    overwrites has no other reader (so the value before the update is never read)."""
+    name = op_name(node)
+    if name in _INPLACE and node.args and isinstance(node.args[0], fx.Node) \
+            and [u for u in node.args[0].users if not _dtype_only_use(u, node.args[0])] == [node]:
+        return _INPLACE[name]
+    return name
+
+
+def _dtype_only_use(user: fx.Node, x: fx.Node) -> bool:
+    """``t.type_as(x)``: reads only x's dtype (T5: ``softmax(s.float()).type_as(s)``)."""
+    return op_name(user) == "type_as" and len(user.args) >= 2 and user.args[1] is x and user.args[0] is not x
+
+
+def _before(a: fx.Node, b: fx.Node, limit: int = 10000) -> bool:
+    """Node ``a`` comes before node ``b`` in the graph."""
+    n = a.next
+    for _ in range(limit):
+        if n is b:
+            return True
+        if n.op == "root":
+            return False
+        n = n.next
+    return False
+
+
+def _inplace_scalings(x: fx.Node, consumer: fx.Node) -> Optional[list]:
+    """The users of ``x`` other than ``consumer`` when every one of them only scales x in
+    place before ``consumer`` reads it (``scores.div_(math.sqrt(d))``, result unused) or
+    reads its dtype: ``[(node, factor)]`` for the scalings; None when another use escapes."""
+    found = []
+    for u in x.users:
+        if u is consumer or _dtype_only_use(u, x):
+            continue
+        if op_name(u) in _INPLACE and u.args and u.args[0] is x and not u.users \
+                and _INPLACE[op_name(u)] in ("mul", "div") and _before(u, consumer):
+            f = _scalar_factor(u, inplace_ok=True)
+            if f is not None:
+                found.append((u, f[1]))
+                continue
+        return None
+    return found
+
+
+def _scalar_factor(node: fx.Node, inplace_ok: bool = False):
     """``t * c``, ``c * t``, ``t / c`` with a scalar c -> (t, factor); the factor is a
     float, or ``(node, +1 | -1)`` for a symbolic scalar multiplied or divided by."""
-    name = op_name(node)
+    name = _INPLACE.get(op_name(node), op_name(node)) if inplace_ok else _fname(node)
     if name not in ("mul", "div") or len(node.args) < 2:
         return None
     a, b = node.args[0], node.args[1]
@@ -294,7 +345,7 @@ def _reaches_scores(node, depth: int = 0) -> bool:
     """Whether ``node`` leads back to a q @ kᵀ product through score-chain ops only."""
     if not isinstance(node, fx.Node) or depth > 16:
         return False
-    name = op_name(node)
+    name = _fname(node)
     if name in SCORE_OPS:
         return True
     if name in CASTS or name in SHAPE_ONLY or _scalar_factor(node):
@@ -307,26 +358,54 @@ def _reaches_scores(node, depth: int = 0) -> bool:
         return _reaches_scores(node.args[0], depth + 1)
     if name == "where" and len(node.args) == 3:
         return _reaches_scores(node.args[1], depth + 1) or _reaches_scores(node.args[2], depth + 1)
+    if _heads_split(node):
+        return _reaches_scores(node.args[0], depth + 1)
     return False
 
 
-def _walk_scores(x: fx.Node):
+def _heads_split(node: fx.Node) -> bool:
+    """``s.view(B, H, S, S)`` of ``(B*H, S, S)`` scores (GPT-NeoX before transformers 4.40:
+    baddbmm on heads folded into the batch, the mask and ``@ v`` in 4-D)."""
+    if op_name(node) not in ("view", "reshape") or not node.args or not isinstance(node.args[0], fx.Node):
+        return False
+    a, x = shape_of(node.args[0]), shape_of(node)
+    return bool(a) and bool(x) and len(a) == 3 and len(x) == 4 and tuple(a[1:]) == tuple(x[2:]) \
+        and all(isinstance(d, int) for d in (a[0], x[0], x[1])) and a[0] == x[0] * x[1]
+
+
+def _walk_scores(x: fx.Node, consumer: Optional[fx.Node] = None):
     """Walk from the softmax input back to the scores product.
 
-    Returns (scores, chain, terms, scale, features, problem) or None if not attention."""
+    Returns (scores, chain, terms, scale, features, problem, split) or None if not
+    attention; ``split`` is the ``(B*H, S, S) -> (B, H, S, S)`` view the walk went
+    through, or None."""
     chain, terms, features = [], [], []
     scale, problem = [], ""
     scale_seen = False  # walking backwards: a scale seen before an add is applied after it
+    split, terms_at_split = None, 0
     while True:
         if not isinstance(x, fx.Node):
             return None
-        name = op_name(x)
+        # in-place scalings of x that its consumer sees (``scores.div_(c)``, result unused)
+        inplace = _inplace_scalings(x, consumer) if consumer is not None else None
+        if inplace:
+            for node, factor in inplace:
+                scale.append(factor)
+                chain.append(node)
+            scale_seen = True
+            if "scale(scores)" not in features:
+                features.append("scale(scores)")
+        name = _fname(x)
         if name in SCORE_OPS:
             break
         nxt = None
         if name in CASTS or name in SHAPE_ONLY:
             if name in CASTS and "upcast" not in features:
                 features.append("upcast")
+            nxt = x.args[0]
+        elif split is None and _heads_split(x):
+            split, terms_at_split = x, len(terms)
+            features.append("view")
             nxt = x.args[0]
         elif _scalar_factor(x):
             nxt, factor = _scalar_factor(x)
@@ -374,13 +453,21 @@ def _walk_scores(x: fx.Node):
             features.append("where")
         else:
             return None
-        if len(x.users) != 1:
+        if inplace is None and consumer is not None and _other_uses(x, consumer):
             problem = problem or f"the scores are also used by {_describe_users(x)}"
         chain.append(x)
-        x = nxt
-    if len(x.users) != 1:
+        x, consumer = nxt, x
+    if inplace is None and (consumer is None or _other_uses(x, consumer)):  # x: the scores product
         problem = problem or f"the scores are also used by {_describe_users(x)}"
-    return x, [x] + chain[::-1], terms[::-1], scale, features[::-1] + ["softmax"], problem
+    if split is not None and len(terms) > terms_at_split:
+        problem = problem or ("a mask is applied to the (B*H, S, S) scores before they are viewed as "
+                              "(B, H, S, S)")
+    return x, [x] + chain[::-1], terms[::-1], scale, features[::-1] + ["softmax"], problem, split
+
+
+def _other_uses(x: fx.Node, consumer: fx.Node) -> bool:
+    """x is read by something other than ``consumer`` (a dtype-only ``type_as`` aside)."""
+    return any(u is not consumer and not _dtype_only_use(u, x) for u in x.users)
 
 
 def _walk_probs(softmax: fx.Node):
@@ -462,9 +549,31 @@ def _swaps_last_two(node: fx.Node) -> bool:
     return False
 
 
-def _decode_products(site: AttentionSite, scores: fx.Node, pv: fx.Node) -> str:
+def _unflatten_heads(node: fx.Node, b, h) -> Optional[fx.Node]:
+    """The ``(B, H, S, D)`` tensor that ``node`` (``(B*H, S, D)``) is a reshape / view of."""
+    while op_name(node) == "contiguous" and isinstance(node.args[0], fx.Node):
+        node = node.args[0]
+    if op_name(node) not in ("view", "reshape") or not isinstance(node.args[0], fx.Node):
+        return None
+    src = node.args[0]
+    ss, ns = shape_of(src), shape_of(node)
+    if ss and ns and len(ss) == 4 and len(ns) == 3 and tuple(ss[:2]) == (b, h) and tuple(ss[2:]) == tuple(ns[1:]):
+        return src
+    return None
+
+
+def _is_zeros(node) -> bool:
+    """A tensor of zeros made from sizes (``torch.zeros(...)``, ``torch.full(..., 0)``)."""
+    name = op_name(node)
+    if name in ("zeros", "zeros_like", "new_zeros"):
+        return True
+    return name == "full" and scalar(arg(node, 1, "fill_value")) == 0
+
+
+def _decode_products(site: AttentionSite, scores: fx.Node, pv: fx.Node, split: Optional[fx.Node] = None) -> str:
     """Fill q/k/v operands (with layout fixes), scale and output layout. Returns a
-    problem string, or "" on success."""
+    problem string, or "" on success. ``split``: the view of ``(B*H, S, S)`` scores as
+    ``(B, H, S, S)`` the walk went through (q and k are then read in 4-D)."""
     sname = op_name(scores)
     if sname in ("matmul", "bmm", "baddbmm"):
         if sname == "baddbmm":
@@ -473,9 +582,11 @@ def _decode_products(site: AttentionSite, scores: fx.Node, pv: fx.Node) -> str:
             if scalar(alpha) is None or scalar(beta) is None:
                 return "baddbmm with non-constant alpha/beta"
             site.scale *= alpha
-            if beta == 1:
+            if beta == 1 and not _is_zeros(bias):
+                if split is not None:
+                    return "a baddbmm bias is added to the (B*H, S, S) scores before they are viewed as (B, H, S, S)"
                 site.terms.insert(0, MaskTerm(bias, "additive"))
-            elif beta != 0:
+            elif beta not in (0, 1):
                 return f"baddbmm with beta={beta} scales the bias"
         else:
             a, bt = scores.args[0], scores.args[1]
@@ -483,25 +594,32 @@ def _decode_products(site: AttentionSite, scores: fx.Node, pv: fx.Node) -> str:
             return "scores operands are not tensors"
         q, fq = _strip_scale(a)
         kt, fk = _strip_scale(bt)
-        if op_name(kt) in ("transpose", "permute") and _swaps_last_two(kt):
+        swapped = op_name(kt) in ("transpose", "permute") and _swaps_last_two(kt)
+        if swapped:
             k, fk2 = _strip_scale(kt.args[0])
-            k_op = Operand(k)
         else:
             k, fk2 = kt, []
-            nd = len(shape_of(kt) or ())
-            if nd < 3:
+            if len(shape_of(kt) or ()) < 3:
                 return "scores operand has fewer than 3 dims"
-            k_op = Operand(k, permute=tuple(range(nd - 2)) + (nd - 1, nd - 2))
+        if split is not None:
+            b, h = shape_of(split)[:2]
+            q4, k4 = _unflatten_heads(q, b, h), _unflatten_heads(k, b, h)
+            if q4 is None or k4 is None:
+                return "the scores are viewed as (B, H, S, S) but q and k are not (B, H, S, D) tensors with the " \
+                       "heads folded into the batch"
+            q, k = q4, k4
+        nd = len(shape_of(q) or ())
+        k_op = Operand(k) if swapped else Operand(k, permute=tuple(range(nd - 2)) + (nd - 1, nd - 2))
         if fq or fk or fk2:
             site.pattern = site.pattern.replace("/", "/scale(q,k)/", 1)
         _fold(site, fq + fk + fk2)
-        nd = len(shape_of(q) or ())
         if nd not in (3, 4):
             return f"scores are {nd}-D; expected (B, H, S, S) or (B*H, S, S)"
         site.q, site.k = Operand(q, None, nd == 3), k_op
         site.k.unsqueeze0 = nd == 3
         if op_name(pv) == "einsum":
-            return "probs @ v spelled with einsum after a matmul q @ kᵀ"
+            eq2, ops2 = _einsum_operands(pv)
+            return _decode_pv_einsum(site, eq2, ops2, nd)
         v = pv.args[1]
         if len(shape_of(v) or ()) != nd:
             return "v has a different rank from q"
@@ -509,6 +627,8 @@ def _decode_products(site: AttentionSite, scores: fx.Node, pv: fx.Node) -> str:
         site.out_squeeze0 = nd == 3
         return ""
     # einsum
+    if split is not None:
+        return "einsum scores viewed as (B, H, S, S): not a recognised spelling"
     eq, ops = _einsum_operands(scores)
     if "..." in eq or "->" not in eq or len(ops) != 2:
         return f"einsum {eq!r} is not a two-operand explicit equation"
@@ -535,22 +655,29 @@ def _decode_products(site: AttentionSite, scores: fx.Node, pv: fx.Node) -> str:
         site.out_squeeze0 = len(z) == 3
         return ""
     eq2, ops2 = _einsum_operands(pv)
+    return _decode_pv_einsum(site, eq2, ops2, len(z))
+
+
+def _decode_pv_einsum(site: AttentionSite, eq2: str, ops2: list, nd: int) -> str:
+    """``einsum(eq2, probs, v)`` where probs are ``(batch..., q, k)`` with ``nd`` dims (as
+    ``q @ kᵀ`` or the scores einsum produced them): fill v and the output layout."""
     if "..." in eq2 or "->" not in eq2 or len(ops2) != 2:
         return f"einsum {eq2!r} is not a two-operand explicit equation"
     (p, vl), o = eq2.split("->")[0].split(","), eq2.split("->")[1]
-    if len(p) != len(z) or p[-1] in o or p[-1] not in vl:
+    if len(p) != nd or p[-1] in o or p[-1] not in vl:
         return f"einsum {eq2!r} does not contract probabilities over the key axis"
     extra = [c for c in vl if c not in p]
     if len(extra) != 1 or len(vl) != len(p) or any(c not in vl or c not in o for c in p[:-2]) \
             or p[-2] not in o or len(o) != len(p):
         return f"einsum {eq2!r} is not probs·v"
     e = extra[0]
+    ident = tuple(range(nd))
     perm_v = tuple(vl.index(c) for c in p[:-2] + p[-1] + e)
     canon = p[:-2] + p[-2] + e
     perm_o = tuple(canon.index(c) for c in o)
-    site.v = Operand(ops2[1], None if perm_v == ident else perm_v, len(z) == 3)
+    site.v = Operand(ops2[1], None if perm_v == ident else perm_v, nd == 3)
     site.out_permute = None if perm_o == ident else perm_o
-    site.out_squeeze0 = len(z) == 3
+    site.out_squeeze0 = nd == 3
     return ""
 
 
