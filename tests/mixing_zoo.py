@@ -247,10 +247,10 @@ CASES = [
     MixingCase("shifted_loss", ShiftedLoss, _ids_labels, costly_fallback=True),
     # float32 logits: gradients summed over P ranks and averaged round at float32 (P not a power of 2)
     MixingCase("padded_shift_sum_loss", PaddedShiftSumLoss, _ids_labels, tol=1e-6),
-    MixingCase("cumsum_scan", CumsumScan, _x, costly_fallback=True),
+    MixingCase("cumsum_scan", CumsumScan, _x),
     MixingCase("causal_conv", CausalConv, _x, costly_fallback=True),
     MixingCase("roll_shift", RollShift, _x, costly_fallback=True),
-    MixingCase("max_pool", MaxPool, _x, costly_fallback=True),
+    MixingCase("max_pool", MaxPool, _x),
     MixingCase("arange_rope", ArangeRope, _x),
     MixingCase("alibi_bias", AlibiBias, _x),
     MixingCase("mse_loss", MseLoss, _x_target),

@@ -158,11 +158,11 @@ def test_gather_outputs_false_keeps_each_ranks_tokens():
 
 def test_explain_lists_sharded_inputs_distributed_forms_and_fallbacks():
     torch._dynamo.reset()
-    ring_model = ringfx.transform(BY_CASE["cumsum_scan"].make(), mesh=ringfx.LoopbackRing(2))
+    ring_model = ringfx.transform(BY_CASE["roll_shift"].make(), mesh=ringfx.LoopbackRing(2))
     report = ringfx.explain(ring_model, torch.randn(2, 8, E, dtype=DTYPE))
     text = str(report)
     assert "sharded input: " in text and "(2, 8, 16) along dim 1" in text
-    assert "all-gather fallback: 'cumsum' at mixing_zoo.py" in text
+    assert "all-gather fallback: 'roll' at mixing_zoo.py" in text
     torch._dynamo.reset()
     ring_model = ringfx.transform(BY_CASE["mean_pool_classifier"].make(), mesh=ringfx.LoopbackRing(2))
     assert "distributed: 'mean' over the sequence" in str(ringfx.explain(ring_model, torch.randn(2, 8, E,

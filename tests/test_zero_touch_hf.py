@@ -248,6 +248,7 @@ def gloo_cases(world):
             other = "zigzag" if layout == "contiguous" else "contiguous"
             cases.append((name, "eager" if attn == "sdpa" else "sdpa", other, s))
     cases.append(("llama", "sdpa", "zigzag", 23))
+    cases.append(("llama", "eager", "contiguous" if world % 2 else "zigzag", S, True))  # checkpointed, train mode
     return cases
 
 
@@ -260,23 +261,25 @@ def _ring_matrix(rank, world, cases, selfcheck):
     timeout = datetime.timedelta(seconds=GLOO_TIMEOUT)
     control = dist.new_group(backend="gloo", timeout=timeout)
     mesh, start, results = None, time.monotonic(), []
-    for name, attn, layout, seq_len in cases:
+    for name, attn, layout, seq_len, *checkpointed in cases:
+        checkpointing = bool(checkpointed and checkpointed[0])
         elapsed = [None] * world
         dist.all_gather_object(elapsed, time.monotonic() - start, group=control)
         if max(elapsed) > GLOO_BUDGET:
-            results.append({"case": case_name(name, attn, layout, world, seq_len), "rank": rank, "ok": False,
-                            "warnings": [], "errors": {},
+            results.append({"case": case_name(name, attn, layout, world, seq_len, checkpointing), "rank": rank,
+                            "ok": False, "warnings": [], "errors": {},
                             "problems": [f"not run: the {GLOO_BUDGET} s budget is spent"]})
             continue
         torch._dynamo.reset()
         try:
-            r = check(name, attn, layout, mesh, world, seq_len=seq_len, rank=rank, selfcheck=selfcheck)
+            r = check(name, attn, layout, mesh, world, seq_len=seq_len, checkpointing=checkpointing, rank=rank,
+                      selfcheck=selfcheck)
             raised = None
         except Exception as e:  # noqa: BLE001  (reported per case and rank)
             where = traceback.extract_tb(e.__traceback__)[-1]
             raised = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} " \
                      f"[{os.path.basename(where.filename)}:{where.lineno}]"
-            r = {"case": case_name(name, attn, layout, world, seq_len), "rank": rank, "ok": False,
+            r = {"case": case_name(name, attn, layout, world, seq_len, checkpointing), "rank": rank, "ok": False,
                  "errors": {}, "problems": [raised], "warnings": []}
         r["group"] = "default" if mesh is None else "fresh"
         everyone = [None] * world

@@ -44,6 +44,7 @@ import torch.fx as fx
 
 from ..errors import UnsupportedError
 from ..runtime import collectives
+from ..runtime.layout import chunks_per_rank
 from . import ring_glue
 from .node_facts import VALUE_KEY, CASTS, SHAPE_ONLY, called_subgraph, hop_subgraphs, is_model_state, normalize_dim, op_name, placeholder_source, \
     shape_of, source_line, value_of
@@ -801,6 +802,17 @@ class _Sharder:
                 raise _Fallback()  # tuple results
             self._keep_axis(node, x, s.axis if keepdim else s.axis - sum(d < s.axis for d in reduced))
             return
+        if name in ("amax", "amin") and s.outer == s.inner == 1 and isinstance(keepdim, bool) and \
+                not set(node.kwargs) - {"dim", "keepdim"}:
+            with self.graph.inserting_before(node):
+                extreme = self.graph.call_function(_extreme_over_sequence, (
+                    x, name, tuple(sorted(reduced)), keepdim, s.axis, s.length, self.group, self.layout))
+            extreme.meta[VALUE_KEY] = value_of(node)
+            extreme.meta["stack_trace"] = node.meta.get("stack_trace")
+            node.replace_all_uses_with(extreme)
+            self.graph.erase_node(node)
+            self._distributed(extreme, f"'{name}' over the sequence (local {name} + all-gather of P values)")
+            return
         if name not in _SUMS or node.args[2:3] and not isinstance(keepdim, bool) or \
                 set(node.kwargs) - {"dim", "keepdim", "dtype", "axis"}:
             raise _Fallback()
@@ -824,9 +836,22 @@ class _Sharder:
         dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
         if dim is None and name in _LAST_BY_DEFAULT:
             dim = len(shape) - 1
-        if not isinstance(dim, int) or normalize_dim(dim, len(shape)) == s.axis:
+        if not isinstance(dim, int):
             raise _Fallback()
-        self._keep_axis(node, x, s.axis)
+        if normalize_dim(dim, len(shape)) != s.axis:
+            return self._keep_axis(node, x, s.axis)
+        if name != "cumsum" or s.outer != 1 or s.inner != 1 or set(node.kwargs) - {"dim", "dtype"} or \
+                len(node.args) > 2 or any(a in self.placed for a in node.all_input_nodes if a is not x):
+            raise _Fallback()
+        with self.graph.inserting_before(node):
+            scan = self.graph.call_function(_cumsum_over_sequence, (
+                x, s.axis, s.length, self.group, self.layout, node.kwargs.get("dtype")))
+        scan.meta[VALUE_KEY] = value_of(node)
+        scan.meta["stack_trace"] = node.meta.get("stack_trace")
+        node.replace_all_uses_with(scan)
+        self.graph.erase_node(node)
+        self.placed[scan] = s
+        self._distributed(scan, "'cumsum' along the sequence (local scan + the ring's prefix)")
 
     def _class_loss(self, node: fx.Node, name: str) -> None:
         """cross_entropy / nll_loss: rows are tokens; a mean is over the ring's valid targets."""
@@ -1092,6 +1117,40 @@ def _sum_over_sequence(x, dims, keepdim, axis, length, group_name, layout, dtype
     local = x.sum(**kwargs) if dims is None else x.sum(dims, keepdim=keepdim, **kwargs)
     total = collectives.all_reduce_sum(local, group_name)
     return total if count is None else total / count
+
+
+def _extreme_over_sequence(x, name, dims, keepdim, axis, length, group_name, layout):
+    """``amax`` / ``amin`` over ``dims`` (which hold the sequence ``axis``) of the whole ring:
+    each rank's extreme, all-gathered (P values), and the extreme of those."""
+    fill = float("-inf") if name == "amax" else float("inf")
+    x = collectives.mask_padding(x, axis, length, group_name, layout, fill=fill)
+    reduce = torch.amax if name == "amax" else torch.amin
+    local = reduce(x, dim=dims, keepdim=True)
+    world = collectives.ring_world(group_name)
+    if not collectives.is_loopback(group_name) and world > 1:
+        local = reduce(collectives.gather_sequence(local, axis, world, group_name, "contiguous"), dim=axis,
+                       keepdim=True)
+    return local if keepdim else local.squeeze(dims)
+
+
+def _cumsum_over_sequence(x, axis, length, group_name, layout, dtype):
+    """``x.cumsum(axis)`` over the whole ring: a scan within each of the rank's chunks plus
+    the sum of every chunk before it, from the chunks' totals all-gathered in global order
+    (a chunk is one token of a sequence of ``P * chunks`` in the same layout)."""
+    if dtype is not None:
+        x = x.to(dtype)
+    if collectives.is_loopback(group_name):  # every rank's tokens are here: scan them in global order
+        full = collectives.gather_sequence(x, axis, length, group_name, layout)
+        return collectives.shard_sequence(full.cumsum(axis), axis, length, group_name, layout)
+    chunks = chunks_per_rank(layout)
+    world = collectives.ring_world(group_name)
+    split = x.unflatten(axis, (chunks, -1))
+    scans = split.cumsum(axis + 1)
+    totals = scans.select(axis + 1, -1)
+    everyone = collectives.gather_sequence(totals, axis, world * chunks, group_name, layout)
+    before = everyone.cumsum(axis) - everyone
+    mine = collectives.shard_sequence(before, axis, world * chunks, group_name, layout)
+    return (scans + mine.unsqueeze(axis + 1)).flatten(axis, axis + 1)
 
 
 def _class_loss_over_sequence(name, x, target, axis, length, outer, inner, group_name, layout, ignore_index,

@@ -37,6 +37,15 @@ def padded_length(length: int, world: int, layout: str) -> int:
     return -(-length // unit) * unit
 
 
+def ring_world(group_name: str) -> int:
+    """How many ranks the ring has."""
+    return _world_rank(group_name)[0]
+
+
+def is_loopback(group_name: str) -> bool:
+    return _world_rank(group_name)[1] < 0
+
+
 def _world_rank(group_name: str) -> tuple[int, int, object]:
     group = resolve_group(group_name)
     if isinstance(group, LoopbackRing):
