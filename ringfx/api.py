@@ -22,9 +22,10 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from ._compat import backend_compiler_failed, fail_past_recompile_limit, recompile_limit_hit, tree_map
 from .backend import BackendConfig, CompiledGraph, resolve_group_name, ringfx_backend
 from .errors import RingfxWarning, UnsupportedError
-from .passes.sites import SiteRecord
+from .passes.sites import Decision, SiteRecord
 from .runtime import shard, unshard
 
 __all__ = ["ExplainReport", "RingModule", "explain", "transform"]
@@ -49,16 +50,16 @@ class ExplainReport:
 
     @property
     def rewritten(self) -> list[SiteRecord]:
-        return [s for s in self.sites if s.decision == "rewritten"]
+        return [s for s in self.sites if s.decision is Decision.REWRITE]
 
     @property
     def left_alone(self) -> list[SiteRecord]:
-        return [s for s in self.sites if s.decision != "rewritten"]
+        return [s for s in self.sites if s.decision is not Decision.REWRITE]
 
     def __str__(self) -> str:
         head = ("graph", "source line", "pattern", "mask", "decision")
         rows = [(str(s.graph_index), s.source_line, s.pattern, s.mask_kind,
-                 s.decision + (f": {s.reason}" if s.reason else "")) for s in self.sites]
+                 str(s.decision) + (f": {s.reason}" if s.reason else "")) for s in self.sites]
         widths = [min(60, max(len(r[i]) for r in [head] + rows)) for i in range(4)]
         fmt = lambda r: "  ".join(c[:w].ljust(w) for c, w in zip(r[:4], widths)) + "  " + r[4]
         lines = [f"ringfx: {len(self.sites)} attention site(s) in {len(self.graph_modules)} graph(s), "
@@ -91,18 +92,22 @@ class RingModule(nn.Module):
         # a recompile past dynamo's limit would silently run the unrewritten model: raise
         # instead, after as many graphs as RECOMPILE_LIMIT (one per sequence length)
         try:
-            with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True, recompile_limit=RECOMPILE_LIMIT):
+            with fail_past_recompile_limit(RECOMPILE_LIMIT):
                 out = self._compiled(*args, **kwargs)
-        except torch._dynamo.exc.FailOnRecompileLimitHit as e:
+        except recompile_limit_hit() as e:
             raise RuntimeError(
                 f"ringfx.transform: this model has been compiled for {RECOMPILE_LIMIT} different input shapes "
                 "(each new sequence length or batch size compiles the model again: shapes are static so that "
                 "the sequence can be sharded exactly); pad batches to a few bucket lengths, or raise "
                 "ringfx.api.RECOMPILE_LIMIT") from e
-        except torch._dynamo.exc.BackendCompilerFailed as e:
+        except backend_compiler_failed() as e:
+            # the backend's own exception, without dynamo's wrapper around it; a refusal that
+            # names the user's source line needs no traceback, anything else keeps its own
             inner = getattr(e, "inner_exception", None)
-            if isinstance(inner, (UnsupportedError, RingfxWarning, ValueError, TypeError)):
+            if isinstance(inner, (UnsupportedError, RingfxWarning)):
                 raise inner.with_traceback(None) from None
+            if isinstance(inner, (ValueError, TypeError)):
+                raise inner from None
             raise
         if not self._warned and not self.sites:
             self._warned = True
@@ -180,7 +185,7 @@ class _Sequence:
                 return unshard(t, d, layout=self.layout, group=self.group)
             return t
 
-        return torch.utils._pytree.tree_map(full, out)
+        return tree_map(full, out)
 
 
 def transform(model: nn.Module, mesh=None, **options) -> RingModule:

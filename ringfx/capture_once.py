@@ -1,7 +1,7 @@
 """Run a callable once under ``torch.compile`` and leave dynamo's caches as they were.
 
 ``ringfx.explain`` captures a model with a backend of its own to look at the graphs. A
-``torch._dynamo.reset()`` around that would throw away every other compiled model in the
+``torch.compiler.reset()`` around that would throw away every other compiled model in the
 process too (a ``transform``'s result would recompile and report its sites twice), and
 plain ``torch.compile`` calls would pile their entries onto the model's code objects
 until dynamo's recompile limits stop compiling them. Instead:
@@ -15,7 +15,7 @@ until dynamo's recompile limits stop compiling them. Instead:
   release their graphs, though dynamo keeps counting them towards that code object's
   ``accumulated_recompile_limit``.
 
-The private dynamo symbols this needs are all reached here.
+The private dynamo symbols this needs come from ``ringfx._compat.dynamo_code_cache``.
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ import logging
 from typing import Any, Callable
 
 import torch
+
+from ._compat import dynamo_code_cache
 
 __all__ = ["capture_once"]
 
@@ -54,39 +56,34 @@ def _compiled_by(entry, backend: Callable) -> bool:
 
 
 def _drop_cache_entries(backend: Callable) -> None:
-    from torch._C._dynamo.eval_frame import reset_code
-    from torch._dynamo import convert_frame
-    from torch._dynamo.eval_frame import _debug_get_cache_entry_list, cached_backends
-
-    with convert_frame.compile_lock:
-        for ref in list(convert_frame.input_codes.seen):
+    dynamo = dynamo_code_cache()
+    with dynamo.compile_lock:
+        for ref in list(dynamo.input_codes.seen):
             code = ref()
             if code is None:
                 continue
-            entries = _debug_get_cache_entry_list(code)
+            entries = dynamo.entries(code)
             ours = [e for e in entries if _compiled_by(e, backend)]
             if not ours:
                 continue
             # an entry with no backend is one dynamo (or we) invalidated earlier
             if all(_compiled_by(e, backend) or e.backend is None for e in entries):
-                reset_code(code)
+                dynamo.reset_code(code)
             else:
                 for entry in ours:
-                    _invalidate(entry)
+                    _invalidate(entry, dynamo.deleted_guard)
         # torch.compile keeps every backend it saw (for reset); ours holds the captured graphs
-        for key, seen in list(cached_backends.items()):
+        for key, seen in list(dynamo.cached_backends.items()):
             if getattr(seen, "compiler_fn", seen) is backend:
-                del cached_backends[key]
+                del dynamo.cached_backends[key]
 
 
-def _invalidate(entry) -> None:
+def _invalidate(entry, deleted_guard) -> None:
     """What dynamo does to an entry whose guarded object died: it stays in the list but
     never matches, and drops its compiled code."""
-    from torch._dynamo.guards import DeletedGuardManagerWrapper
-
     manager = entry.guard_manager
     extra_state = getattr(manager, "extra_state", None)
     if extra_state is None:  # a torch without this hook: the entry stays (it never matches our next backend)
         log.debug("cannot invalidate dynamo cache entry %s on this torch", entry)
         return
-    extra_state.invalidate(entry, DeletedGuardManagerWrapper("ringfx.explain's capture is done"))
+    extra_state.invalidate(entry, deleted_guard("ringfx.explain's capture is done"))

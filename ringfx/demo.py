@@ -86,6 +86,7 @@ class TinyLlama(nn.Module):
 
 def _run_rank(rank, world, seq_len, layout):
     import ringfx
+    from ringfx.passes.sites import Decision
 
     torch.manual_seed(0)
     model = TinyLlama().double()
@@ -107,7 +108,7 @@ def _run_rank(rank, world, seq_len, layout):
     return {
         "logits_err": (logits - ref_logits).abs().max().item(),
         "grad_err": max((p.grad - ref_grads[n]).abs().max().item() for n, p in model.named_parameters()),
-        "rewritten": sum(s.decision == "rewritten" for s in sites),
+        "rewritten": sum(s.decision is Decision.REWRITE for s in sites),
         "sites": len(sites),
         "seconds": elapsed,
     }

@@ -30,9 +30,10 @@ import torch
 import torch.fx as fx
 
 from .find_attention import MASKED_FILL_LIMIT, sites_of
-from .node_facts import OUTER_KEY, dtype_of, is_model_state, op_name, real_value, scalar, shape_of, value_of
+from .node_facts import (OUTER_KEY, dtype_of, is_model_state, op_name, placeholder_source, real_value, scalar,
+                         shape_of, value_of)
 from .options import PassOptions
-from .sites import REWRITE, AttentionSite, MaskTerm, PassReport, SiteRecord
+from .sites import AttentionSite, Decision, MaskKind, MaskTerm, PassReport, SiteRecord
 
 log = logging.getLogger("ringfx.passes")
 
@@ -49,10 +50,10 @@ def classify_masks_pass(gm: fx.GraphModule, *, options: Optional[PassOptions] = 
     placeholder_values = _placeholder_values(gm, options)
     cache: dict = {}  # one evaluation per distinct size-built mask (layers repeat them)
     for site in sites_of(gm):
-        if site.decision == REWRITE:
+        if site.decision is Decision.REWRITE:
             classify_site(gm, site, options, placeholder_values, cache)
         report.sites.append(SiteRecord.of(site))
-    report.skipped = sum(s.decision != "rewritten" for s in report.sites)
+    report.skipped = sum(s.decision is not Decision.REWRITE for s in report.sites)
     log.info("classify_masks: %d sites, masks %s", len(report.sites),
              sorted({s.mask_kind for s in report.sites}) or "-")
     return gm, report
@@ -72,7 +73,7 @@ def classify_site(gm, site: AttentionSite, options: PassOptions, values: dict, c
     kinds = [t.kind for t in site.terms]
     bad = [t for t in site.terms if t.kind == "unsupported"]
     if bad:
-        site.mask_kind = "unsupported"
+        site.mask = MaskKind(unsupported=True)
         site.skip(f"mask not proven safe on shards: {bad[0].detail}")
         return
     windows = {t.window for t in site.terms if t.kind == "window"}
@@ -81,7 +82,7 @@ def classify_site(gm, site: AttentionSite, options: PassOptions, values: dict, c
         return
     if windows:
         site.window = windows.pop()
-    if any(t.kind == "causal" for t in site.terms) or any(t.kind == "window" and t.detail == "causal" for t in site.terms):
+    if any(t.kind == "causal" or (t.kind == "window" and t.causal) for t in site.terms):
         site.causal = True
     if sum(k == "segment_ids" for k in kinds) > 1:
         site.skip("more than one segment-id mask")
@@ -93,13 +94,8 @@ def classify_site(gm, site: AttentionSite, options: PassOptions, values: dict, c
         site.skip(f"dense mask {dense.node.name} holds {cols} key columns, this rank's only: on a ring "
                   f"of {options.ring_size} it must span all keys (pass key padding / segment ids instead)")
         return
-    parts = []
-    if site.causal:
-        parts.append("causal")
-    if site.window:
-        parts.append(f"window({site.window})")
-    parts += sorted({k for k in kinds if k not in ("none", "causal", "window")})
-    site.mask_kind = "+".join(parts) or "none"
+    others = tuple(sorted({k for k in kinds if k not in ("none", "causal", "window")}))
+    site.mask = MaskKind(causal=site.causal, window=site.window, others=others)
 
 
 def _region_input(node: fx.Node) -> fx.Node:
@@ -138,11 +134,11 @@ def _classify_outer(term: MaskTerm, n: int, options: PassOptions, cache) -> list
     if isinstance(outer.meta.get(OUTER_KEY), fx.Node):
         inner = _classify_outer(MaskTerm(outer, term.form), n, options, cache)
         kind = inner[0].kind if len(inner) == 1 else "unsupported"
-        whole.kind, whole.window, whole.detail = kind, inner[0].window, inner[0].detail
+        whole.kind, whole.window, whole.causal, whole.detail = kind, inner[0].window, inner[0].causal, inner[0].detail
     else:
         probe = MaskTerm(outer, term.form)
         classify_term(owner, probe, n, values, options, cache)
-        whole.kind, whole.window, whole.detail = probe.kind, probe.window, probe.detail
+        whole.kind, whole.window, whole.causal, whole.detail = probe.kind, probe.window, probe.causal, probe.detail
     if whole.kind == "segment_ids":
         whole.kind, whole.detail = "unsupported", (f"segment ids of mask {outer.name} are computed outside the "
                                                    "checkpointed region that holds the attention")
@@ -287,12 +283,6 @@ def _is_size_input(node: fx.Node) -> bool:
     return isinstance(v, (int, torch.SymInt)) or isinstance(ex, (int, torch.SymInt))
 
 
-def _is_scalar_input(node: fx.Node) -> bool:
-    """A float graph input (dynamo lifts float attributes when shapes are dynamic)."""
-    ex = node.meta.get("example_value")
-    return isinstance(ex, (float, torch.SymFloat))
-
-
 def _static(nodes) -> bool:
     """Built only from sizes and buffers (no per-call input data, no parameters: a
     parameter's value today says nothing about its value after a step)."""
@@ -301,12 +291,9 @@ def _static(nodes) -> bool:
 
 
 def _is_parameter(node: fx.Node) -> bool:
-    from .node_facts import placeholder_source
-
+    """A parameter, by dynamo's record of the placeholder's source (see ``is_model_state``)."""
     src = placeholder_source(node)
-    if src is None:
-        return "_parameters_" in str(node.target).lower()
-    return "._parameters[" in src
+    return src is not None and "._parameters[" in src
 
 
 def _segment_ids(term: MaskTerm) -> Optional[fx.Node]:
@@ -453,7 +440,7 @@ def _evaluate(gm, nodes: list[fx.Node], out: fx.Node, values: dict, n: int, m: i
                     env[node] = gm.get_submodule(node.target)(*args, **kwargs)
         with torch.no_grad():
             result = env[out]
-    except Exception as e:  # a size that the subgraph cannot take (e.g. past a buffer's end)
+    except (RuntimeError, IndexError, ValueError) as e:  # a size that the subgraph cannot take (past a buffer's end)
         log.debug("evaluating %s at length %d failed at %s: %s", out.name, m, node.format_node(), e)
         return None
     return result.detach() if isinstance(result, torch.Tensor) else None
@@ -524,11 +511,11 @@ def _classify_static(gm, term: MaskTerm, n: int, nodes, values, options: PassOpt
         except TypeError:
             key = None
         if key is not None and key in cache:
-            term.kind, term.window, term.detail = cache[key]
+            term.kind, term.window, term.causal, term.detail = cache[key]
             return
     _classify_static_uncached(gm, term, n, nodes, values, options)
     if key is not None:
-        cache[key] = (term.kind, term.window, term.detail)
+        cache[key] = (term.kind, term.window, term.causal, term.detail)
 
 
 def _classify_static_uncached(gm, term: MaskTerm, n: int, nodes, values, options: PassOptions) -> None:
@@ -577,7 +564,8 @@ def _classify_static_uncached(gm, term: MaskTerm, n: int, nodes, values, options
         if not consistent:
             term.kind, term.detail = "unsupported", f"mask {term.node.name} changes pattern with length: {seen}"
             return
-        term.kind, term.window, term.detail = "window", w, "causal" if causal_form else ""
+        term.kind, term.window, term.causal = "window", w, causal_form
+        term.detail = f"checked at lengths {[m for m, _ in seen]}"
         return
     if len(kinds) != 1:
         term.kind, term.detail = "unsupported", f"mask {term.node.name} changes pattern with length: {seen}"

@@ -16,6 +16,8 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
+from .._compat import SDPA_BINDING, HigherOrderOperator, OpOverload, dynamo_input_example, dynamo_input_source
+
 # Every spelling of an op that the matcher cares about, by canonical name.
 _FUNCTIONS: dict[Any, str] = {
     operator.matmul: "matmul", torch.matmul: "matmul", torch.bmm: "bmm",
@@ -32,7 +34,7 @@ _FUNCTIONS: dict[Any, str] = {
     torch.transpose: "transpose", torch.permute: "permute", torch.swapaxes: "transpose",
     torch.repeat_interleave: "repeat_interleave", torch.reshape: "reshape",
     torch.unsqueeze: "unsqueeze", operator.getitem: "getitem", torch.full: "full",
-    torch._C._nn.scaled_dot_product_attention: "sdpa",
+    SDPA_BINDING: "sdpa",
     F.scaled_dot_product_attention: "sdpa",
 }
 _ATEN = {
@@ -61,7 +63,7 @@ def op_name(node: Any) -> Optional[str]:
     name = _FUNCTIONS.get(node.target)
     if name is not None:
         return name
-    if isinstance(node.target, torch._ops.OpOverload):
+    if isinstance(node.target, OpOverload):
         base = node.target.overloadpacket.__name__
         return _ATEN.get(base, base)
     return getattr(node.target, "__name__", None)
@@ -155,39 +157,29 @@ def source_location(node: fx.Node) -> Optional[tuple[str, int]]:
 def placeholder_source(node: fx.Node) -> Optional[str]:
     """Dynamo's name for where a graph input came from (``L['x']``,
     ``L['self']._buffers['bias']``), or None for other tracers."""
-    node = outer_input(node)
-    grapharg = node.meta.get("grapharg")
-    source = getattr(grapharg, "source", None)
-    name = getattr(source, "name", None)
-    if callable(name):
-        name = name()
-    return name
+    return dynamo_input_source(outer_input(node))
 
 
 def is_model_state(node: fx.Node) -> bool:
-    """True for graph inputs that are parameters or buffers, not per-call user data."""
+    """True for graph inputs that are parameters or buffers, not per-call user data.
+
+    Decided by dynamo's record of where a placeholder came from, never by its name (a user
+    argument may be called anything). A placeholder without that record (a graph from
+    another tracer) counts as user data: its masks are then classified by shape and never
+    evaluated at other lengths as a size-built mask."""
     node = outer_input(node)
     if node.op == "get_attr":
         return True
     if node.op != "placeholder":
         return False
     src = placeholder_source(node)
-    if src is None:  # dynamo's placeholder names say the same: L_self_modules_attn_buffers_bias_
-        name = str(node.target).lower()
-        return "_buffers_" in name or "_parameters_" in name
-    return "._buffers[" in src or "._parameters[" in src or src.startswith("G[")
+    return src is not None and ("._buffers[" in src or "._parameters[" in src or src.startswith("G["))
 
 
 def real_value(node: fx.Node) -> Any:
     """The concrete value behind a dynamo placeholder (a parameter, buffer or the example
-    input of this compilation), or None."""
-    grapharg = outer_input(node).meta.get("grapharg")
-    if grapharg is None:
-        return None
-    try:
-        return grapharg.example
-    except Exception:  # the example may have been freed; callers treat None as unknown
-        return None
+    input of this compilation), or None (callers treat it as unknown)."""
+    return dynamo_input_example(outer_input(node))
 
 
 def normalize_dim(dim: int, ndim: int) -> int:
@@ -236,7 +228,7 @@ _CALLING_HOPS = frozenset({"tag_activation_checkpoint", "wrap_activation_checkpo
 
 
 def _hop_name(node: fx.Node) -> Optional[str]:
-    if node.op == "call_function" and isinstance(node.target, torch._ops.HigherOrderOperator):
+    if node.op == "call_function" and isinstance(node.target, HigherOrderOperator):
         return node.target.name()
     return None
 

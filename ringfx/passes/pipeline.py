@@ -83,8 +83,9 @@ def _with_subgraphs(p, gm: fx.GraphModule, options: PassOptions, done=None) -> t
 
 
 def _rebuildable(e: Exception) -> bool:
+    """Whether ``type(e)`` can be rebuilt from a message alone (``UnicodeDecodeError``, say, cannot)."""
     try:
         type(e)("probe")
         return True
-    except Exception:  # exception types whose constructor takes other arguments
+    except TypeError:  # a constructor that takes other arguments
         return False

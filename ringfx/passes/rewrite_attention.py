@@ -28,7 +28,7 @@ from . import ring_glue
 from .find_attention import sites_of
 from .node_facts import OUTER_KEY, VALUE_KEY, called_subgraph, dtype_of, hop_subgraphs, shape_of
 from .options import PassOptions
-from .sites import REWRITE, AttentionSite, Operand, PassReport, SiteRecord
+from .sites import AttentionSite, Decision, Operand, PassReport, SiteRecord
 
 log = logging.getLogger("ringfx.passes")
 
@@ -55,7 +55,7 @@ def rewrite_attention_pass(gm: fx.GraphModule, *, options: Optional[PassOptions]
     sites = sites_of(gm)
     replaced: dict[fx.Node, fx.Node] = {}  # a rewritten site's output -> the node now holding its value
     for site in sites:
-        if site.decision == REWRITE:
+        if site.decision is Decision.REWRITE:
             _rewrite(gm, site, options, replaced)
             report.rewritten += 1
         else:
@@ -121,10 +121,7 @@ def _rewrite(gm: fx.GraphModule, site: AttentionSite, options: PassOptions, repl
             out = graph.call_method("squeeze", (out, 0))
         if site.out_permute is not None:
             out = graph.call_method("permute", (out, *site.out_permute))
-    for n in (q, k, v, ring, out):
-        n.meta["ringfx_inserted"] = True
     ring.meta["stack_trace"] = out_node.meta.get("stack_trace")
-    ring.meta["ringfx_site"] = SiteRecord.of(site)
     out_node.replace_all_uses_with(out)
     replaced[out_node] = out
     _erase_unused(graph, list(site.chain) + [out_node])

@@ -27,7 +27,7 @@ import torch.fx as fx
 from .find_attention import sites_of
 from .node_facts import CASTS, SHAPE_ONLY, is_model_state, normalize_dim, op_name, shape_of
 from .options import PassOptions
-from .sites import REWRITE, PassReport, SiteRecord
+from .sites import Decision, PassReport, SiteRecord
 
 log = logging.getLogger("ringfx.passes")
 
@@ -41,7 +41,7 @@ def check_sequence_axis_pass(gm: fx.GraphModule, *, options: Optional[PassOption
     options = options or PassOptions()
     report = PassReport("check_sequence_axis")
     for site in sites_of(gm):
-        if site.decision == REWRITE and options.ring_size > 1:
+        if site.decision is Decision.REWRITE and options.ring_size > 1:
             for name, operand in (("q", site.q), ("k", site.k)):
                 origin = _head_dim_origin(operand)
                 if origin is not None:
@@ -51,7 +51,7 @@ def check_sequence_axis_pass(gm: fx.GraphModule, *, options: Optional[PassOption
                               "non-sequence axis (e.g. channel attention) is wrong on a sharded sequence")
                     break
         report.sites.append(SiteRecord.of(site))
-    report.skipped = sum(r.decision != "rewritten" for r in report.sites)
+    report.skipped = sum(r.decision is not Decision.REWRITE for r in report.sites)
     log.info("check_sequence_axis: %d site(s) attend over a non-sequence axis", report.skipped)
     return gm, report
 

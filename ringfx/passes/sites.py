@@ -8,7 +8,7 @@ attention produces (the ``probs @ v`` matmul, or the SDPA call).
 
 from __future__ import annotations
 
-import dataclasses
+import enum
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -16,9 +16,19 @@ import torch.fx as fx
 
 META_KEY = "ringfx"
 
-# Decisions
-REWRITE = "rewrite"
-SKIP = "skip"
+
+class Decision(str, enum.Enum):
+    """A site's fate. Its value is the word the reports print, and, being a ``str``, a
+    decision compares equal to that word (``record.decision == "rewritten"``)."""
+
+    REWRITE = "rewritten"
+    LEAVE = "left alone"  # reported with the reason; the backend refuses it on a ring of P > 1
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
 
 
 @dataclass
@@ -40,14 +50,34 @@ class MaskTerm:
     (bool, True = masked out). kind (set by classify_masks_pass): ``none`` (all-attend),
     ``causal``, ``window``, ``key_padding`` (per key; a float one is gathered along the
     ring as an O(S) bias), ``segment_ids``, ``dense`` (passed block-wise as
-    ``attn_bias``) or ``unsupported`` (site is left alone; ``detail`` says why)."""
+    ``attn_bias``) or ``unsupported`` (site is left alone; ``detail`` says why). A
+    ``window`` term is ``causal`` when it also hides future keys (``i - W < j <= i``);
+    otherwise it hides only keys more than W behind (``j > i - W``)."""
 
     node: fx.Node
     form: str
     kind: str = "unclassified"
     window: int = 0
+    causal: bool = False
     segment_node: Optional[fx.Node] = None
-    detail: str = ""
+    detail: str = ""  # for the reader: why unsupported, or how it was proven
+
+
+@dataclass(frozen=True)
+class MaskKind:
+    """What the masks of a site amount to, as ``classify_masks_pass`` found them; printed
+    as the reports show it (``causal+window(4)+key_padding``, ``none``, ``unsupported``)."""
+
+    causal: bool = False
+    window: int = 0
+    others: tuple[str, ...] = ()  # sorted kinds of the other terms: dense, key_padding, segment_ids
+    unsupported: bool = False
+
+    def __str__(self) -> str:
+        if self.unsupported:
+            return "unsupported"
+        parts = (["causal"] if self.causal else []) + ([f"window({self.window})"] if self.window else [])
+        return "+".join(parts + list(self.others)) or "none"
 
 
 @dataclass
@@ -70,13 +100,17 @@ class AttentionSite:
     gqa: str = "none"
     terms: list[MaskTerm] = field(default_factory=list)
     chain: list[fx.Node] = field(default_factory=list)  # nodes the rewrite replaces
-    anchor: Optional[fx.Node] = None  # the softmax or SDPA node
-    mask_kind: str = "none"
-    decision: str = REWRITE
+    anchor: Optional[fx.Node] = None  # the softmax or SDPA node: the user's source line
+    mask: MaskKind = MaskKind()
+    decision: Decision = Decision.REWRITE
     reason: str = ""
 
+    @property
+    def mask_kind(self) -> str:
+        return str(self.mask)
+
     def skip(self, reason: str) -> "AttentionSite":
-        self.decision, self.reason = SKIP, reason
+        self.decision, self.reason = Decision.LEAVE, reason
         return self
 
 
@@ -88,7 +122,7 @@ class SiteRecord:
     source_line: str
     pattern: str
     mask_kind: str
-    decision: str
+    decision: Decision
     reason: str
     causal: bool
     window: int
@@ -101,8 +135,7 @@ class SiteRecord:
         from .node_facts import source_location
 
         where = source_location(site.anchor if site.anchor is not None else site.output) or ("", 0)
-        return SiteRecord(graph_index, site.source_line, site.pattern, site.mask_kind,
-                          "rewritten" if site.decision == REWRITE else "left alone",
+        return SiteRecord(graph_index, site.source_line, site.pattern, site.mask_kind, site.decision,
                           site.reason, site.causal, site.window, site.gqa, *where)
 
 
@@ -129,6 +162,3 @@ class PassReport:
     rewritten: int = 0
     skipped: int = 0
     notes: list[str] = field(default_factory=list)
-
-    def as_dict(self) -> dict:
-        return dataclasses.asdict(self)

@@ -23,6 +23,8 @@ from typing import Any, Generator, Sequence
 import torch
 import torch.distributed as dist
 
+from .._compat import process_group_timeout, resolve_process_group
+
 log = logging.getLogger("ringfx.runtime.ring")
 
 _LOOPBACK = re.compile(r"^loopback:(\d+)$")
@@ -83,11 +85,9 @@ def resolve_group(name: str) -> LoopbackRing | dist.ProcessGroup:
     m = _LOOPBACK.match(name)
     if m:
         return LoopbackRing(int(m.group(1)))
-    from torch.distributed.distributed_c10d import _resolve_process_group
-
     try:
-        return _resolve_process_group(name)
-    except Exception as e:  # noqa: BLE001 - re-raised with the fix
+        return resolve_process_group(name)
+    except RuntimeError as e:  # no group of that name
         raise ValueError(
             f"no process group named {name!r} in this process; create the ring with "
             "dist.new_group / init_process_group before calling ring attention"
@@ -179,7 +179,7 @@ class _Pending:
         for w in self._works:
             try:
                 ok = w.wait(self._timeout) if self._timeout is not None else w.wait()
-            except Exception as e:  # noqa: BLE001 - a dead or stuck peer ends here
+            except RuntimeError as e:  # a dead or stuck peer ends here (NCCL's DistBackendError is one)
                 raise _peer_failure(self._group, e) from e
             if ok is False:
                 raise _peer_failure(self._group, "a ring transfer timed out")
@@ -229,7 +229,7 @@ def gather_small(tensor: torch.Tensor, group: dist.ProcessGroup, device=None) ->
     out = [torch.empty_like(tensor) for _ in range(dist.get_world_size(group))]
     try:
         dist.all_gather(out, tensor, group=group)
-    except Exception as e:  # noqa: BLE001 - a dead or stuck peer ends here
+    except RuntimeError as e:  # a dead or stuck peer ends here
         raise _peer_failure(group, e) from e
     return torch.stack(out)
 
@@ -238,16 +238,7 @@ def group_timeout(group: dist.ProcessGroup, device: torch.device | None = None) 
     """The group's collective timeout (what bounds a wait on a dead or stuck peer), read
     from the backend that serves ``device``; None where the backend does not expose it
     (its own watchdog still applies)."""
-    candidates = [group]
-    try:
-        candidates.insert(0, group._get_backend(device or torch.device("cpu")))
-    except Exception:  # noqa: BLE001 - no backend for this device type
-        pass
-    for obj in candidates:
-        t = getattr(getattr(obj, "options", None), "_timeout", None)
-        if isinstance(t, datetime.timedelta):
-            return t
-    return None
+    return process_group_timeout(group, device or torch.device("cpu"))
 
 
 def drive(program: RankProgram, exchange, all_gather) -> Any:
