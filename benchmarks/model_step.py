@@ -47,7 +47,7 @@ def step_time(model, ids, steps, warmup):
 def run_row(args, seq, checkpointing, variant):
     import ringfx
 
-    torch._dynamo.reset()
+    torch.compiler.reset()
     model = build(args)
     if checkpointing:
         model.gradient_checkpointing_enable()

@@ -269,7 +269,7 @@ def run_case(case: MixingCase, group, layout: str, seq_len: int, seed: int = 0) 
     import ringfx
     from ringfx.errors import RingfxWarning
 
-    torch._dynamo.reset()
+    torch.compiler.reset()
     torch.manual_seed(seed)
     model = case.make()
     ref = copy.deepcopy(model)

@@ -23,7 +23,7 @@ S = 12  # divisible by 2P for P = 2, 3: both layouts
 
 @pytest.fixture(autouse=True)
 def fresh_dynamo():
-    torch._dynamo.reset()
+    torch.compiler.reset()
 
 
 def _ring_ops(gm) -> int:

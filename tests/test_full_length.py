@@ -18,7 +18,7 @@ def _compare(model_cls, make_inputs, group, layout, all_reduce=False):
     """Output and parameter-gradient errors of the full-length call against the model."""
     import torch.distributed as dist
 
-    torch._dynamo.reset()
+    torch.compiler.reset()
     torch.manual_seed(0)
     model = model_cls().eval()
     ref = copy.deepcopy(model)

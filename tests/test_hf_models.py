@@ -19,7 +19,7 @@ S = 16
 def fresh_dynamo():
     """Each test compiles the same transformers forward again for a new model instance:
     start from an empty dynamo cache so the recompile limit counts this test only."""
-    torch._dynamo.reset()
+    torch.compiler.reset()
 
 
 def _llama(attn):

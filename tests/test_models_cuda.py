@@ -26,7 +26,7 @@ def _to_cuda(inputs):
 @pytest.mark.parametrize("ring_size,layout", [(1, "contiguous"), (2, "zigzag"), (3, "contiguous")])
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointed"])
 def test_transformers_model_on_cuda(name, ring_size, layout, checkpointing):
-    torch._dynamo.reset()
+    torch.compiler.reset()
     model, inputs, _ = build(name, "sdpa", seq_len=19)
     model = model.cuda()
     inputs = _to_cuda(inputs)
@@ -50,7 +50,7 @@ def test_transformers_model_on_cuda(name, ring_size, layout, checkpointing):
 
 
 def test_bf16_llama_step_on_cuda_ring_of_one_rewrites_every_checkpointed_layer():
-    torch._dynamo.reset()
+    torch.compiler.reset()
     model, inputs, _ = build("llama", "sdpa", seq_len=64)
     model = model.cuda().to(torch.bfloat16)
     model.gradient_checkpointing_enable()

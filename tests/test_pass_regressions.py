@@ -18,7 +18,7 @@ from ringfx.errors import RingfxWarning, UnsupportedError
 
 @pytest.fixture(autouse=True)
 def fresh_dynamo():
-    torch._dynamo.reset()
+    torch.compiler.reset()
 
 
 def _qkv(s=8):

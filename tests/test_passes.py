@@ -31,7 +31,7 @@ def capture(fn, *args, then=None):
         graphs.append(then(gm, example_inputs) if then else gm)
         return gm.forward
 
-    torch._dynamo.reset()
+    torch.compiler.reset()
     torch.compile(fn, backend=backend, dynamic=False, fullgraph=True)(*args)
     assert len(graphs) == 1
     return graphs[0]
@@ -89,7 +89,7 @@ def test_pattern_table_entry_is_found_checked_and_exact(pattern):
     leaves = [x.clone().requires_grad_(x.is_floating_point()) for x in inputs]
     ref = pattern.fn(*leaves)
     ref.sum().backward()
-    torch._dynamo.reset()
+    torch.compiler.reset()
     sharded = [ringfx.shard(x.detach(), 2 if x.dim() == 4 else 1, layout="zigzag", group=ring)
                .requires_grad_(x.is_floating_point()) for x in inputs]
     out = transform(pattern.fn, mesh=ring, layout="zigzag", inputs="sharded")(*sharded)

@@ -34,7 +34,7 @@ def test_opcheck(causal, layout):
 
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
 def test_compiles_fullgraph_as_one_opaque_node(backend):
-    torch._dynamo.reset()
+    torch.compiler.reset()
 
     def attn(q, k, v):
         return ringfx.ring_attention(q * 2, k, v, group=RING, causal=True, layout="zigzag").sin()
@@ -56,7 +56,7 @@ def test_compiles_fullgraph_as_one_opaque_node(backend):
 def test_graph_holds_one_ring_attention_node():
     from torch._dynamo.testing import EagerAndRecordGraphs
 
-    torch._dynamo.reset()
+    torch.compiler.reset()
     rec = EagerAndRecordGraphs()
     q, k, v = _qkv(requires_grad=False)
     torch.compile(lambda q, k, v: ringfx.ring_attention(q, k, v, group=RING), backend=rec, fullgraph=True)(q, k, v)

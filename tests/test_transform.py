@@ -99,7 +99,7 @@ def _x(s=8):
 
 
 def test_strict_refuses_unrewritable_attention_on_a_ring():
-    torch._dynamo.reset()
+    torch.compiler.reset()
     model = transform(EscapingProbs(), mesh=ringfx.LoopbackRing(2))
     with pytest.raises(UnsupportedError, match=r"test_transform\.py:\d+") as info:
         model(_x())
@@ -110,7 +110,7 @@ def test_strict_false_runs_unrewritten():
     """strict=False: attention that cannot be rewritten runs as the model wrote it. On a
     ring of 1 that is the model itself; on P > 1 the site is reported left alone (and
     warned about) and no ring op replaces it."""
-    torch._dynamo.reset()
+    torch.compiler.reset()
     m = EscapingProbs()
     x = _x()
     ref_out, ref_p = m(x)
@@ -199,7 +199,7 @@ def test_backend_with_aot_eager_inner_is_exact():
     from ringfx.backend import ringfx_backend
     from zoo import TinyLlama, tokens
 
-    torch._dynamo.reset()
+    torch.compiler.reset()
     torch.manual_seed(0)
     m = TinyLlama().eval()
     ids, pos = (i.value for i in tokens(8, 0))
@@ -244,7 +244,7 @@ def test_dynamic_sequence_length(name):
     from zoo import ZOO
 
     entry = {e.name: e for e in ZOO}[name]
-    torch._dynamo.reset()
+    torch.compiler.reset()
     torch.manual_seed(0)
     model = entry.make_module().eval()
     ref = copy.deepcopy(model)
@@ -263,7 +263,7 @@ def test_backend_hands_the_rest_to_inductor_by_default():
     def f(q):
         return F.scaled_dot_product_attention(q, q, q, is_causal=True).sum(-1) * 2
 
-    torch._dynamo.reset()
+    torch.compiler.reset()
     q = torch.randn(1, 2, 8, 4)
     out = torch.compile(f, backend=ringfx_backend, options={"collector": graphs})(q)
     torch.testing.assert_close(out, f(q))
@@ -275,7 +275,7 @@ def test_backend_hands_the_rest_to_inductor_by_default():
 def test_backend_rejects_unknown_options():
     from ringfx.backend import ringfx_backend
 
-    torch._dynamo.reset()
+    torch.compiler.reset()
     # torch.compile wraps what a backend raises; the backend's own error is a ValueError
     with pytest.raises(torch._dynamo.exc.BackendCompilerFailed, match=r"unknown ringfx option\(s\) \['innr'\]") as info:
         torch.compile(lambda x: x.sin(), backend=ringfx_backend, options={"innr": "eager"})(torch.ones(2))
@@ -289,7 +289,7 @@ def test_dense_mask_on_a_zigzag_loopback_ring():
 
     from zoo import DenseUserMask, hidden_dense
 
-    torch._dynamo.reset()
+    torch.compiler.reset()
     torch.manual_seed(0)
     model = DenseUserMask()
     ref = copy.deepcopy(model)

@@ -53,7 +53,7 @@ GLOO_BUDGET = 400  # seconds per spawn: cases left when it is spent are reported
 
 @pytest.fixture(autouse=True)
 def fresh_dynamo():
-    torch._dynamo.reset()
+    torch.compiler.reset()
 
 
 def transform(model, mesh, layout, selfcheck=SELFCHECK):
@@ -270,7 +270,7 @@ def _ring_matrix(rank, world, cases, selfcheck):
                             "ok": False, "warnings": [], "errors": {},
                             "problems": [f"not run: the {GLOO_BUDGET} s budget is spent"]})
             continue
-        torch._dynamo.reset()
+        torch.compiler.reset()
         try:
             r = check(name, attn, layout, mesh, world, seq_len=seq_len, checkpointing=checkpointing, rank=rank,
                       selfcheck=selfcheck)

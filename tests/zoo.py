@@ -496,7 +496,7 @@ def compare_case(entry: ZooEntry, group, layout: str = "contiguous", seq_len: in
     import ringfx
     from ringfx.api import transform
 
-    torch._dynamo.reset()
+    torch.compiler.reset()
     torch.manual_seed(seed)
     model = entry.make_module().eval().to(dtype)
     ref = copy.deepcopy(model)
