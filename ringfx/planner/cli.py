@@ -56,10 +56,19 @@ def _fraction(text: str) -> float:
     return number
 
 
+def _seq_len(text: str):
+    if text.strip().lower() == "max":
+        return "max"
+    return flag_type(parse_seq_len)(text)
+
+
 def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, choices=sorted(PRESETS), help="a model preset (config numbers)")
-    parser.add_argument("--seq-len", required=True, type=flag_type(parse_seq_len),
-                        help="tokens: 1M, 128K or 1048576 (K and M are powers of two)")
+    parser.add_argument("--model", required=True,
+                        help=f"a preset ({', '.join(sorted(PRESETS))}), a transformers config.json path, "
+                             "TYPE:key=value,... (e.g. llama:hidden_size=4096,num_hidden_layers=32, built on the meta "
+                             "device, no download) or module:factory (your code; returns a module and example inputs)")
+    parser.add_argument("--seq-len", required=True, type=_seq_len,
+                        help="tokens: 1M, 128K or 1048576 (K and M are powers of two), or max: the longest that fits")
     parser.add_argument("--device-memory", type=flag_type(parse_bytes, require_unit=True),
                         help="per-device memory with its unit: 80GiB (2**30 bytes) or 80GB (10**9 bytes); a bare "
                              "number is refused (default: this machine's GPU)")
@@ -133,7 +142,7 @@ def run_plan(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({
             "feasible": result.feasible, "ring_size": result.ring_size, "layout": result.layout,
-            "block_size": result.block_size, "query_chunks": result.query_chunks,
+            "seq_len": result.seq_len, "block_size": result.block_size, "dominant": result.dominant, "query_chunks": result.query_chunks,
             "predicted_peak_bytes": result.predicted_peak, "budget_bytes": result.budget,
             "breakdown": result.breakdown, "min_block": result.min_block, "overlap": result.overlap,
             "step_time_s": result.step_time, "reasons": result.reasons, "suggestions": result.suggestions,

@@ -21,7 +21,7 @@ import torch
 from . import presets as _presets
 from .device import DeviceSpec, device_spec, parse_seq_len
 from .memory import MemoryModel, P, S, TrainingOptions, s_local, static_terms
-from .simulate import GRADIENTS, fit_peak_envelope, simulate_step
+from .simulate import GRADIENTS, LOGITS, _layer_list, fit_peak_envelope, simulate_step
 from .timing import attention_time, other_matmul_time
 
 log = logging.getLogger("ringfx.planner")
@@ -56,6 +56,10 @@ class _Target:
     matmul_flops_per_token: Optional[float]
     causal: Optional[bool]
     fits: dict = dataclasses.field(default_factory=dict)  # envelope fits, shared by every plan of a config
+    sites: Optional[list] = None   # attention the passes found (None: not captured, a config's SDPA)
+    steps: dict = dataclasses.field(default_factory=dict)  # fit length -> the rewritten program as a module
+    notes: list = dataclasses.field(default_factory=list)
+    layers: Optional[int] = None
 
 
 # configs build the same reference module every time: their fits are kept for the process
@@ -64,13 +68,25 @@ _CONFIG_FITS: dict = {}
 
 def _resolve(model, *, example_inputs, seq_dim, loss_fn, batch_size) -> _Target:
     if isinstance(model, str):
-        model = _presets.get_preset(model)
+        from .models import resolve_model
+
+        model = resolve_model(model)
+        if isinstance(model, tuple):  # a factory's (module, example_inputs)
+            model, example_inputs = model[0], example_inputs if example_inputs is not None else model[1]
     if isinstance(model, _presets.ModelConfig):
         cfg = model
         module = _presets.build_reference_model(cfg)
         fits = _CONFIG_FITS.setdefault((cfg, batch_size), {}) if loss_fn is None else {}
         return _Target(cfg.name, module, lambda n: _presets.example_ids(cfg, n, batch_size), CONFIG_FIT_POINTS,
-                       loss_fn or _presets.lm_loss, _presets.flops_per_token(cfg) * batch_size, cfg.causal, fits)
+                       loss_fn or _presets.lm_loss, _presets.flops_per_token(cfg) * batch_size, cfg.causal, fits,
+                       layers=cfg.layers)
+    if _is_transformers_config(model):
+        from .models import transformers_target_parts
+
+        name, module, make_inputs, hf_loss, flops = transformers_target_parts(model, batch_size)
+        layers = _layer_list(module)
+        return _Target(name, module, make_inputs, CONFIG_FIT_POINTS, loss_fn or hf_loss, flops, None,
+                       layers=len(layers) if layers is not None else None)
     if isinstance(model, torch.nn.Module):  # an nn.Module or an fx.GraphModule
         if example_inputs is None:
             raise ValueError("example_inputs is required to plan a module or graph: pass the tuple of inputs of "
@@ -80,22 +96,69 @@ def _resolve(model, *, example_inputs, seq_dim, loss_fn, batch_size) -> _Target:
         if first is None:
             raise ValueError(f"no example input has a dimension seq_dim={seq_dim}; pass seq_dim=")
         length = first.shape[seq_dim]
-
-        def make_inputs(n: int):
-            def resize(t):
-                if isinstance(t, torch.Tensor) and t.dim() > seq_dim and t.shape[seq_dim] == length:
-                    shape = list(t.shape)
-                    shape[seq_dim] = n
-                    return torch.empty(shape, dtype=t.dtype, device="meta").requires_grad_(t.requires_grad)
-                return t
-            return tuple(resize(t) for t in example_inputs)
-
-        points = tuple(length * k // 4 for k in (1, 2, 3, 4)) if length % 4 == 0 and length >= 16 else \
-            tuple(length * k for k in (1, 2, 3, 4))
+        # lengths long enough for every program to be the same one (a few tokens may take other branches)
+        base = length // 4 if length % 4 == 0 and length >= 256 else max(length, 64)
+        points = tuple(base * k for k in (1, 2, 3, 4))
         params = sum(p.numel() for p in model.parameters())
-        return _Target(type(model).__name__, model, make_inputs, points, loss_fn, 2.0 * params, None)
-    raise TypeError(f"model: expected an nn.Module, an fx.GraphModule, a ModelConfig or a preset name "
-                    f"({', '.join(_presets.PRESETS)}); got {type(model).__name__}")
+        layers = _layer_list(model)
+        target = _Target(type(model).__name__, model, _resizer(example_inputs, seq_dim, length, meta=True), points,
+                         loss_fn, 2.0 * params, None, layers=len(layers) if layers is not None else None)
+        if not isinstance(model, torch.fx.GraphModule):
+            _rewrite_target(target, _resizer(example_inputs, seq_dim, length, meta=False))
+        return target
+    raise TypeError(f"model: expected an nn.Module, an fx.GraphModule, a ModelConfig, a transformers config or a "
+                    f"preset name ({', '.join(_presets.PRESETS)}); got {type(model).__name__}")
+
+
+def _is_transformers_config(model) -> bool:
+    return any(c.__name__.lower() == "pretrainedconfig" and c.__module__.startswith("transformers")
+               for c in type(model).__mro__)
+
+
+def _resizer(example_inputs: tuple, seq_dim: int, length: int, *, meta: bool) -> Callable[[int], tuple]:
+    """The example inputs at ``n`` tokens: meta tensors for the simulation, or real ones
+    (the given values cut or tiled along the sequence) for a capture."""
+    def resize(t, n):
+        if not (isinstance(t, torch.Tensor) and t.dim() > seq_dim and t.shape[seq_dim] == length):
+            return t
+        if meta:
+            shape = list(t.shape)
+            shape[seq_dim] = n
+            return torch.empty(shape, dtype=t.dtype, device="meta").requires_grad_(t.requires_grad)
+        if t.device.type == "meta":
+            raise ValueError("example_inputs on the meta device: ringfx's passes evaluate size-built masks on real "
+                             "values; pass small real inputs (any length)")
+        reps = -(-n // length)
+        out = torch.cat([t.detach()] * reps, dim=seq_dim) if reps > 1 else t.detach()
+        return out.narrow(seq_dim, 0, n).clone()
+
+    return lambda n: tuple(resize(t, n) for t in example_inputs)
+
+
+def _rewrite_target(target: _Target, real_inputs: Callable[[int], tuple]) -> None:
+    """Plan the program ringfx runs: capture the module at each fit length, rewrite it with
+    ringfx's passes and simulate the rewritten graph (``capture.py``).  Sets the target's
+    ``sites``; a model dynamo splits into several graphs stays simulated as written."""
+    from .capture import capture_rewritten, single_graph_step
+
+    steps = {}
+    for i, n in enumerate(target.points):
+        start = time.perf_counter()
+        inputs = real_inputs(n)
+        captured = capture_rewritten(target.module, inputs)
+        log.info("captured %s at %d tokens and rewrote it with ringfx's passes (%.1f s)", target.name, n,
+                 time.perf_counter() - start)
+        if i == 0:
+            target.sites = captured.sites
+            if not captured.ring_ops:
+                return  # nothing rewritten: the module as written is what runs
+        step = single_graph_step(captured, inputs)
+        if step is None:
+            target.notes.append(f"dynamo splits the model into {len(captured.graphs)} graphs: simulated as "
+                                "written, its attention budgeted as the model computes it")
+            return
+        steps[n] = step
+    target.steps = steps
 
 
 def _unique_param_count(module: torch.nn.Module) -> int:
@@ -103,8 +166,13 @@ def _unique_param_count(module: torch.nn.Module) -> int:
 
 
 def _build_model(target: _Target, options: TrainingOptions, ring: bool, fits: Optional[dict] = None) -> MemoryModel:
+    if target.steps and options.activation_checkpointing:
+        raise ValueError("activation_checkpointing: the planner checkpoints the layers of a module's ModuleList, "
+                         "and the rewritten graph of this model has none; checkpoint the layers in the model "
+                         "(torch.utils.checkpoint) and plan without the option")
+
     def run(n):
-        return simulate_step(target.module, target.make_inputs(n), training=options.training, ring=ring,
+        return simulate_step(target.steps.get(n, target.module), target.make_inputs(n), training=options.training, ring=ring,
                              query_chunks=options.query_chunks, kernel=options.kernel,
                              activation_checkpointing=options.activation_checkpointing, loss_fn=target.loss_fn)
 
@@ -178,6 +246,8 @@ class Plan:
     step_time: Optional[float] = None           # attention + the other matmuls
     reasons: list = dataclasses.field(default_factory=list)
     suggestions: list = dataclasses.field(default_factory=list)
+    layers: Optional[int] = None
+    dominant: Optional[str] = None              # the largest term of the peak and what would shrink it
 
     @property
     def memory_expression(self) -> Optional[sympy.Expr]:
@@ -206,7 +276,11 @@ class Plan:
                                  f"{self.block_size // self.query_chunks:,} queries)"),
                 ("predicted peak / device", f"{_gib(self.predicted_peak)} of {_gib(self.budget)}"),
             ]
-            rows += [(f"  {name}", _gib(value)) for name, value in self.breakdown.items() if value]
+            for name, value in self.breakdown.items():
+                if value:
+                    per_layer = f" ({self.layers} layers, {_gib(value / self.layers)} per layer)" \
+                        if name == "activations" and self.layers else ""
+                    rows.append((f"  {name}", _gib(value) + per_layer))
             if self.min_block is not None and self.ring_size > 1:
                 verdict = "yes" if self.overlap else "no"
                 rows.append(("comm. overlap (c >= F/B)", f"{verdict}: c = {self.block_size:,}, c_min = "
@@ -223,6 +297,8 @@ class Plan:
         lines.append("-" * (width + 40))
         lines += [f"{k.ljust(width)}  {v}" for k, v in rows]
         lines.append("-" * (width + 40))
+        if self.dominant:
+            lines.append(f"where the memory goes: {self.dominant}")
         if self.reasons:
             lines.append("reasons:")
             lines += [f"  - {r}" for r in self.reasons]
@@ -285,6 +361,14 @@ class _Search:
             if not self.divisible(p, layout):
                 skipped.append(p)
                 continue
+            if p == 1 and len(sizes) > 1:
+                # one device runs another program (no ring): worth simulating only if the state fits
+                state = _static_bytes(self.target, options, 1)
+                if state > self.budget:
+                    if reasons is not None:
+                        reasons.append(f"P=1: parameters, gradients' master copy and optimizer state alone take "
+                                       f"{_gib(state)} > budget {_gib(self.budget)}")
+                    continue
             block = self.seq_len // p
             chunk_options = _query_chunk_options(block, options.query_chunks) if (chunking and p > 1) else \
                 [options.query_chunks]
@@ -313,6 +397,12 @@ class _Search:
         if reasons is not None:
             _note_skipped(reasons, skipped, self.seq_len)
         return smallest
+
+
+def _static_bytes(target: _Target, options: TrainingOptions, ring_size: int) -> int:
+    values = {P: ring_size}
+    terms = static_terms(_unique_param_count(target.module), options)
+    return sum(int(sympy.ceiling(sympy.sympify(e).subs(values))) for e in terms.values())
 
 
 def _note_skipped(reasons: list, skipped: list, seq_len: int):
@@ -366,7 +456,8 @@ def plan(
     ``precision``, ``optimizer``, ``activation_checkpointing``, ``param_shards``,
     ``kernel``) go in ``options`` or as keywords.
     """
-    seq_len = parse_seq_len(seq_len)
+    longest = isinstance(seq_len, str) and seq_len.strip().lower() == "max"
+    seq_len = 0 if longest else parse_seq_len(seq_len)
     if not 0 <= headroom < 1:
         raise ValueError(f"headroom={headroom} must be in [0, 1): the fraction of device memory kept free")
     if layout not in (None, "contiguous", "zigzag"):
@@ -382,9 +473,16 @@ def plan(
     if causal is None:
         causal = target.causal if target.causal is not None else any(a.causal for a in probe.attention)
         search.causal = causal
-    reasons = []
-    if not probe.attention:
-        reasons.append("no attention found in the model: the ring changes nothing but the sequence sharding")
+    reasons = _attention_reasons(target, probe)
+    if longest:
+        seq_len, p_max = max_seq_len(search, options, sizes)
+        if seq_len == 0:
+            raise ValueError(f"seq_len='max': not even {2 * max(sizes)} tokens fit {_gib(budget)} per device on up to "
+                             f"{max(sizes)} devices with these options")
+        search.seq_len = seq_len
+        unit = "2P" if search.layout_for(p_max) == "zigzag" else "P"
+        reasons.append(f"S = {seq_len:,}: the longest sequence that fits (the largest root of the memory polynomial "
+                       f"at P = {p_max}, rounded down to a multiple of {unit})")
     found = search.first_fit(options, sizes, reasons)
     if found is None:
         raise ValueError(f"seq_len={seq_len} is not divisible by any ring size in {sizes}; pick a multiple of 2*P")
@@ -394,6 +492,8 @@ def plan(
                  predicted_peak=peak, budget=budget, breakdown=mem.evaluate(seq_len, p), device=spec,
                  options=options.replace(query_chunks=chunks or options.query_chunks), headroom=headroom,
                  memory=mem, reasons=reasons)
+    plan_.dominant = _dominant(plan_.breakdown, target)
+    plan_.layers = target.layers
     if not mem.exact:
         reasons.append("memory fit not exact: the model's tensors do not grow polynomially with the sequence")
     if plan_.feasible:
@@ -411,8 +511,15 @@ def plan(
 
 def _add_time(plan_: Plan, target: _Target, causal: bool, reasons: list):
     spec, p = plan_.device, plan_.ring_size
-    if spec.flops is None or spec.bandwidth is None or not plan_.memory.attention:
-        reasons.append("no FLOP/s or bandwidth known: time not predicted (pass flops= and bandwidth=)")
+    missing = [name for name, value in (("FLOP/s", spec.flops), ("link bandwidth", spec.bandwidth)) if value is None]
+    if missing:
+        reasons.append(f"no {' or '.join(missing)} known for device {spec.name!r}: time not predicted (pass "
+                       + " and ".join({"FLOP/s": "flops=", "link bandwidth": "bandwidth="}[m] for m in missing) + ")")
+        return
+    if not plan_.memory.attention:
+        plan_.step_time = other_matmul_time(target.matmul_flops_per_token, plan_.seq_len // p, spec.flops,
+                                            training=plan_.options.training)
+        reasons.append("no attention: the predicted step time is the other matmuls' alone")
         return
     link = spec.link_bandwidth(p)
     calls = plan_.memory.attention
@@ -433,6 +540,99 @@ def _add_time(plan_: Plan, target: _Target, causal: bool, reasons: list):
             f"overlap: c = S/P = {plan_.block_size:,} {'>=' if first.overlap else '<'} c_min = {first.min_block:,.0f} "
             f"(F/B rule, Ring Attention paper §3; F = {spec.flops / 1e12:.0f} TFLOP/s at the kernel's efficiency, "
             f"B = {link / 1e9:.1f} GB/s {where})")
+
+
+def _attention_reasons(target: _Target, probe: MemoryModel) -> list:
+    if target.sites is None:  # a config: the reference module's SDPA calls are the ring op's
+        if not probe.attention:
+            return ["no attention found in the model: the ring changes nothing but the sequence sharding"]
+        kinds = sorted({"causal" if a.causal else "full" for a in probe.attention})
+        return [f"attention: {len(probe.attention)} SDPA calls ({', '.join(kinds)}), each planned as the ring op"]
+    rewritten = [s for s in target.sites if s.decision.value == "rewritten"]
+    left = [s for s in target.sites if s.decision.value != "rewritten"]
+    if not target.sites:
+        return ["no attention found by ringfx's passes: the ring changes nothing but the sequence sharding"]
+    kinds = sorted({("causal" if s.causal else "full") + (f", window {s.window}" if s.window else "") for s in rewritten})
+    out = []
+    if rewritten:
+        out.append(f"attention: ringfx's passes rewrite {len(rewritten)} site(s) into the ring op ({'; '.join(kinds)}; "
+                   f"{rewritten[0].pattern} at {rewritten[0].source_line.strip()}); planned as the ring op runs them"
+                   + ("" if target.steps else " (simulated as written: " + "; ".join(target.notes) + ")"))
+    for site in left:
+        out.append(f"attention left alone at {site.source_line.strip()}: {site.reason} (budgeted as written)")
+    return out
+
+
+# what each term of the peak is, and what shrinks it
+_SHRINK = {
+    "parameters": "FSDP (param_shards='ring', --fsdp) divides it by P",
+    "master weights (fp32)": "FSDP divides it by P; pure bf16 (precision='bf16') drops it",
+    "optimizer state (Adam, fp32)": "FSDP (param_shards='ring', --fsdp) divides it by P",
+    "gradients": "FSDP divides it by P",
+    "activations": "activation checkpointing (--checkpointing) keeps one input per layer; more devices divide it by P",
+    LOGITS: "the logits (S/P x vocab, and their float32 copy in the loss) grow with the vocabulary: more devices, or "
+            "a loss computed over blocks of the sequence without materialising all logits",
+    "attention buffers": "more devices (÷P); query chunks bound the per-step part",
+    "backward temporaries": "more devices (÷P); activation checkpointing",
+    "inputs": "more devices (÷P)",
+}
+
+
+def _dominant(breakdown: dict, target: _Target) -> Optional[str]:
+    if not breakdown:
+        return None
+    name, value = max(breakdown.items(), key=lambda kv: kv[1])
+    total = sum(breakdown.values()) or 1
+    line = f"{name} dominates ({_gib(value)}, {value / total:.0%} of the peak)"
+    if name in _SHRINK:
+        line += f": {_SHRINK[name]}"
+    if name == LOGITS:
+        line = "the logits and loss dominate" + line[len(name) + len(" dominates"):]
+    return line
+
+
+def max_seq_len(search: "_Search", options: TrainingOptions, sizes) -> tuple:
+    """The longest S (a multiple of the layout's unit) whose predicted peak fits the budget
+    on some ring size in ``sizes``, and that ring size (the smallest reaching it).
+
+    For a fixed P every moment of the envelope is a polynomial in S (degree <= 2) plus the
+    static terms: each moment's largest real root of ``peak(S) = budget`` bounds S; the
+    smallest bound, rounded down to the unit (P, or 2P for zigzag), is checked against the
+    exact evaluation and stepped down while it does not fit (rounding up of fractional bytes).
+    """
+    best = (0, None)
+    for p in sizes:
+        model = search.model(options, ring=p > 1)
+        unit = 2 * p if search.layout_for(p) == "zigzag" else p
+        s_max = _largest_fitting(model, p, search.budget, unit)
+        if s_max > best[0]:
+            best = (s_max, p)
+    return best
+
+
+def _largest_fitting(model: MemoryModel, p: int, budget: int, unit: int) -> int:
+    static = sum(sympy.sympify(e).subs(P, p) for e in model.static.values())
+    bound = None
+    for moment in model.envelope or [{}]:
+        poly = sympy.Poly(sympy.expand(static + sum((e.subs(P, p) for e in moment.values()), sympy.Integer(0))
+                                       - budget), S)
+        if poly.degree() <= 0:
+            limit = 0 if poly.as_expr() > 0 else None  # constant: never fits, or no limit from this moment
+        else:
+            roots = [r for r in sympy.real_roots(poly)]
+            limit = max(roots) if roots else None
+            if limit is not None and poly.eval(limit + 1) < 0:  # fits beyond its largest root: no limit
+                limit = None
+            if limit is None and poly.LC() > 0:
+                limit = 0
+        if limit is not None:
+            bound = limit if bound is None else min(bound, limit)
+    if bound is None:
+        raise ValueError("the memory model does not grow with the sequence: there is no longest sequence")
+    n = int(sympy.floor(bound)) // unit * unit
+    while n > 0 and model.peak_bytes(n, p) > budget:
+        n -= unit
+    return max(n, 0)
 
 
 def _suggestions(search: _Search, options: TrainingOptions, spec: DeviceSpec, max_ring_size: int) -> list:

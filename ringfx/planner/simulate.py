@@ -22,13 +22,13 @@ import dataclasses
 import functools
 import logging
 import math
+import weakref
 from fractions import Fraction
 from typing import Callable, Optional
 
 import sympy
 import torch
 import torch.nn.functional as F
-from torch.multiprocessing.reductions import StorageWeakRef
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
@@ -37,17 +37,20 @@ from .memory import AttentionShape, ring_attention_buffers, s_local, sdpa_buffer
 
 log = logging.getLogger("ringfx.planner")
 
-INPUTS, ACTIVATIONS, ATTENTION, BACKWARD, GRADIENTS, BUFFERS = (
-    "inputs", "activations", "attention buffers", "backward temporaries", "gradients", "buffers")
+INPUTS, ACTIVATIONS, ATTENTION, BACKWARD, GRADIENTS, BUFFERS, LOGITS = (
+    "inputs", "activations", "attention buffers", "backward temporaries", "gradients", "buffers", "logits and loss")
 
 
-_storage_expired = torch._C.StorageBase._expired
-
-CATEGORIES = (INPUTS, BUFFERS, ACTIVATIONS, ATTENTION, BACKWARD, GRADIENTS)
+CATEGORIES = (INPUTS, BUFFERS, ACTIVATIONS, ATTENTION, LOGITS, BACKWARD, GRADIENTS)
 
 
 class _LiveBytes(TorchDispatchMode):
-    """Live storage bytes by category after every op: the trace the memory model is fitted on."""
+    """Live storage bytes by category after every op: the trace the memory model is fitted on.
+
+    A storage's Python object lives exactly as long as its storage (torch preserves it while
+    any tensor or saved variable holds the storage), so a weak reference's callback tells
+    the moment it dies: no scan over the live storages per op.
+    """
 
     def __init__(self):
         super().__init__()
@@ -58,21 +61,24 @@ class _LiveBytes(TorchDispatchMode):
         self.trace = []           # one tuple of category totals per event, in CATEGORIES order
 
     def _sweep(self):
-        expired = _storage_expired  # the builtin behind StorageWeakRef.expired, without its wrappers
-        dead = [key for key, entry in self.live.items() if expired(entry[0].cdata)]
-        for key in dead:
-            _, nbytes, category = self.live.pop(key)
-            self.totals[category] -= nbytes
+        """Deaths are counted by the weak references' callbacks; kept for the callers that
+        want the totals settled (a no-op)."""
+
+    def _died(self, key):
+        entry = self.live.pop(key, None)
+        if entry is not None:
+            self.totals[entry[2]] -= entry[1]
 
     def register(self, tensor: torch.Tensor, category: Optional[str]):
         storage = tensor.untyped_storage()
-        ref = StorageWeakRef(storage)
+        key = storage._cdata
         if category is None:
-            self.excluded.add(ref.cdata)
+            self.excluded.add(key)
             return
-        if ref.cdata in self.live or ref.cdata in self.excluded:
+        if key in self.live or key in self.excluded:
             return
-        self.live[ref.cdata] = [ref, storage.nbytes(), category]
+        ref = weakref.ref(storage, lambda _, key=key, died=self._died: died(key))
+        self.live[key] = [ref, storage.nbytes(), category]
         self.totals[category] += storage.nbytes()
 
     def snapshot(self):
@@ -80,7 +86,7 @@ class _LiveBytes(TorchDispatchMode):
 
     def relabel(self, tensor: torch.Tensor, category: str):
         """A storage turned out to be something else (a parameter's gradient)."""
-        entry = self.live.get(StorageWeakRef(tensor.untyped_storage()).cdata)
+        entry = self.live.get(tensor.untyped_storage()._cdata)
         if entry is None or entry[2] == category:
             return
         self.totals[entry[2]] -= entry[1]
@@ -88,7 +94,6 @@ class _LiveBytes(TorchDispatchMode):
         entry[2] = category
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self._sweep()
         out = func(*args, **(kwargs or {}))
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor):
@@ -253,6 +258,30 @@ def _checkpointed(module: torch.nn.Module, swap: "_AttentionSwap"):
             del layer.forward
 
 
+@contextlib.contextmanager
+def _head_marked(module: torch.nn.Module, tracker: _LiveBytes):
+    """Storages made after the last layer (final norm, logits, loss) and, in backward,
+    before the gradient reaches the last layer's output are "logits and loss"."""
+    layers = _layer_list(module)
+    if layers is None:
+        yield
+        return
+
+    def after_last(_, __, output):
+        if tracker.category != ACTIVATIONS:  # a recomputation inside backward
+            return
+        tracker.category = LOGITS
+        first = next((t for t in tree_flatten(output)[0] if isinstance(t, torch.Tensor) and t.requires_grad), None)
+        if first is not None:
+            first.register_hook(lambda grad: setattr(tracker, "category", BACKWARD))
+
+    handle = layers[-1].register_forward_hook(after_last)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 def to_meta(x):
     if isinstance(x, torch.Tensor):
         return torch.empty(x.shape, dtype=x.dtype, device="meta").requires_grad_(x.requires_grad)
@@ -297,12 +326,13 @@ def simulate_step(
     grad = torch.enable_grad() if training else torch.no_grad()
     # the swap of parameters stays on through backward: checkpointed layers recompute there
     reparametrized = torch.nn.utils.stateless._reparametrize_module(module, state, tie_weights=True)
-    with reparametrized, ckpt, grad, tracker, swap:
+    with reparametrized, ckpt, grad, tracker, swap, _head_marked(module, tracker):
         output = module(*meta_inputs)
         if training:
             loss = loss_fn(output, meta_inputs)
             del output
-            tracker.category = BACKWARD
+            # what backward allocates before it reaches the last layer is the loss's and the head's
+            tracker.category = LOGITS if _layer_list(module) is not None else BACKWARD
             loss.backward()
             del loss
         tracker._sweep()

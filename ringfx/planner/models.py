@@ -1,0 +1,99 @@
+"""Models from where users have them: a preset, a transformers config, or their own code.
+
+    resolve_model("llama-8b-like")                               # a preset (ModelConfig)
+    resolve_model("path/to/config.json")                         # a transformers config file
+    resolve_model("llama:hidden_size=4096,num_hidden_layers=32") # a model type with overrides
+    resolve_model("mypackage.models:build")                      # module:factory, your own code
+
+A transformers config becomes ``AutoModelForCausalLM.from_config`` on the ``meta``
+device (no download, no memory), run with ``labels`` so its own loss is in the step.
+A factory is called with no arguments and returns a module, or ``(module,
+example_inputs)``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from typing import Any
+
+import torch
+
+from . import presets as _presets
+
+
+def _value(text: str) -> Any:
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return {"true": True, "false": False, "none": None}.get(text.lower(), text)
+
+
+def resolve_model(spec: str):
+    """A preset name, a ``config.json`` path, ``type:key=value,...`` or ``module:factory``.
+
+    Returns a ``ModelConfig``, a transformers ``PretrainedConfig``, or what the factory
+    returns (a module, or ``(module, example_inputs)``)."""
+    if spec in _presets.PRESETS:
+        return _presets.PRESETS[spec]
+    if spec.endswith(".json") or os.path.isdir(spec):
+        if not os.path.exists(spec):
+            raise ValueError(f"model={spec!r}: no such file")
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(spec if os.path.isdir(spec) else os.path.dirname(os.path.abspath(spec)))
+    head, sep, tail = spec.partition(":")
+    if sep and ("=" in tail or not tail):
+        from transformers import AutoConfig
+
+        overrides = {}
+        for item in filter(None, (t.strip() for t in tail.split(","))):
+            key, eq, value = item.partition("=")
+            if not eq:
+                raise ValueError(f"model={spec!r}: {item!r} is not key=value")
+            overrides[key.strip()] = _value(value.strip())
+        try:
+            return AutoConfig.for_model(head, **overrides)
+        except ValueError as err:
+            raise ValueError(f"model={spec!r}: {err}") from None
+    if sep:
+        try:
+            factory = getattr(importlib.import_module(head), tail)
+        except (ImportError, AttributeError) as err:
+            raise ValueError(f"model={spec!r}: cannot import {tail} from {head}: {err}") from None
+        return factory()
+    raise ValueError(f"model={spec!r}: use a preset ({', '.join(_presets.PRESETS)}), a config.json path, "
+                     "type:key=value,... (a transformers model type, e.g. llama:num_hidden_layers=32) or "
+                     "module:factory")
+
+
+class _CausalLMStep(torch.nn.Module):
+    """``ids -> loss``: a transformers causal LM with its own loss (labels = the ids)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids):
+        return self.model(input_ids=ids, labels=ids).loss  # the cache holds the same K/V tensors backward saves
+
+
+def transformers_target_parts(config, batch_size: int):
+    """(name, module on meta, inputs at n tokens, loss, matmul FLOPs per token) of a config."""
+    from transformers import AutoModelForCausalLM
+
+    dtype = getattr(config, "dtype", None) or torch.bfloat16
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    name = f"{config.model_type} ({type(model).__name__})"
+    step = _CausalLMStep(model)
+    params = sum(p.numel() for p in model.parameters())
+
+    def make_inputs(n):
+        return (torch.zeros(batch_size, n, dtype=torch.long, device="meta"),)
+
+    return name, step, make_inputs, lambda loss, inputs: loss, 2.0 * params * batch_size
