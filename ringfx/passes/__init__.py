@@ -29,8 +29,8 @@ from .positions import check_positions_pass
 from .rewrite_attention import rewrite_attention_pass
 from .sequence_axis import check_sequence_axis_pass
 from .sequence_mixing import check_sequence_mixing_pass
-from .sites import AttentionSite, MaskTerm, PassReport, SiteRecord
+from .sites import AttentionSite, Decision, MaskKind, MaskTerm, PassReport, SiteRecord
 
-__all__ = ["AttentionSite", "MaskTerm", "PASSES", "PassOptions", "PassReport", "SiteRecord",
+__all__ = ["AttentionSite", "Decision", "MaskKind", "MaskTerm", "PASSES", "PassOptions", "PassReport", "SiteRecord",
            "check_positions_pass", "check_sequence_axis_pass", "check_sequence_mixing_pass", "classify_masks_pass",
            "decompose_mha_pass", "find_attention_pass", "rewrite_attention_pass", "run_passes", "sites_of"]
