@@ -280,3 +280,39 @@ def test_many_sequence_lengths_each_exact_and_a_clear_error_past_the_limit(monke
     monkeypatch.setattr(ringfx.api, "RECOMPILE_LIMIT", 11)
     with pytest.raises(RuntimeError, match="pad batches to a few bucket lengths"):
         ring(torch.randn(1, 17, E, dtype=DTYPE))
+
+
+class InPlaceWrites(nn.Module):
+    def __init__(self, how):
+        super().__init__()
+        self.attn, self.how = Attention(), how
+
+    def forward(self, x, scale):
+        h = self.attn(x)
+        if self.how == "add_":
+            h.add_(scale)  # a (B, S, E) replicated input added in place into the shard
+        elif self.how == "iadd":
+            h += 1.0
+        elif self.how == "setitem_all":
+            h[..., 0] = 0.0  # every token's first feature
+        elif self.how == "setitem_token":
+            h[:, 0] = 0.0  # one token: refused
+        return h * 2
+
+
+@pytest.mark.parametrize("how", ["add_", "iadd", "setitem_all"])
+def test_in_place_writes_into_sharded_tensors_are_exact(how):
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = InPlaceWrites(how)
+    x, scale = torch.randn(2, 11, E, dtype=DTYPE), torch.randn(2, 11, E, dtype=DTYPE)
+    out = ringfx.transform(model, mesh=ringfx.LoopbackRing(3), layout="zigzag")(x, scale)
+    torch.testing.assert_close(out, model(x, scale))
+
+
+def test_in_place_write_into_part_of_the_sequence_is_refused_not_wrong():
+    torch._dynamo.reset()
+    model = InPlaceWrites("setitem_token")
+    with pytest.raises(ringfx.UnsupportedError, match="in-place 'setitem' at test_zero_touch.py"):
+        ringfx.transform(model, mesh=ringfx.LoopbackRing(3))(torch.randn(2, 11, E, dtype=DTYPE),
+                                                            torch.randn(2, 11, E, dtype=DTYPE))

@@ -104,6 +104,7 @@ _POINTWISE = frozenset({
     "dropout1d", "dropout2d", "threshold", "cos_", "sin_", "float_power", "true_divide", "mul_", "abs_",
     "log_sigmoid", "erfinv", "sinh", "cosh", "asin", "acos", "atan", "atan2", "_set_grad_enabled",
     "scaled_dot_product_attention_math_helper", "fill_", "zero_", "copy_", "type_as", "clone", "contiguous",
+    "iadd", "isub", "imul", "itruediv",
 })
 _SUMS = frozenset({"sum", "mean", "nansum"})
 _OTHER_REDUCTIONS = frozenset({"amax", "amin", "max", "min", "prod", "std", "var", "logsumexp", "norm", "all",
@@ -421,13 +422,36 @@ class _Sharder:
         is_ring = node.target == ring_attention_target()
         if not sharded_inputs and not is_ring:
             return
+        writes = _writes_into(node)
         try:
             if is_ring:
                 self._ring_op(node)
+            elif writes is not None and writes not in self.placed:
+                raise _Fallback()  # writing into a replicated tensor: it takes whole values
+            elif writes is not None and op_name(node) == "setitem":
+                self._setitem(node)
             else:
                 self._rule(node)
+                if writes is not None and self.placed.get(node, self.placed[writes]) != self.placed[writes]:
+                    raise _Fallback()
         except _Fallback:
+            if writes is not None and writes in self.placed:
+                # gathering would write into a copy: the sharded tensor would silently keep its old values
+                raise UnsupportedError(
+                    f"in-place '{op_name(node)}' at {source_line(node)} writes into a tensor sharded along the "
+                    "sequence in a way ringfx cannot follow; write it out of place (x = x.op(...)) or pass "
+                    "inputs='sharded'") from None
             self._fallback(node)
+
+    def _setitem(self, node: fx.Node) -> None:
+        """``x[index] = value`` into a sharded ``x``: exact when the index keeps every token and
+        the value is a number (a write into some tokens only is refused)."""
+        x, index, value = node.args
+        if isinstance(value, fx.Node) or isinstance(index, fx.Node) or any(
+                isinstance(i, fx.Node) for i in (index if isinstance(index, tuple) else (index,))):
+            raise _Fallback()
+        if not isinstance(_through_index(self.placed[x], index, self.shape(x)), Sharded):
+            raise _Fallback()
 
     def _fallback(self, node: fx.Node) -> None:
         floating = []
@@ -1117,6 +1141,19 @@ def _sum_over_sequence(x, dims, keepdim, axis, length, group_name, layout, dtype
     local = x.sum(**kwargs) if dims is None else x.sum(dims, keepdim=keepdim, **kwargs)
     total = collectives.all_reduce_sum(local, group_name)
     return total if count is None else total / count
+
+
+_INPLACE_OPERATORS = frozenset({"iadd", "isub", "imul", "itruediv", "ifloordiv", "imod", "ipow", "iand", "ior",
+                                "ixor", "setitem"})
+
+
+def _writes_into(node: fx.Node) -> Optional[fx.Node]:
+    """The tensor an in-place op writes into (``x.add_(y)``, ``x += y``, ``x[i] = v``), else None."""
+    name = getattr(node.target, "__name__", str(node.target)) if node.op == "call_function" else str(node.target)
+    inplace = name in _INPLACE_OPERATORS or (node.op == "call_method" and name.endswith("_")
+                                             and not name.startswith("_"))
+    first = node.args[0] if node.args else None
+    return first if inplace and isinstance(first, fx.Node) else None
 
 
 def _extreme_over_sequence(x, name, dims, keepdim, axis, length, group_name, layout):
