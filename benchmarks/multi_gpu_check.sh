@@ -10,6 +10,9 @@ P=${P:-$(nvidia-smi -L | wc -l)}
 SEQ=${SEQ:-32K,128K}
 run() { python3 -m torch.distributed.run --nproc-per-node "$P" "$@"; }
 nvidia-smi -L | tee "$OUT/gpus.txt"
+# the zero-touch call on the real ring first: a transformers LLaMA checked on every rank, then timed
+run benchmarks/zero_touch_ring.py --cuda --layers 8 --hidden 2048 --heads 32 --kv-heads 8 --vocab 32000 \
+  --checkpointing --seq 16384 65536 --json "$OUT/zero_touch_p$P.json" 2>&1 | grep -v Warn | tail -8
 run benchmarks/ring_attention.py --seq "$SEQ" --iters 3 --out "$OUT/ring_p$P.json" 2>&1 | tail -8
 run benchmarks/ring_attention.py --seq 128K --iters 3 --nccl-high-priority --out "$OUT/ring_p${P}_hiprio.json" \
   2>&1 | tail -4
