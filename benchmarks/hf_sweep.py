@@ -444,6 +444,8 @@ def run_case(arch: Arch | str, attn: str, rings=RINGS, seq_len: int = S_DEFAULT,
     row["sites"] = len(sites)
     row["rewritten"] = sum(s.decision == "rewritten" for s in sites)
     row["left_alone"] = sorted({s.reason or "(no reason)" for s in sites if s.decision != "rewritten"})
+    if refused and not row["left_alone"]:  # no explain: the refusal names the site and its reason
+        row["left_alone"] = sorted({r.split("cannot be rewritten: ", 1)[-1] for r in refused})
     row["patterns"] = sorted({s.pattern for s in sites})
     if mismatch:
         row.update(status="mismatch", detail="; ".join(mismatch))
@@ -532,6 +534,12 @@ def _attns_of(arch: Arch, wanted) -> list[str]:
     return [a for a in arch.attns if a in wanted]
 
 
+def _worker_init():
+    torch.set_num_threads(1)
+    logging.getLogger("ringfx").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore")
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -541,20 +549,36 @@ def main(argv=None):
     p.add_argument("--json", default="", help="write the rows here")
     p.add_argument("--doc", default="", help="write the table into this markdown file (docs/coverage.md)")
     p.add_argument("--no-explain", action="store_true")
+    p.add_argument("--workers", type=int, default=1, help="cases run in this many processes (one thread each)")
     args = p.parse_args(argv)
     logging.getLogger("ringfx").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
     archs = [BY_NAME[n] for n in args.only.split(",")] if args.only else ARCHS
     rows, start = [], time.monotonic()
-    for arch in archs:
-        for attn in _attns_of(arch, args.attn.split(",")):
-            row = run_case(arch, attn, seq_len=args.seq_len, explain=not args.no_explain)
-            rows.append(row)
-            print(f"{row['arch']:<16} {attn:<6} sites {row['sites']:>2} rewritten {row['rewritten']:>2} "
-                  f"{row['status']:<12} {row['seconds']:>5.1f}s  {row['detail'][:200]}", flush=True)
-            if args.json:
-                with open(args.json, "w") as f:
-                    json.dump({"torch": torch.__version__, "rows": rows}, f, indent=1, default=str)
+    cases = [(arch.name, attn) for arch in archs for attn in _attns_of(arch, args.attn.split(","))]
+
+    def done(row):
+        rows.append(row)
+        print(f"{row['arch']:<16} {row['attn']:<6} sites {row['sites']:>2} rewritten {row['rewritten']:>2} "
+              f"{row['status']:<12} {row['seconds']:>5.1f}s  {row['detail'][:200]}", flush=True)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"torch": torch.__version__, "argv": argv, "rows": rows}, f, indent=1, default=str)
+
+    if args.workers > 1:
+        import concurrent.futures as cf
+        import multiprocessing as mp
+
+        with cf.ProcessPoolExecutor(args.workers, mp_context=mp.get_context("spawn"), initializer=_worker_init) as ex:
+            futures = [ex.submit(run_case, name, attn, RINGS, args.seq_len, not args.no_explain)
+                       for name, attn in cases]
+            for f in cf.as_completed(futures):
+                done(f.result())
+        order = {c: i for i, c in enumerate(cases)}
+        rows.sort(key=lambda r: order[(r["arch"], r["attn"])])
+    else:
+        for name, attn in cases:
+            done(run_case(name, attn, seq_len=args.seq_len, explain=not args.no_explain))
     elapsed = time.monotonic() - start
     print()
     print(table([r for r in rows if r["status"] != "build"]))

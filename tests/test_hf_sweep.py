@@ -1,0 +1,115 @@
+"""CI slice of the coverage sweep (``benchmarks/hf_sweep.py``, table in docs/coverage.md).
+
+A fixed list of transformers architectures, each built from a tiny random config (one
+layer, hidden 32, no download) with one attention implementation, called zero-touch on
+``ringfx.LoopbackRing(2)`` (zigzag) with an odd sequence length and compared with the
+untransformed model (every float output; causal LMs with ``labels``: every parameter
+gradient; float32, atol 2e-5, rtol 1e-4). Asserted: every architecture whose attention
+is plain softmax self-attention has every site rewritten and is exact; every one that is
+left alone names its reason (and the transform refuses it on the ring rather than run
+something wrong). Budget: about 2 minutes on a 2-core CPU machine (no spawns, one ring).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import time
+
+import pytest
+import torch
+
+import ringfx
+
+pytest.importorskip("transformers", reason="needs transformers (pip install transformers)")
+
+_spec = importlib.util.spec_from_file_location(
+    "hf_sweep", os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "hf_sweep.py"))
+hf_sweep = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(hf_sweep)
+
+RING = ((2, "zigzag"),)
+S = 13  # odd: the ring pads it to 16 (2P) and trims the pad on the way out
+LAYERS = 1
+
+# (architecture, attention implementation): plain softmax self-attention, rewritten and exact
+EXACT = [
+    # decoder LMs, called with labels (loss, logits and every parameter gradient)
+    ("llama", "sdpa"), ("mistral", "eager"), ("mixtral", "sdpa"), ("qwen2", "eager"), ("qwen3", "sdpa"),
+    ("gemma", "eager"), ("gemma3_text", "sdpa"), ("phi", "sdpa"), ("phi3", "eager"), ("gpt_neox", "eager"),
+    ("gpt2", "sdpa"), ("gpt_bigcode", "eager"), ("gptj", "sdpa"), ("codegen", "eager"), ("opt", "sdpa"),
+    ("falcon", "eager"), ("olmo", "sdpa"), ("olmo2", "eager"), ("stablelm", "sdpa"), ("starcoder2", "eager"),
+    ("cohere", "sdpa"), ("granite", "eager"), ("persimmon", "sdpa"), ("helium", "eager"), ("glm", "sdpa"),
+    ("smollm3", "eager"), ("nemotron", "sdpa"), ("gpt_neo", "eager"),
+    # text encoders (padding mask)
+    ("bert", "eager"), ("roberta", "sdpa"), ("xlm-roberta", "eager"), ("electra", "sdpa"), ("albert", "eager"),
+    ("distilbert", "sdpa"), ("ernie", "eager"), ("esm", "sdpa"),
+    # vision and speech encoders
+    ("vit", "eager"), ("deit", "sdpa"), ("data2vec-vision", "eager"), ("vit_msn", "sdpa"), ("ijepa", "eager"),
+    ("yolos", "sdpa"), ("whisper", "eager"), ("wav2vec2", "sdpa"), ("hubert", "eager"),
+]
+
+# left alone on purpose: (architecture, attention implementation, words the reason must contain)
+LEFT_ALONE = [
+    ("gemma2", "eager", "not a recognised scale / mask spelling"),  # tanh logit soft-capping
+    ("openai-gpt", "eager", "not a recognised scale / mask spelling"),  # w * b + -1e4 * (1 - b)
+    ("beit", "sdpa", "computed from parameters"),  # learned relative position bias
+    ("bloom", "eager", "not a recognised"),  # ALiBi added to (B*H, S, S) baddbmm scores
+]
+
+# wrong today in code this file's owner does not own (reported; the lead's sharding pass)
+XFAIL = {
+}
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    torch._dynamo.reset()
+
+
+def _case(arch, attn):
+    start = time.monotonic()
+    row = hf_sweep.run_case(arch, attn, rings=RING, seq_len=S, explain=False, layers=LAYERS)
+    row["seconds"] = round(time.monotonic() - start, 1)
+    return row
+
+
+def _exact_params():
+    out = []
+    for arch, attn in EXACT:
+        marks = [pytest.mark.xfail(strict=True, reason=XFAIL[arch])] if arch in XFAIL else []
+        out.append(pytest.param(arch, attn, marks=marks, id=f"{arch}-{attn}"))
+    return out
+
+
+def test_fixed_list_has_at_least_40_architectures():
+    names = {a for a, _ in EXACT} | {a for a, _, _ in LEFT_ALONE}
+    assert len(names) >= 40 and names <= set(hf_sweep.BY_NAME)
+
+
+@pytest.mark.parametrize("arch,attn", _exact_params())
+def test_rewritten_and_exact(arch, attn):
+    row = _case(arch, attn)
+    assert row["status"] == "exact", f"{arch} ({attn}): {row['status']}: {row['detail']} ({row['seconds']} s)"
+    assert row["sites"] >= LAYERS and row["rewritten"] == row["sites"], row
+
+
+@pytest.mark.parametrize("arch,attn,reason", LEFT_ALONE, ids=[f"{a}-{b}" for a, b, _ in LEFT_ALONE])
+def test_left_alone_names_its_reason(arch, attn, reason):
+    row = _case(arch, attn)
+    assert row["status"] == "left alone", f"{arch} ({attn}): {row['status']}: {row['detail']}"
+    assert row["left_alone"] and all(r and r != "(no reason)" for r in row["left_alone"]), row
+    assert any(reason in r for r in row["left_alone"]), row["left_alone"]
+    # refused on the ring (UnsupportedError naming the site), never run on shards unproven
+    assert all(r.get("refused") or r.get("ok") for r in row["rings"].values()), row["rings"]
+
+
+def test_summary_line():
+    rows = [
+        {"arch": "a", "attn": "sdpa", "status": "exact", "left_alone": [], "detail": ""},
+        {"arch": "a", "attn": "eager", "status": "exact", "left_alone": [], "detail": ""},
+        {"arch": "b", "attn": "eager", "status": "left alone", "left_alone": ["a learned bias"], "detail": ""},
+        {"arch": "c", "attn": "sdpa", "status": "mismatch", "left_alone": [], "detail": "logits: max err 0.1"},
+        {"arch": "d", "attn": "sdpa", "status": "build", "left_alone": [], "detail": "no"},
+    ]
+    assert hf_sweep.summary(rows) == "3 architectures: 1 rewritten and exact, 1 left alone (a learned bias), 1 failing"
