@@ -156,7 +156,24 @@ def ringfx_backend(gm: fx.GraphModule, example_inputs, **kwargs) -> Callable:
     _check_strict(records, config)
     if original is not None:
         return original.forward
+    _average_parameter_gradients(example_inputs, config.pass_options)
     return compile_inner(gm, example_inputs, config.inner)
+
+
+def _average_parameter_gradients(example_inputs, options) -> None:
+    """With full-length inputs on a real ring, a rank's parameter gradients average to the
+    true ones over the ring (``runtime/collectives.py``): the parameters this graph reads
+    get averaging hooks (once each; ``transform`` registers them first for its model)."""
+    if options.inputs != "full" or options.loopback or options.ring_size == 1:
+        return
+    import torch
+
+    from .runtime.gradients import average_gradients
+    from .runtime.ring import resolve_group
+
+    params = [t for t in example_inputs if isinstance(t, torch.nn.Parameter)]
+    if params:
+        average_gradients(params, resolve_group(options.group_name))
 
 
 def _warn_at(message: str, filename: str, lineno: int) -> None:

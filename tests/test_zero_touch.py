@@ -316,3 +316,21 @@ def test_in_place_write_into_part_of_the_sequence_is_refused_not_wrong():
     with pytest.raises(ringfx.UnsupportedError, match="in-place 'setitem' at test_zero_touch.py"):
         ringfx.transform(model, mesh=ringfx.LoopbackRing(3))(torch.randn(2, 11, E, dtype=DTYPE),
                                                             torch.randn(2, 11, E, dtype=DTYPE))
+
+
+def _compile_backend_training(rank, world):
+    """torch.compile(backend="ringfx") with no transform: gradients averaged all the same."""
+    torch.manual_seed(0)
+    model = BY_CASE["padded_shift_sum_loss"].make()
+    ref = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(3)
+    ids, labels = BY_CASE["padded_shift_sum_loss"].inputs(13, g)
+    ref(ids, labels).backward()
+    torch.compile(model, backend="ringfx", options={"inner": "eager", "layout": "zigzag"})(ids, labels).backward()
+    return max((p.grad - q.grad).abs().max().item() for p, q in zip(model.parameters(), ref.parameters()))
+
+
+@pytest.mark.gloo
+def test_compile_backend_gradients_equal_single_process_on_every_rank():
+    errors = spawn_gloo(2, _compile_backend_training)
+    assert all(e is not None and e < 1e-6 for e in errors), errors

@@ -20,9 +20,11 @@ import torch
 import torch.distributed as dist
 
 
-def average_gradients(model: torch.nn.Module, group) -> list:
-    """Register, on every parameter of ``model`` that requires grad, a hook that averages its
-    accumulated gradient over ``group``; returns the hook handles."""
+def average_gradients(params, group) -> list:
+    """Register, on every parameter in ``params`` (a module's or an iterable) that requires
+    grad, a hook that averages its accumulated gradient over ``group``; a parameter that has
+    such a hook already (``transform`` and the compile backend may both see it) gets none.
+    Returns the new hooks' handles."""
     world = dist.get_world_size(group)
 
     def hook(param: torch.Tensor) -> None:
@@ -31,4 +33,14 @@ def average_gradients(model: torch.nn.Module, group) -> list:
         dist.all_reduce(param.grad, op=dist.ReduceOp.SUM, group=group)
         param.grad.div_(world)
 
-    return [p.register_post_accumulate_grad_hook(hook) for p in model.parameters() if p.requires_grad]
+    if isinstance(params, torch.nn.Module):
+        params = params.parameters()
+    handles = []
+    for p in params:
+        if p.requires_grad and not getattr(p, _MARK, False):
+            setattr(p, _MARK, True)
+            handles.append(p.register_post_accumulate_grad_hook(hook))
+    return handles
+
+
+_MARK = "_ringfx_gradient_averaged"
