@@ -48,6 +48,8 @@ EXACT = [
     # vision and speech encoders
     ("vit", "eager"), ("deit", "sdpa"), ("data2vec-vision", "eager"), ("vit_msn", "sdpa"), ("ijepa", "eager"),
     ("yolos", "sdpa"), ("whisper", "eager"), ("hubert", "sdpa"),
+    # fails today (XFAIL: the reason, reported to the sharding pass's owner)
+    ("mpt", "eager"),
 ]
 
 # left alone on purpose: (architecture, attention implementation, words the reason must contain)
@@ -60,6 +62,10 @@ LEFT_ALONE = [
 
 # wrong today in code this file's owner does not own (reported; the lead's sharding pass)
 XFAIL = {
+    "mpt": "MPT's ALiBi bias alibi[:, :, 128 - S:] (a per-key float bias sliced from a max_seq_len table) reaches "
+           "ring_glue.gather_key_columns full-length (S = 13 columns, not this rank's shard), whose unshard raises "
+           "'sequence length 13 is not divisible by 4' (zigzag); contiguous P = 2 earlier: size 14 vs 13 in "
+           "ring_glue.py:47. Sharding pass / ring_glue (not this file's owner's): reported",
 }
 
 
