@@ -470,7 +470,7 @@ def table(rows) -> str:
         detail = r["detail"].replace("|", "\\|")
         if r.get("note"):
             detail = f"({r['note']}) {detail}".strip()
-        lines.append(f"| {r['arch']} | {r['attn']} | {r['sites']} | {r['rewritten']} | {r['status']} | {detail} |")
+        lines.append(f"| {r['arch']}{' †' if r.get('earlier') else ''} | {r['attn']} | {r['sites']} | {r['rewritten']} | {r['status']} | {detail} |")
     return "\n".join(lines)
 
 
@@ -486,15 +486,24 @@ def summary(rows) -> str:
     failing = [a for a, rs in by_arch.items() if any(r["status"] in ("mismatch", "error") for r in rs)]
     none = [a for a, rs in by_arch.items() if all(r["status"] == "no attention" for r in rs)]
     left = [a for a in by_arch if a not in exact and a not in failing and a not in none]
-    reasons = sorted({reason for a in left for r in by_arch[a] for reason in (r["left_alone"] or [r["detail"]])})
+    reasons = [f"{a}: {_short((r['left_alone'] or [r['detail']])[0])}" for a in left
+               for r in by_arch[a][:1]]
     line = (f"{len(by_arch)} architectures: {len(exact)} rewritten and exact, {len(left)} left alone"
-            + (f" ({'; '.join(reasons)})" if reasons else "") + f", {len(failing)} failing")
+            + (f" ({'; '.join(reasons)})" if reasons else "") + f", {len(failing)} failing"
+            + (f" ({', '.join(failing)})" if failing else ""))
     if none:
-        line += f", {len(none)} without attention"
+        line += f", {len(none)} with no attention site found ({', '.join(none)}: run unchanged, unsharded)"
     return line
 
 
-def write_doc(path, rows, argv, elapsed):
+def _short(reason: str) -> str:
+    import re
+
+    reason = re.sub(r"\b[a-z_]+_\d+\b \((\w+)\)", r"\1", reason)  # node names: "matmul_2 (matmul)" -> "matmul"
+    return reason if len(reason) <= 90 else reason[:87] + "..."
+
+
+def write_doc(path, rows, argv, elapsed, partial: str = ""):
     import transformers
 
     built = [r for r in rows if r["status"] != "build"]
@@ -517,6 +526,7 @@ def write_doc(path, rows, argv, elapsed):
         "`left alone` (a site ringfx will not rewrite, with its reason; the transform refuses it on a ring), "
         "`mismatch` (wrong numbers: max error), `error` (an exception: its first line)",
         "",
+        *([f"**Partial run:** {partial}", ""] if partial else []),
         f"**Summary: {summary(rows)}.**",
         "",
         table(built),
@@ -524,7 +534,7 @@ def write_doc(path, rows, argv, elapsed):
     ]
     if unbuilt:
         text += ["Not built from a tiny config (not counted):", ""]
-        text += [f"* {r['arch']} ({r['attn']}): {r['detail']}" for r in unbuilt]
+        text += [f"* {r['arch']} ({r['attn']}): {r['detail'][:160]}" for r in unbuilt]
         text.append("")
     with open(path, "w") as f:
         f.write("\n".join(text))
@@ -549,11 +559,37 @@ def main(argv=None):
     p.add_argument("--json", default="", help="write the rows here")
     p.add_argument("--doc", default="", help="write the table into this markdown file (docs/coverage.md)")
     p.add_argument("--no-explain", action="store_true")
+    p.add_argument("--render", default="", help="write --doc from this JSON (rows of an earlier run) and stop")
     p.add_argument("--workers", type=int, default=1, help="cases run in this many processes (one thread each)")
     args = p.parse_args(argv)
     logging.getLogger("ringfx").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
     archs = [BY_NAME[n] for n in args.only.split(",")] if args.only else ARCHS
+    if args.render:
+        rows, data, have = [], {}, set()
+        for i, path in enumerate(args.render.split(",")):  # the first file wins; later ones fill gaps (†)
+            with open(path) as f:
+                d = json.load(f)
+            data = data or d
+            for r in d["rows"]:
+                if (r["arch"], r["attn"]) not in have:
+                    have.add((r["arch"], r["attn"]))
+                    if i:
+                        r["arch"] += " †"
+                        r["earlier"] = True
+                    rows.append(r)
+        for r in rows:
+            r["arch"] = r["arch"].replace(" †", "")
+        wanted = [(a.name, attn) for a in archs for attn in _attns_of(a, args.attn.split(","))]
+        have = {(r["arch"], r["attn"]) for r in rows}
+        missing = [f"{a} ({b})" for a, b in wanted if (a, b) not in have]
+        order = {c: i for i, c in enumerate(wanted)}
+        rows.sort(key=lambda r: order.get((r["arch"], r["attn"]), len(order)))
+        partial = (f"{len(rows)} of {len(wanted)} cases ran before the run was stopped; not run: "
+                   + ", ".join(missing)) if missing else ""
+        write_doc(args.doc, rows, data.get("argv", argv), sum(r.get("seconds", 0) for r in rows), partial)
+        print(summary(rows))
+        return rows
     rows, start = [], time.monotonic()
     cases = [(arch.name, attn) for arch in archs for attn in _attns_of(arch, args.attn.split(","))]
 
