@@ -60,13 +60,8 @@ LEFT_ALONE = [
     ("bloom", "eager", "between softmax and the product with v"),  # ALiBi on (B*H, S, S) baddbmm, view back
 ]
 
-# wrong today in code this file's owner does not own (reported; the lead's sharding pass)
-XFAIL = {
-    "mpt": "MPT's ALiBi bias alibi[:, :, 128 - S:] (a per-key float bias sliced from a max_seq_len table) reaches "
-           "ring_glue.gather_key_columns full-length (S = 13 columns, not this rank's shard), whose unshard raises "
-           "'sequence length 13 is not divisible by 4' (zigzag); contiguous P = 2 earlier: size 14 vs 13 in "
-           "ring_glue.py:47. Sharding pass / ring_glue (not this file's owner's): reported",
-}
+# architectures wrong today, with the reason (none at present)
+XFAIL: dict = {}
 
 
 @pytest.fixture(autouse=True)

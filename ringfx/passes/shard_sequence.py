@@ -296,7 +296,8 @@ class _Sharder:
                 self._output(node)
             elif node.op in ("call_function", "call_method"):
                 self._visit(node)
-                self._born(node)
+                if not node._erased:
+                    self._born(node)
         self._erase_dead_moves()
         self.gm.recompile()
 
@@ -420,7 +421,7 @@ class _Sharder:
             return self._hop(node, called)
         sharded_inputs = [a for a in node.all_input_nodes if a in self.placed]
         is_ring = node.target == ring_attention_target()
-        if not sharded_inputs and not is_ring:
+        if not sharded_inputs and not is_ring and node.target is not ring_glue.gather_key_columns:
             return
         writes = _writes_into(node)
         try:
@@ -1045,7 +1046,13 @@ class _Sharder:
                 self.placed[node] = s.at(s.axis + len(out) - len(shape))
                 return
         if node.target is ring_glue.gather_key_columns:
-            return  # the ring op reads the bias it wraps
+            # with full-length inputs the key columns are whole already (or gathered here, trimmed)
+            bias = node.args[0]
+            if bias in self.placed:
+                bias = self.gather(bias, node)
+            node.replace_all_uses_with(bias)
+            self.graph.erase_node(node)
+            return
         raise _Fallback()
 
     def _ring_op(self, node: fx.Node) -> None:
