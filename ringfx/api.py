@@ -12,6 +12,7 @@ same way but runs the *original* graphs, recording the rewritten ones.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import logging
@@ -72,6 +73,20 @@ class ExplainReport:
         return "\n".join(lines)
 
 
+@contextlib.contextmanager
+def mha_fast_path_off():
+    """nn.MultiheadAttention / nn.TransformerEncoderLayer without their fused inference
+    kernels (one opaque op with the attention inside): the captured graph then holds the
+    attention as ops the passes can find and rewrite. The fused kernel is an inference
+    optimisation only; the unfused path computes the same values."""
+    enabled = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(enabled)
+
+
 class RingModule(nn.Module):
     """``transform``'s result: calls the compiled model; ``reports`` holds one
     ``CompiledGraph`` per graph compiled so far (sites and rewritten graph module)."""
@@ -92,7 +107,7 @@ class RingModule(nn.Module):
         # a recompile past dynamo's limit would silently run the unrewritten model: raise
         # instead, after as many graphs as RECOMPILE_LIMIT (one per sequence length)
         try:
-            with fail_past_recompile_limit(RECOMPILE_LIMIT):
+            with fail_past_recompile_limit(RECOMPILE_LIMIT), mha_fast_path_off():
                 out = self._compiled(*args, **kwargs)
         except recompile_limit_hit() as e:
             raise RuntimeError(
@@ -386,7 +401,8 @@ def explain(model, *args, **kwargs) -> ExplainReport:
             breaks.append(_first_line(reason.reason))
         return ringfx_backend(gm, example_inputs, options=config)
 
-    capture_once(model, ringfx_explain_backend, args, kwargs)
+    with mha_fast_path_off():
+        capture_once(model, ringfx_explain_backend, args, kwargs)
     sites = [s for g in collected for s in g.sites]
     names = pattern_names()
     for s in sites:

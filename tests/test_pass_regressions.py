@@ -114,16 +114,32 @@ def encoder_layer():
     return nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0, batch_first=True).eval()
 
 
-def test_transformer_encoder_fast_path_is_not_silent_on_a_ring(encoder_layer):
-    model = transform(encoder_layer, mesh=ringfx.LoopbackRing(2), inputs="sharded")
-    with torch.no_grad(), pytest.raises(UnsupportedError, match="fast path runs its attention inside one fused op"):
-        model(torch.randn(2, 8, 16))
+def test_transformer_encoder_fast_path_is_captured_unfused_and_rewritten(encoder_layer):
+    """In eval under no_grad the layer would run one fused op; transform captures it with the
+    fast path off, so the attention inside is rewritten and exact on a ring."""
+    x = torch.randn(2, 9, 16)
+    model = transform(encoder_layer, mesh=ringfx.LoopbackRing(3), layout="zigzag")
+    with torch.no_grad():
+        out, ref = model(x), encoder_layer(x)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    assert [s.decision for s in model.sites] == ["rewritten"]
+    assert torch.backends.mha.get_fastpath_enabled()  # restored for the rest of the program
 
 
-def test_transformer_encoder_fast_path_is_reported_by_explain(encoder_layer):
+def test_transformer_encoder_fast_path_is_explained_as_rewritten(encoder_layer):
     with torch.no_grad():
         report = ringfx.explain(encoder_layer, torch.randn(2, 8, 16))
-    assert [(s.pattern, s.decision) for s in report.sites] == [("_transformer_encoder_layer_fwd", "left alone")]
+    assert [s.decision for s in report.sites] == ["rewritten"]
+
+
+def test_a_fused_attention_op_in_a_graph_is_not_silent_on_a_ring():
+    """The fused op itself (called directly, as a traced graph may hold it) stays reported."""
+    def fused(x, w, b, ow, ob):
+        return torch._native_multi_head_attention(x, x, x, 16, 4, w, b, ow, ob, need_weights=False)[0]
+
+    args = (torch.randn(2, 8, 16), torch.randn(48, 16), torch.randn(48), torch.randn(16, 16), torch.randn(16))
+    with torch.no_grad(), pytest.raises(UnsupportedError, match="fused"):
+        transform(fused, mesh=ringfx.LoopbackRing(2), inputs="sharded")(*args)
 
 
 def test_compile_backend_logs_when_it_finds_no_attention(caplog):
