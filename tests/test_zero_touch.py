@@ -29,7 +29,7 @@ CONFIGS = [(2, "contiguous", 12), (3, "zigzag", 19), (4, "contiguous", 13)]
 
 
 def _zoo_case(entry, group, layout, seq_len):
-    torch._dynamo.reset()
+    torch.compiler.reset()
     torch.manual_seed(0)
     model = entry.make_module().eval()
     ref = copy.deepcopy(model)
@@ -84,7 +84,7 @@ def test_tokens_made_inside_the_model_are_sharded_where_they_are_made():
 
 
 def test_sequence_inputs_names_what_is_sharded_where_it_enters():
-    torch._dynamo.reset()
+    torch.compiler.reset()
     torch.manual_seed(0)
     model = BY_CASE["mse_loss"].make()
     x, target = torch.randn(2, 11, E, dtype=DTYPE), torch.randn(2, 11, E, dtype=DTYPE)
@@ -92,7 +92,7 @@ def test_sequence_inputs_names_what_is_sharded_where_it_enters():
     torch.testing.assert_close(ring(x, target), model(x, target))
     (sharding,) = [g.sharding for g in ring.reports]
     assert [s.split()[0] for s in sharding.sharded_inputs] == ["L['x']"]
-    torch._dynamo.reset()
+    torch.compiler.reset()
     with pytest.raises(ValueError, match="sequence_inputs: dim 2"):
         ringfx.transform(model, mesh=ringfx.LoopbackRing(3), sequence_inputs={"x": 2})(x, target)
     with pytest.raises(TypeError, match="sequence_inputs="):
@@ -100,7 +100,7 @@ def test_sequence_inputs_names_what_is_sharded_where_it_enters():
 
 
 def test_fallbacks_error_refuses_an_op_with_no_sharded_form_naming_its_line():
-    torch._dynamo.reset()
+    torch.compiler.reset()
     model = BY_CASE["hand_written_softmax"].make()
     ring = ringfx.transform(model, mesh=ringfx.LoopbackRing(2), fallbacks="error")
     with pytest.raises(ringfx.UnsupportedError, match="mixing_zoo.py:.*has no sharded form"):
@@ -121,7 +121,7 @@ class LossAfterGraphBreak(nn.Module):
 
 
 def test_graph_after_a_break_runs_on_the_whole_sequence():
-    torch._dynamo.reset()
+    torch.compiler.reset()
     torch.manual_seed(0)
     model = LossAfterGraphBreak()
     ref = copy.deepcopy(model)
@@ -146,7 +146,7 @@ class PerToken(nn.Module):
 
 
 def test_gather_outputs_false_keeps_each_ranks_tokens():
-    torch._dynamo.reset()
+    torch.compiler.reset()
     torch.manual_seed(0)
     model = PerToken()
     x = torch.randn(2, 12, E, dtype=DTYPE)
@@ -157,13 +157,13 @@ def test_gather_outputs_false_keeps_each_ranks_tokens():
 
 
 def test_explain_lists_sharded_inputs_distributed_forms_and_fallbacks():
-    torch._dynamo.reset()
+    torch.compiler.reset()
     ring_model = ringfx.transform(BY_CASE["roll_shift"].make(), mesh=ringfx.LoopbackRing(2))
     report = ringfx.explain(ring_model, torch.randn(2, 8, E, dtype=DTYPE))
     text = str(report)
     assert "sharded input: " in text and "(2, 8, 16) along dim 1" in text
     assert "all-gather fallback: 'roll' at mixing_zoo.py" in text
-    torch._dynamo.reset()
+    torch.compiler.reset()
     ring_model = ringfx.transform(BY_CASE["mean_pool_classifier"].make(), mesh=ringfx.LoopbackRing(2))
     assert "distributed: 'mean' over the sequence" in str(ringfx.explain(ring_model, torch.randn(2, 8, E,
                                                                                                   dtype=DTYPE)))
@@ -180,7 +180,7 @@ def test_nan_in_one_token_reaches_only_the_tokens_that_attend_to_it():
     """Causal attention: a NaN token 8 makes tokens 8.. NaN; tokens 0..7 equal the model on
     the first 8 tokens alone (CPU SDPA itself spreads the NaN to every row of a block through
     masked zero weights, so the NaN starts a rank's block here; the ring skips masked blocks)."""
-    torch._dynamo.reset()
+    torch.compiler.reset()
     torch.manual_seed(0)
     model = PerToken()
     x = torch.randn(1, 12, E, dtype=DTYPE)
@@ -270,7 +270,7 @@ def test_three_optimizer_steps_on_a_2x2_mesh_equal_single_process_training():
 def test_many_sequence_lengths_each_exact_and_a_clear_error_past_the_limit(monkeypatch):
     import ringfx.api
 
-    torch._dynamo.reset()
+    torch.compiler.reset()
     torch.manual_seed(0)
     model = PerToken()
     ring = ringfx.transform(model, mesh=ringfx.LoopbackRing(2))
@@ -302,7 +302,7 @@ class InPlaceWrites(nn.Module):
 
 @pytest.mark.parametrize("how", ["add_", "iadd", "setitem_all"])
 def test_in_place_writes_into_sharded_tensors_are_exact(how):
-    torch._dynamo.reset()
+    torch.compiler.reset()
     torch.manual_seed(0)
     model = InPlaceWrites(how)
     x, scale = torch.randn(2, 11, E, dtype=DTYPE), torch.randn(2, 11, E, dtype=DTYPE)
@@ -311,7 +311,7 @@ def test_in_place_writes_into_sharded_tensors_are_exact(how):
 
 
 def test_in_place_write_into_part_of_the_sequence_is_refused_not_wrong():
-    torch._dynamo.reset()
+    torch.compiler.reset()
     model = InPlaceWrites("setitem_token")
     with pytest.raises(ringfx.UnsupportedError, match="in-place 'setitem' at test_zero_touch.py"):
         ringfx.transform(model, mesh=ringfx.LoopbackRing(3))(torch.randn(2, 11, E, dtype=DTYPE),

@@ -245,15 +245,6 @@ class _Sharder:
             self._gathers[node] = new
         return self._gathers[node]
 
-    def local_shape(self, node) -> Optional[list]:
-        shape = self.shape(node)
-        s = self.placed.get(node)
-        if shape is None or not isinstance(s, Sharded):
-            return shape
-        shape = list(shape)
-        shape[s.axis] = self.local_size(s)
-        return shape
-
     def localize(self, arg, s: Sharded, user: fx.Node, fill=0):
         """``arg`` as this rank's tokens at ``s`` (a replicated value is sliced; a value
         sharded elsewhere is gathered and sliced again)."""
@@ -545,12 +536,6 @@ class _Sharder:
         if name == "repeat":
             return self._repeat(node)
         raise _Fallback()
-
-    def _tensor_args(self, node: fx.Node) -> list:
-        found = []
-        fx.node.map_arg((node.args, node.kwargs), lambda a: found.append(a) if isinstance(
-            value_of(a), torch.Tensor) or a in self.placed or self.shape(a) is not None else None)
-        return found
 
     def _require(self, node: fx.Node, s: Sharded, rank_of: dict) -> None:
         """Bring each tensor operand to ``s`` aligned to the output's axis (``rank_of``:
