@@ -114,4 +114,4 @@ def test_summary_line():
         {"arch": "c", "attn": "sdpa", "status": "mismatch", "left_alone": [], "detail": "logits: max err 0.1"},
         {"arch": "d", "attn": "sdpa", "status": "build", "left_alone": [], "detail": "no"},
     ]
-    assert hf_sweep.summary(rows) == "3 architectures: 1 rewritten and exact, 1 left alone (a learned bias), 1 failing"
+    assert hf_sweep.summary(rows) == "3 architectures: 1 rewritten and exact, 1 left alone (b: a learned bias), 1 failing (c)"
