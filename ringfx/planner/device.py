@@ -128,9 +128,6 @@ class DeviceSpec:
             return min(self.bandwidth, self.inter_node_bandwidth)
         return self.bandwidth
 
-    def with_(self, **changes) -> "DeviceSpec":
-        return dataclasses.replace(self, **changes)
-
 
 def _known(name: str):
     key = name.upper().replace(" ", "").replace("-", "")

@@ -281,15 +281,6 @@ class MemoryModel:
         moments = [sum(m.values(), sympy.Integer(0)) for m in self.envelope] or [sympy.Integer(0)]
         return sum(self.static.values(), sympy.Integer(0)) + sympy.Max(*moments)
 
-    @property
-    def terms(self) -> dict:
-        """Static terms plus, per category, the largest of the envelope's (an upper bound)."""
-        out = dict(self.static)
-        for moment in self.envelope:
-            for name, expr in moment.items():
-                out[name] = sympy.Max(out[name], expr) if name in out else expr
-        return out
-
     def evaluate(self, seq_len: int, ring_size: int) -> dict:
         """Bytes per term at (S, P) at the peak moment, as ints (rounded up)."""
         values = {S: sympy.Integer(seq_len), P: sympy.Integer(ring_size)}
