@@ -202,9 +202,6 @@ class _Sharder:
             return (1,) + shape if unsqueeze0 else shape
         if node.target is ring_glue.gather_key_columns:
             return src
-        if node.target is ring_glue.combine_biases:
-            shapes = [self.shape(b) for b in node.args[1:]]
-            return None if None in shapes else tuple(torch.broadcast_shapes(*shapes))
         return None
 
     def local_size(self, s: Sharded) -> int:
