@@ -124,6 +124,14 @@ class RingModule(nn.Module):
             if isinstance(inner, (ValueError, TypeError)):
                 raise inner from None
             raise
+        if self.ring_options.get("gather_outputs") is False and len(self.reports) > 1 and \
+                self.ring_options.get("inputs") == "full":
+            # a graph's outputs feed the next graph after a break: kept sharded, the next graph
+            # would take them for the full sequence
+            raise UnsupportedError(
+                f"transform(gather_outputs=False): the model was captured in {len(self.reports)} graphs (graph "
+                "breaks), and values passed from one graph to the next must be full length; remove the graph "
+                "breaks (see ringfx.explain) or keep gather_outputs=True")
         if not self._warned and not self.sites:
             self._warned = True
             log.warning("ringfx.transform: no attention found in %d captured graph(s) of %s; it runs unchanged "

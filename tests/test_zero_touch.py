@@ -136,6 +136,13 @@ def test_graph_after_a_break_runs_on_the_whole_sequence():
     assert len(ring.reports) == 2 and ring.reports[1].sharding.sharded_inputs == []
 
 
+def test_gather_outputs_false_with_a_graph_break_is_refused_not_wrong():
+    torch.compiler.reset()
+    ring = ringfx.transform(LossAfterGraphBreak(), mesh=ringfx.LoopbackRing(3), gather_outputs=False)
+    with pytest.raises(ringfx.UnsupportedError, match="captured in 2 graphs"):
+        ring(torch.randn(2, 12, E, dtype=DTYPE))
+
+
 class PerToken(nn.Module):
     def __init__(self):
         super().__init__()
