@@ -274,3 +274,52 @@ def _flat_nodes(x) -> list:
     found = []
     fx.node.map_arg(x, found.append)
     return found
+
+
+def whole_slice(it: slice, size) -> bool:
+    """``it`` selects every element of an axis of ``size`` (``x[:]``, ``x[0:]``, ``x[:size]``)."""
+    start_ok = it.start in (None, 0)
+    stop_ok = it.stop is None or (isinstance(it.stop, int) and isinstance(size, int) and it.stop >= size)
+    return start_ok and stop_ok and it.step in (None, 1)
+
+
+def index_axis(axis: int, index, in_shape) -> tuple:
+    """What ``x[index]`` (as dynamo records it) does to axis ``axis`` of ``x``:
+    ``("axis", j)`` it becomes axis j of the result; ``("select", None)`` an int picks one
+    element of it; ``("slice", None)`` a slice keeps part of it; ``("tensor", node)`` a tensor
+    indexes it; ``("advanced", None)`` a tensor indexes another axis (advanced indexing moves
+    axes); ``("unknown", None)``."""
+    items = index if isinstance(index, tuple) else (index,)
+    axis_in, axis_out, result, advanced = 0, 0, None, False
+    for k, it in enumerate(items):
+        if it is Ellipsis:
+            rest = sum(1 for x in items[k + 1:] if x is not None)
+            skip = len(in_shape) - axis_in - rest
+            if axis_in <= axis < axis_in + skip:
+                result = axis_out + (axis - axis_in)
+            axis_in, axis_out = axis_in + skip, axis_out + skip
+        elif it is None:
+            axis_out += 1
+        elif isinstance(it, slice):
+            if axis_in == axis:
+                if not whole_slice(it, in_shape[axis_in]):
+                    return "slice", None
+                result = axis_out
+            axis_in, axis_out = axis_in + 1, axis_out + 1
+        elif isinstance(it, int) and not isinstance(it, bool):
+            if axis_in == axis:
+                return "select", None
+            axis_in += 1
+        elif isinstance(it, fx.Node):
+            if axis_in == axis:
+                return "tensor", it
+            axis_in += 1
+            advanced = True
+        else:
+            return "unknown", None
+    if advanced:
+        return "advanced", None
+    if result is None and axis >= axis_in:
+        result = axis_out + (axis - axis_in)
+    return ("axis", result) if result is not None else ("unknown", None)
+

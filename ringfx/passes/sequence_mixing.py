@@ -31,8 +31,8 @@ from typing import Optional
 import torch.fx as fx
 
 from . import ring_glue
-from .node_facts import (CASTS, SHAPE_ONLY, arange_length, called_subgraph, is_model_state, live_nodes,
-                         normalize_dim, op_name, outer_input, shape_of, source_line, source_location)
+from .node_facts import (CASTS, SHAPE_ONLY, arange_length, called_subgraph, index_axis, is_model_state,
+                         live_nodes, normalize_dim, op_name, outer_input, shape_of, source_line, source_location)
 from .options import PassOptions
 from .rewrite_attention import ring_attention_nodes
 from .sequence_axis import follow_axis
@@ -318,40 +318,16 @@ def _through_view(s: _Seq, in_shape, out_shape):
 
 
 def _through_index(s: _Seq, index, in_shape):
-    items = index if isinstance(index, tuple) else (index,)
-    axis_in, axis_out, result, advanced = 0, 0, None, False
-    for k, it in enumerate(items):
-        if it is Ellipsis:
-            rest = sum(1 for x in items[k + 1:] if x is not None)
-            skip = len(in_shape) - axis_in - rest
-            if axis_in <= s.axis < axis_in + skip:
-                result = axis_out + (s.axis - axis_in)
-            axis_in, axis_out = axis_in + skip, axis_out + skip
-        elif it is None:
-            axis_out += 1
-        elif isinstance(it, slice):
-            if axis_in == s.axis:
-                if not _whole(it, in_shape[axis_in]):
-                    return "a slice along the sequence axis (e.g. a label shift)"
-                result = axis_out
-            axis_in, axis_out = axis_in + 1, axis_out + 1
-        elif isinstance(it, int):
-            if axis_in == s.axis:
-                return "an index into the sequence axis (e.g. the last token)"
-            axis_in += 1
-        elif isinstance(it, fx.Node) and axis_in == s.axis and _arange_of(it, in_shape[axis_in]):
-            return None  # x[(batch_idx, arange(S))]: each token picks itself (transformers' mask functions)
-        elif isinstance(it, fx.Node):
-            axis_in += 1  # another tensor index: the sequence's place depends on advanced indexing
-            advanced = True
-        else:
-            return "unknown"
-    if advanced:
-        return "unknown"
-    if result is None and s.axis >= axis_in:
-        result = axis_out + (s.axis - axis_in)
-    return dataclasses.replace(s, axis=result) if result is not None else "unknown"
-
+    kind, value = index_axis(s.axis, index, in_shape)
+    if kind == "axis":
+        return dataclasses.replace(s, axis=value)
+    if kind == "select":
+        return "an index into the sequence axis (e.g. the last token)"
+    if kind == "slice":
+        return "a slice along the sequence axis (e.g. a label shift)"
+    if kind == "tensor" and _arange_of(value, in_shape[s.axis]):
+        return None  # x[(batch_idx, arange(S))]: each token picks itself (transformers' mask functions)
+    return "unknown"
 
 def _arange_of(node: fx.Node, size) -> bool:
     """``node`` is ``arange(size)`` (plus 0, viewed or unsqueezed): an identity index."""
@@ -362,13 +338,6 @@ def _arange_of(node: fx.Node, size) -> bool:
         if not isinstance(node, fx.Node):
             return False
     return str(arange_length(node)) == str(size)
-
-
-def _whole(it: slice, size) -> bool:
-    """``it`` selects every element of an axis of ``size`` (``x[:]``, ``x[0:]``, ``x[:size]``)."""
-    start_ok = it.start in (None, 0)
-    stop_ok = it.stop is None or (isinstance(it.stop, int) and isinstance(size, int) and it.stop >= size)
-    return start_ok and stop_ok and it.step in (None, 1)
 
 
 def _empty(shape) -> bool:

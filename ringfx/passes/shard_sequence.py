@@ -46,8 +46,8 @@ from ..errors import UnsupportedError
 from ..runtime import collectives
 from ..runtime.layout import chunks_per_rank
 from . import ring_glue
-from .node_facts import VALUE_KEY, CASTS, SHAPE_ONLY, called_subgraph, hop_subgraphs, is_model_state, normalize_dim, op_name, placeholder_source, \
-    shape_of, source_line, value_of
+from .node_facts import (VALUE_KEY, CASTS, SHAPE_ONLY, called_subgraph, hop_subgraphs, index_axis, is_model_state,
+                         normalize_dim, op_name, placeholder_source, shape_of, source_line, value_of)
 from .options import PassOptions
 from .rewrite_attention import ring_attention_nodes, ring_attention_target
 from .sites import PassReport
@@ -1091,36 +1091,11 @@ def _through_view(s: Sharded, in_shape, out_shape) -> Optional[Sharded]:
 
 def _through_index(s: Sharded, index, in_shape):
     """Where the sequence is after ``x[index]`` (basic indexing): a ``Sharded``, "select"
-    (an int index into the sequence), or "slice" (part of it)."""
-    items = index if isinstance(index, tuple) else (index,)
-    axis_in, axis_out, result = 0, 0, None
-    for k, it in enumerate(items):
-        if it is Ellipsis:
-            rest = sum(1 for x in items[k + 1:] if x is not None)
-            skip = len(in_shape) - axis_in - rest
-            if axis_in <= s.axis < axis_in + skip:
-                result = axis_out + (s.axis - axis_in)
-            axis_in, axis_out = axis_in + skip, axis_out + skip
-        elif it is None:
-            axis_out += 1
-        elif isinstance(it, slice):
-            if axis_in == s.axis:
-                whole = it.start in (None, 0) and it.step in (None, 1) and (
-                    it.stop is None or (isinstance(it.stop, int) and it.stop >= in_shape[axis_in]))
-                if not whole:
-                    return "slice"
-                result = axis_out
-            axis_in, axis_out = axis_in + 1, axis_out + 1
-        elif isinstance(it, int) and not isinstance(it, bool):
-            if axis_in == s.axis:
-                return "select"
-            axis_in += 1
-        else:
-            return "unknown"
-    if result is None and s.axis >= axis_in:
-        result = axis_out + (s.axis - axis_in)
-    return s.at(result) if result is not None else "unknown"
-
+    (an int index into the sequence), "slice" (part of it) or "unknown"."""
+    kind, value = index_axis(s.axis, index, in_shape)
+    if kind == "axis":
+        return s.at(value)
+    return kind if kind in ("select", "slice") else "unknown"
 
 def _sum_over_sequence(x, dims, keepdim, axis, length, group_name, layout, dtype, count):
     """``x.sum(dims)`` (or the mean over ``count`` values) over the whole ring: the local
