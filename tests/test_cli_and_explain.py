@@ -170,7 +170,7 @@ def test_plan_errors_name_the_flag(argv, flag, capsys):
 
 def test_plan_without_device_memory_names_the_flag(capsys):
     if torch.cuda.is_available():
-        pytest.skip("the device memory is read from the GPU here")
+        pytest.skip("with a CUDA device the planner reads --device-memory from it, so it is never missing")
     err = _cli_error(["plan", "--model", "gpt2-like", "--seq-len", "64K"], capsys)
     assert "--device-memory is required" in err and "device_memory" not in err
 

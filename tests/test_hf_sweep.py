@@ -48,7 +48,7 @@ EXACT = [
     # vision and speech encoders
     ("vit", "eager"), ("deit", "sdpa"), ("data2vec-vision", "eager"), ("vit_msn", "sdpa"), ("ijepa", "eager"),
     ("yolos", "sdpa"), ("whisper", "eager"), ("hubert", "sdpa"),
-    # fails today (XFAIL: the reason, reported to the sharding pass's owner)
+    # ALiBi as a per-key float bias sliced from a max_seq_len table
     ("mpt", "eager"),
 ]
 
@@ -59,10 +59,6 @@ LEFT_ALONE = [
     ("beit", "sdpa", "computed from parameters"),  # learned relative position bias
     ("bloom", "eager", "between softmax and the product with v"),  # ALiBi on (B*H, S, S) baddbmm, view back
 ]
-
-# architectures wrong today, with the reason (none at present)
-XFAIL: dict = {}
-
 
 @pytest.fixture(autouse=True)
 def fresh_dynamo():
@@ -77,11 +73,7 @@ def _case(arch, attn):
 
 
 def _exact_params():
-    out = []
-    for arch, attn in EXACT:
-        marks = [pytest.mark.xfail(strict=True, reason=XFAIL[arch])] if arch in XFAIL else []
-        out.append(pytest.param(arch, attn, marks=marks, id=f"{arch}-{attn}"))
-    return out
+    return [pytest.param(arch, attn, id=f"{arch}-{attn}") for arch, attn in EXACT]
 
 
 def test_fixed_list_has_at_least_40_architectures():

@@ -341,3 +341,10 @@ def _compile_backend_training(rank, world):
 def test_compile_backend_gradients_equal_single_process_on_every_rank():
     errors = spawn_gloo(2, _compile_backend_training)
     assert all(e is not None and e < 1e-6 for e in errors), errors
+
+
+def test_dynamic_shapes_with_full_length_inputs_are_refused_with_what_to_do():
+    torch.compiler.reset()
+    ring = ringfx.transform(PerToken(), mesh=ringfx.LoopbackRing(2), dynamic=True)
+    with pytest.raises(ringfx.UnsupportedError, match="static sequence lengths"):
+        ring(torch.randn(2, 12, E, dtype=DTYPE))

@@ -256,10 +256,12 @@ class _Sharder:
 
     # ---- the walk ---------------------------------------------------------------------------------
     def run(self, ring_ops: list[fx.Node]) -> None:
-        lengths = {shape[-2] for shape in map(self.shape, (op.args[0] for op in ring_ops)) if shape is not None}
-        if not all(isinstance(n, int) for n in lengths):
-            raise NotImplementedError("whole-model sharding needs static sequence lengths (transform(dynamic=False))")
-        self.lengths = lengths
+        lengths = [shape[-2] for shape in map(self.shape, (op.args[0] for op in ring_ops)) if shape is not None]
+        if not all(isinstance(n, int) for n in lengths):  # symbolic sizes (SymInt) do not hash either
+            raise UnsupportedError("sharding the whole model needs static sequence lengths: use "
+                                   "transform(dynamic=False) (the default), or inputs='sharded' and shard the "
+                                   "inputs yourself")
+        self.lengths = set(lengths)
         self._walk()
 
     def run_body(self, operands: list) -> tuple:
@@ -448,7 +450,9 @@ class _Sharder:
         def full(a):
             if isinstance(a, fx.Node) and a in self.placed:
                 if not isinstance(self.placed[a], Sharded):
-                    raise NotImplementedError(f"a tuple of sharded values reaches {node.format_node()}")
+                    raise UnsupportedError(f"'{op_name(node)}' at {source_line(node)} takes a tuple of tensors "
+                                           "sharded along the sequence that ringfx cannot gather; pass "
+                                           "inputs='sharded' or unpack the tuple before this op")
                 floating.append(not self._cheap(a))
                 return self.gather(a, node)
             return a
@@ -1060,7 +1064,9 @@ class _Sharder:
                 bias = bias.args[0]
             bshape = self.shape(bias)
             if bshape is None or len(bshape) != 4:
-                raise NotImplementedError(f"attention bias of unknown shape at {source_line(node)}")
+                raise UnsupportedError(f"the attention mask at {source_line(node)} is not a 4-D tensor of known "
+                                       "shape, so ringfx cannot shard it; build it as (B, H, S, S) or pass "
+                                       "inputs='sharded'")
             rows = Sharded(2, length)
             if bias in self.placed and not (self.placed[bias] == rows and bshape[-1] == length):
                 bias = self.gather(bias, node)  # key columns are needed whole: O(S) for a per-key bias
