@@ -239,7 +239,10 @@ def transform(model: nn.Module, mesh=None, **options) -> RingModule:
             as data loaders that read shards do), ``reduce_gradients`` (default True on
             a real ring), ``plan`` ("auto" with ``example_inputs=`` full-length inputs
             and planner keywords such as ``device_memory="80GiB"``, or a
-            ``ringfx.Plan``): check the ring against the planner and take its layout.
+            ``ringfx.Plan``): check the ring against the planner and take its layout,
+            ``blockwise_loss`` (True or tokens per chunk: the output projection and its
+            cross-entropy run as one op over chunks of tokens, so the logits never exist
+            whole; a logits output becomes None; ``explain`` lists what was fused).
 
     Legacy (with ``inputs="sharded"`` semantics inside): ``shard_inputs={"input_ids": 1}``
     / ``"auto"``, ``gather_outputs=1`` (an int dim) and ``position_ids="position_ids"``
@@ -276,7 +279,8 @@ def transform(model: nn.Module, mesh=None, **options) -> RingModule:
     ring = RingModule(model, compiled, reports, sequence)
     ring.ring_options = {"group": config.pass_options.group_name, "layout": config.pass_options.layout,
                          "inputs": config.pass_options.inputs,
-                         "gather_outputs": config.pass_options.gather_outputs}
+                         "gather_outputs": config.pass_options.gather_outputs,
+                         "blockwise_loss": config.pass_options.blockwise_loss}
     ring.plan = chosen
     ring.gradient_hooks = []
     if (reduce_gradients and inputs == "full" and isinstance(model, nn.Module)
@@ -418,6 +422,8 @@ def explain(model, *args, **kwargs) -> ExplainReport:
         if name is not None and name != s.pattern:
             s.pattern = f"{name} [{s.pattern}]"
     sharding = [f"graph {g.index} {line}" for g in collected if g.sharding is not None for line in g.sharding.summary()]
+    sharding += [f"graph {g.index} {line}" for g in collected if g.blockwise_loss is not None
+                 for line in g.blockwise_loss.summary()]
     return ExplainReport(sites, [g.graph_module for g in collected], breaks, [n for g in collected for n in g.notes],
                          sharding)
 

@@ -23,6 +23,9 @@ Options (``torch.compile(..., options={...})`` arrives here as ``options``):
                    enter (default: every input with an axis of an attention's sequence length)
     fallbacks      with inputs="full": "gather" (default: an op with no sharded form gets its
                    activations all-gathered, exact and warned) or "error" (UnsupportedError)
+    blockwise_loss True or tokens per chunk: the output projection and its cross-entropy run as
+                   one op over chunks of tokens (the logits never exist whole; a logits output
+                   of the graph becomes None). False (default): as the model writes it
 """
 
 from __future__ import annotations
@@ -39,12 +42,13 @@ import torch.fx as fx
 from ._compat import inductor_compile, lookup_backend
 from .errors import RingfxWarning, UnsupportedError
 from .passes import PassOptions, run_passes
+from .blockwise import chunk_tokens
 from .passes.sites import Decision, SiteRecord
 
 log = logging.getLogger("ringfx.backend")
 
 _KNOWN = {"group", "mesh", "layout", "inner", "strict", "kernel", "collector", "execute", "inputs",
-          "gather_outputs", "sequence_inputs", "fallbacks"}
+          "gather_outputs", "sequence_inputs", "fallbacks", "blockwise_loss"}
 
 
 @dataclass
@@ -56,6 +60,7 @@ class CompiledGraph:
     sites: list[SiteRecord] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # what the guards could not prove right
     sharding: Any = None  # the sharding pass's ShardingReport (inputs="full" on a ring of P > 1)
+    blockwise_loss: Any = None  # the blockwise-loss pass's report (what was fused, what was not and why)
 
 
 @dataclass
@@ -92,7 +97,8 @@ class BackendConfig:
                         inputs=options.get("inputs", "full"),
                         gather_outputs=bool(options.get("gather_outputs", True)),
                         sequence_inputs=_sequence_inputs(options.get("sequence_inputs")),
-                        fallbacks=options.get("fallbacks", "gather")),
+                        fallbacks=options.get("fallbacks", "gather"),
+                        blockwise_loss=chunk_tokens(options.get("blockwise_loss"))),
             inner=inner, strict=bool(options.get("strict", True)), execute=execute,
             collector=options.get("collector"))
 
@@ -146,7 +152,8 @@ def ringfx_backend(gm: fx.GraphModule, example_inputs, **kwargs) -> Callable:
         for r in records:
             r.graph_index = index
         sharding = next((r for r in reports if r.name == "shard_sequence"), None)
-        config.collector.append(CompiledGraph(index, gm, records, notes, sharding))
+        fused = next((r for r in reports if r.name == "blockwise_loss"), None)
+        config.collector.append(CompiledGraph(index, gm, records, notes, sharding, fused))
     if config.execute != "original":  # explain() reports them instead
         for note in notes:
             _warn_at(f"ringfx: {note}", getattr(note, "filename", ""), getattr(note, "lineno", 0))

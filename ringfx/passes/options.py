@@ -33,6 +33,9 @@ class PassOptions:
     # with inputs="full": what an op with no sharded form does with activations: "gather"
     # (all-gather them, exact, warned) or "error" (ringfx.UnsupportedError naming the op)
     fallbacks: str = "gather"
+    # tokens per chunk of the fused output projection + cross-entropy (blockwise_loss_pass);
+    # 0: off, the loss is computed as the model writes it
+    blockwise_loss: int = 0
 
     def __post_init__(self):
         if self.layout not in ("contiguous", "zigzag"):
@@ -41,5 +44,8 @@ class PassOptions:
             raise ValueError(f"fallbacks must be 'gather' or 'error', got {self.fallbacks!r}")
         if self.inputs not in ("full", "sharded"):
             raise ValueError(f"inputs must be 'full' or 'sharded', got {self.inputs!r}")
+        if isinstance(self.blockwise_loss, bool) or not isinstance(self.blockwise_loss, int) \
+                or self.blockwise_loss < 0:
+            raise ValueError(f"blockwise_loss must be a number of tokens >= 0 (0: off), got {self.blockwise_loss!r}")
         if not isinstance(self.ring_size, int) or self.ring_size < 1:
             raise ValueError(f"ring_size must be a positive int, got {self.ring_size!r}")

@@ -13,6 +13,7 @@ from typing import Optional
 
 import torch.fx as fx
 
+from .blockwise_loss import blockwise_loss_pass
 from .classify_masks import classify_masks_pass
 from .decompose_mha import decompose_mha_pass
 from .find_attention import find_attention_pass, remove_dead_code_pass
@@ -26,7 +27,8 @@ from .shard_sequence import shard_sequence_pass
 from .sites import PassReport
 
 PASSES = [remove_dead_code_pass, decompose_mha_pass, find_attention_pass, classify_masks_pass, check_sequence_axis_pass,
-          rewrite_attention_pass, check_positions_pass, check_sequence_mixing_pass, shard_sequence_pass]
+          rewrite_attention_pass, check_positions_pass, check_sequence_mixing_pass, blockwise_loss_pass,
+          shard_sequence_pass]
 # With full-length inputs the sharding pass makes positions and token-mixing ops exact; these
 # guards only speak for graphs that the caller feeds with its own shards.
 _CALLER_SHARDED_ONLY = (check_positions_pass, check_sequence_mixing_pass)
