@@ -5,7 +5,8 @@ ring.py          rings over a ProcessGroup or a loopback of virtual ranks; the d
 blocks.py        per-step block plan: skipped / full / masked blocks, mask building
 block_inputs.py  the tensors of one block call: K/V packed for the ring, slices and mask
 kernels.py       per-block kernels returning the log-sum-exp (CPU flash, cuDNN, flash,
-                 memory-efficient, math) and GQA folding
+                 memory-efficient, math; the math kernel also soft-caps) and GQA folding
+sinks.py         attention sinks: the correction of (out, lse) and the sinks' gradient
 fold.py          folding block results into a running result (softmax merge / sum),
                  eager or one Triton pass
 merge_triton.py  the Triton fold kernel (CUDA)

@@ -17,7 +17,8 @@ from .ring import AllGather
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _META_FIELDS = ("refused", "local sequence length", "batch", "query heads", "kv heads", "head dim", "dtype",
-                "causal", "window", "layout", "kernel", "scale", "key padding mask", "segment ids", "attn bias")
+                "causal", "window", "layout", "kernel", "scale", "key padding mask", "segment ids", "attn bias",
+                "softcap", "sinks")
 _N_SEG = 4  # segment-id (min, max) of each of up to two chunks
 
 
@@ -35,7 +36,7 @@ def metadata(q, k, pad, seg, bias, cfg, refused=None) -> AllGather:
     b, hq, s_local, d = q.shape
     fields = [0, s_local, b, hq, k.shape[1], d, _DTYPES.index(q.dtype), int(cfg.causal), cfg.window,
               LAYOUTS.index(cfg.layout), KERNELS.index(cfg.kernel), _float_bits(cfg.scale),
-              pad is not None, seg is not None, bias is not None]
+              pad is not None, seg is not None, bias is not None, _float_bits(cfg.softcap), int(cfg.sinks)]
     seg_ranges = [0] * _N_SEG
     if seg is not None and seg.numel():
         parts = seg.reshape(seg.shape[0], 1 if cfg.layout == "contiguous" else 2, -1)
@@ -65,7 +66,7 @@ def agree(gathered: torch.Tensor, cfg, has_seg: bool, refused=None):
                     "must hold S/P tokens: shard the sequence with ringfx.shard (pad S to a multiple of "
                     "the ring size, or of 2 * ring size for the zigzag layout)"
                 )
-            if name == "scale":
+            if name in ("scale", "softcap"):
                 values = [struct.unpack("<d", struct.pack("<q", x))[0] for x in values]
             elif name == "kernel":
                 values = [KERNELS[x] for x in values]

@@ -40,6 +40,8 @@ class RingConfig:
     scale: float
     window: int
     kernel: str
+    softcap: float = 0.0  # 0: none; else scores = softcap * tanh(scores / softcap) (math kernel)
+    sinks: bool = False  # a per-head sink logit joins each row's softmax (applied by the op)
 
 
 @dataclasses.dataclass
@@ -80,7 +82,8 @@ class _Rank:
                               self.seg_ranges):
             blk = Block.of(call, src, self.kv, self.tok, self.source)
             q = self.q
-            yield call, blk, choose_kernel(self.cfg.kernel, q.device, q.dtype, q.shape[-1], blk.mask is not None)
+            yield call, blk, choose_kernel(self.cfg.kernel, q.device, q.dtype, q.shape[-1], blk.mask is not None,
+                                           self.cfg.softcap)
 
 
 def _prologue(q, k, v, pad, seg, bias, cfg: RingConfig, rank: int, world: int, refused=None):

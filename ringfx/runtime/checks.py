@@ -13,10 +13,12 @@ columns: every key in global order).
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
-from .kernels import KERNELS
+from .kernels import KERNELS, SOFTCAP_KERNELS
 from .layout import check_layout
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -49,8 +51,18 @@ def check_window(window, *, none_value=None) -> None:
     )
 
 
+def check_softcap(softcap, kernel: str) -> None:
+    """``softcap``: a finite number >= 0 (0: no soft-capping), with a kernel that computes it."""
+    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not 0 <= softcap < math.inf:
+        raise ValueError(f"softcap={softcap!r} must be a finite number > 0 (scores = softcap * tanh(scores / "
+                         "softcap)), or None / 0 for no soft-capping")
+    if softcap and kernel not in SOFTCAP_KERNELS:
+        raise ValueError(f"kernel={kernel!r} cannot soft-cap the scores; pass kernel='auto' or 'math' with "
+                         f"softcap={softcap}")
+
+
 def check_inputs(q, k, v, pad, seg, bias, *, layout: str, window: int, kernel: str, world: int,
-                 loopback: bool) -> None:
+                 loopback: bool, sinks=None, softcap: float = 0.0) -> None:
     """Raise ``ValueError``/``TypeError`` naming the argument and the fix, or return.
     ``window``: 0 for none. Shapes are this rank's (for a loopback ring, all ranks')."""
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -108,6 +120,17 @@ def check_inputs(q, k, v, pad, seg, bias, *, layout: str, window: int, kernel: s
         raise TypeError(f"segment_ids must be an integer tensor, got {seg.dtype}; pass segment_ids.long()")
     if bias is not None:
         _check_bias(bias, (b, hq, s, s if loopback else s * world))
+    check_softcap(softcap, kernel)
+    if sinks is not None:
+        if not isinstance(sinks, Tensor):
+            raise TypeError(f"sinks must be a tensor (H,) or None, got {type(sinks).__name__}")
+        _dense("sinks", sinks)
+        if tuple(sinks.shape) != (hq,):
+            raise ValueError(f"sinks must hold one logit per query head, shape ({hq},), got {tuple(sinks.shape)}")
+        if not sinks.dtype.is_floating_point:
+            raise TypeError(f"sinks has dtype {sinks.dtype}; pass a floating tensor (sinks.float())")
+        if sinks.device != q.device:
+            raise ValueError(f"sinks is on {sinks.device} but q is on {q.device}; move it to {q.device}")
 
 
 def _check_bias(bias: Tensor, target: tuple[int, int, int, int]) -> None:

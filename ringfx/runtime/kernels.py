@@ -12,13 +12,17 @@ probabilities ``exp(s - lse)`` are the global ones, so the block gradients are e
 receives +inf there so that ``exp(s - lse)`` is 0, not NaN.
 
 Backends: CPU ``_scaled_dot_product_flash_attention_for_cpu``; CUDA cuDNN, flash and
-memory-efficient SDPA ops; a float32/float64 math fallback for everything else.
+memory-efficient SDPA ops; a float32/float64 math fallback for everything else. Logit
+soft-capping (``cap * tanh(s / cap)`` of the scaled scores, before the mask: Gemma 2)
+only the math kernel computes: the fused kernels take no score function, and torch's
+``flex_attention`` (which does) cannot run its backward from a merged log-sum-exp.
 GQA is handled in ``gqa_forward``/``gqa_backward`` without expanding K and V when no
 causal flag is needed: the G query heads of a KV head are folded into the query rows.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import torch
@@ -27,16 +31,23 @@ aten = torch.ops.aten
 log = logging.getLogger("ringfx.runtime.kernels")
 
 KERNELS = ("auto", "flash", "cudnn", "efficient", "math")
+SOFTCAP_KERNELS = ("auto", "math")  # the kernels that compute soft-capped scores
 
 
-def _math_scores(q, k, mask, is_causal, scale, acc):
+def _math_scores(q, k, mask, is_causal, scale, acc, softcap=0.0):
+    """The block's scores, and ``tanh(scaled / softcap)`` (None without soft-capping) for
+    the backward's chain rule."""
     s = torch.matmul(q.to(acc), k.to(acc).transpose(-2, -1)) * scale
+    capped = None
+    if softcap:
+        capped = torch.tanh(s / softcap)
+        s = capped * softcap
     if is_causal:
         sq, sk = s.shape[-2:]
         s = s.masked_fill(~torch.ones(sq, sk, dtype=torch.bool, device=s.device).tril(), float("-inf"))
     if mask is not None:
         s = s + mask.to(acc)
-    return s
+    return s, capped
 
 
 def _acc_dtype(dtype):
@@ -44,9 +55,14 @@ def _acc_dtype(dtype):
 
 
 class MathKernel:
-    """Reference kernel in float32 (float64 for float64 inputs); any device, any mask."""
+    """Reference kernel in float32 (float64 for float64 inputs); any device, any mask;
+    with ``softcap`` > 0 the scores are ``softcap * tanh(scale * q kᵀ / softcap)`` (Gemma 2's
+    logit soft-capping) before the mask is added."""
 
     name = "math"
+
+    def __init__(self, softcap: float = 0.0):
+        self.softcap = softcap
 
     def forward(self, q, k, v, mask, is_causal, scale):
         # as the flash kernels: exponentials relative to the row maximum, normalised by
@@ -55,7 +71,7 @@ class MathKernel:
         # common offset in K makes large, and the backward's delta = dout . out then
         # misses sum(dS) = 0 by that error times |V| (dQ lost 3 digits at offset 1e4).
         acc = _acc_dtype(q.dtype)
-        s = _math_scores(q, k, mask, is_causal, scale, acc)
+        s, _ = _math_scores(q, k, mask, is_causal, scale, acc, self.softcap)
         m = s.amax(-1, keepdim=True)
         m = m.masked_fill(m == float("-inf"), 0.0)  # a row that sees no key: e = 0, out 0, lse -inf
         e = torch.exp(s - m)
@@ -65,13 +81,16 @@ class MathKernel:
 
     def backward(self, dout, q, k, v, out, lse, mask, is_causal, scale):
         acc = _acc_dtype(q.dtype)
-        s = _math_scores(q, k, mask, is_causal, scale, acc)
+        s, capped = _math_scores(q, k, mask, is_causal, scale, acc, self.softcap)
         p = torch.exp(s - lse.to(acc)[..., None])
         dout_, v_ = dout.to(acc), v.to(acc)
         dv = torch.matmul(p.transpose(-2, -1), dout_)
         dp = torch.matmul(dout_, v_.transpose(-2, -1))
         delta = (dout_ * out.to(acc)).sum(-1, keepdim=True)
-        ds = p * (dp - delta) * scale
+        ds = p * (dp - delta)
+        if capped is not None:  # d(c tanh(x / c)) / dx = 1 - tanh²(x / c)
+            ds = ds * (1.0 - capped * capped)
+        ds = ds * scale
         dq = torch.matmul(ds, k.to(acc))
         dk = torch.matmul(ds.transpose(-2, -1), q.to(acc))
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
@@ -182,11 +201,22 @@ _MATH, _CPU_FLASH, _CUDNN, _CUDA_FLASH, _EFFICIENT = (
 )
 
 
-def choose_kernel(kernel: str, device: torch.device, dtype: torch.dtype, head_dim: int, masked: bool):
+@functools.lru_cache(maxsize=64)
+def _softcapped_math(softcap: float) -> MathKernel:
+    return MathKernel(softcap)
+
+
+def choose_kernel(kernel: str, device: torch.device, dtype: torch.dtype, head_dim: int, masked: bool,
+                  softcap: float = 0.0):
     """The fastest correct kernel for this device, dtype and mask (``kernel='auto'``), or the
-    one asked for."""
+    one asked for. Soft-capped scores (``softcap`` > 0) take the math kernel."""
     if kernel not in KERNELS:
         raise ValueError(f"kernel={kernel!r} is not known; use one of {KERNELS}")
+    if softcap:
+        if kernel not in SOFTCAP_KERNELS:
+            raise ValueError(f"kernel={kernel!r} cannot soft-cap the scores; use kernel='auto' or 'math' "
+                             "with softcap")
+        return _softcapped_math(float(softcap))
     if kernel == "math":
         return _MATH
     if device.type == "cpu":

@@ -6,7 +6,12 @@ a fake implementation gives shapes, the autograd formula calls the backward op
 
     out, lse = torch.ops.ringfx.ring_attention(
         q, k, v, key_padding_mask, segment_ids, attn_bias,
-        group_name, layout, causal, scale, window, kernel)
+        group_name, layout, causal, scale, window, kernel, sinks=None, softcap=0.0)
+
+``softcap`` > 0 soft-caps the scaled scores before the mask (``softcap * tanh(s /
+softcap)``, Gemma 2; computed by the math block kernel); ``sinks`` ``(Hq,)`` adds a learned
+logit per head to every row's softmax denominator (GPT-OSS; see ``sinks.py``), and the
+returned lse then includes it. Both are per-head / replicated: the same on every rank.
 
 The group travels as its name (process groups are not a schema type): a real group's
 ``group_name``, or ``"loopback:P"`` for P virtual ranks in this process, in which case
@@ -22,8 +27,9 @@ import torch
 from torch import Tensor
 
 from .algorithm import RingConfig, acc_dtype, backward_program, forward_program
-from .checks import LEARNED_BIAS, as_4d_bias, check_inputs, check_window
+from .checks import LEARNED_BIAS, as_4d_bias, check_inputs, check_softcap, check_window
 from .ring import LoopbackRing, check_backend, group_name_of, resolve_group, run_loopback, run_on_group
+from .sinks import apply_sinks, sinks_grad
 
 
 def _split(x, world, dim):
@@ -60,14 +66,16 @@ def ring_attention_op(
     q: Tensor, k: Tensor, v: Tensor,
     key_padding_mask: Optional[Tensor], segment_ids: Optional[Tensor], attn_bias: Optional[Tensor],
     group_name: str, layout: str, causal: bool, scale: float, window: int, kernel: str,
+    sinks: Optional[Tensor] = None, softcap: float = 0.0,
 ) -> tuple[Tensor, Tensor]:
-    cfg = RingConfig(layout, causal, scale, window, kernel)
+    cfg = RingConfig(layout, causal, scale, window, kernel, softcap, sinks is not None)
     group = resolve_group(group_name)
     loopback = isinstance(group, LoopbackRing)
     tensors = (q, k, v, key_padding_mask, segment_ids, attn_bias)
     try:
         check_inputs(*tensors, layout=layout, window=window, kernel=kernel, loopback=loopback,
-                     world=group.size if loopback else torch.distributed.get_world_size(group))
+                     world=group.size if loopback else torch.distributed.get_world_size(group),
+                     sinks=sinks, softcap=softcap)
     except (ValueError, TypeError) as refused:
         if loopback:
             raise
@@ -77,12 +85,16 @@ def ring_attention_op(
         return run_on_group(forward_program(*tensors, cfg, rank, world, refused=refused), group)
     tensors = (q.contiguous(), k.contiguous(), v.contiguous(), key_padding_mask, segment_ids,
                as_4d_bias(attn_bias))
-    return _run(forward_program, tensors, (2, 2, 2, 1, 1, -2), cfg, group,
-                [(q.shape, q.dtype), (q.shape[:-1], acc_dtype(q.dtype))])
+    out, lse = _run(forward_program, tensors, (2, 2, 2, 1, 1, -2), cfg, group,
+                    [(q.shape, q.dtype), (q.shape[:-1], acc_dtype(q.dtype))])
+    if sinks is not None:
+        out, lse = apply_sinks(out, lse, sinks)
+    return out, lse
 
 
 @ring_attention_op.register_fake
-def _(q, k, v, key_padding_mask, segment_ids, attn_bias, group_name, layout, causal, scale, window, kernel):
+def _(q, k, v, key_padding_mask, segment_ids, attn_bias, group_name, layout, causal, scale, window, kernel,
+      sinks=None, softcap=0.0):
     return (torch.empty(q.shape, dtype=q.dtype, device=q.device),
             torch.empty(q.shape[:-1], dtype=acc_dtype(q.dtype), device=q.device))
 
@@ -91,9 +103,11 @@ def _(q, k, v, key_padding_mask, segment_ids, attn_bias, group_name, layout, cau
 def ring_attention_backward_op(
     dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
     key_padding_mask: Optional[Tensor], segment_ids: Optional[Tensor], attn_bias: Optional[Tensor],
-    group_name: str, layout: str, causal: bool, scale: float, window: int, kernel: str,
+    group_name: str, layout: str, causal: bool, scale: float, window: int, kernel: str, softcap: float = 0.0,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    cfg = RingConfig(layout, causal, scale, window, kernel)
+    """Fed the forward's (out, lse) (with the sinks, if any, already in them: see
+    ``sinks.py``), this is also the backward of attention with sinks."""
+    cfg = RingConfig(layout, causal, scale, window, kernel, softcap)
     tensors = (dout.contiguous(), q.contiguous(), k.contiguous(), v.contiguous(), out.contiguous(), lse.contiguous(),
                key_padding_mask, segment_ids, as_4d_bias(attn_bias))
     return _run(backward_program, tensors, (2, 2, 2, 2, 2, 2, 1, 1, -2), cfg, resolve_group(group_name),
@@ -102,7 +116,7 @@ def ring_attention_backward_op(
 
 @ring_attention_backward_op.register_fake
 def _(dout, q, k, v, out, lse, key_padding_mask, segment_ids, attn_bias, group_name, layout, causal, scale, window,
-      kernel):
+      kernel, softcap=0.0):
     # the real op returns contiguous gradients whatever the inputs' strides
     return tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
 
@@ -110,16 +124,17 @@ def _(dout, q, k, v, out, lse, key_padding_mask, segment_ids, attn_bias, group_n
 def _setup_context(ctx, inputs, output):
     if ctx.needs_input_grad[5]:  # attn_bias (masks and ids are bool / integer)
         raise ValueError(LEARNED_BIAS)
-    q, k, v, pad, seg, bias, *options = inputs
+    q, k, v, pad, seg, bias, *options, sinks, softcap = inputs  # defaults filled in by the op
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, pad, seg, bias)
-    ctx.options = options
+    ctx.save_for_backward(q, k, v, out, lse, pad, seg, bias, sinks)
+    ctx.options = (*options, softcap)
 
 
 def _backward(ctx, dout, dlse):
-    q, k, v, out, lse, pad, seg, bias = ctx.saved_tensors
+    q, k, v, out, lse, pad, seg, bias, sinks = ctx.saved_tensors
     dq, dk, dv = torch.ops.ringfx.ring_attention_backward(dout, q, k, v, out, lse, pad, seg, bias, *ctx.options)
-    return dq, dk, dv, None, None, None, None, None, None, None, None, None
+    dsinks = sinks_grad(dout, out, lse, sinks) if sinks is not None and ctx.needs_input_grad[12] else None
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None, dsinks, None
 
 
 ring_attention_op.register_autograd(_backward, setup_context=_setup_context)
@@ -140,6 +155,8 @@ def ring_attention(
     attn_bias: Tensor | None = None,
     dropout_p: float = 0.0,
     kernel: str = "auto",
+    softcap: float | None = None,
+    sinks: Tensor | None = None,
 ) -> Tensor:
     """Exact attention over a sequence sharded across a ring; equals
     ``F.scaled_dot_product_attention`` on the full sequence.
@@ -164,6 +181,13 @@ def ring_attention(
         dropout_p: must be 0: ring attention is exact.
         kernel: per-block kernel, ``"auto"`` (fastest correct) or one of ``flash``,
             ``cudnn``, ``efficient``, ``math``.
+        softcap: logit soft-capping (Gemma 2): the scaled scores become
+            ``softcap * tanh(scores / softcap)`` before masks and biases are added. Computed
+            by the math kernel (``kernel="auto"`` or ``"math"``). None or 0: none.
+        sinks: attention sinks (GPT-OSS): a learned logit per query head, ``(Hq,)``, that
+            joins every row's softmax denominator without a value; it receives a gradient
+            (from this rank's queries: on a real ring, sum it over the ring as any
+            parameter's).
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor):
@@ -172,6 +196,7 @@ def ring_attention(
         raise ValueError(f"dropout_p={dropout_p}: ring attention is exact attention without dropout; "
                          "pass dropout_p=0 (put the model in eval mode)")
     check_window(window)
+    check_softcap(softcap or 0.0, kernel)
     if isinstance(attn_bias, Tensor) and attn_bias.requires_grad and torch.is_grad_enabled():
         raise ValueError(LEARNED_BIAS)
     if scale is None:
@@ -181,6 +206,6 @@ def ring_attention(
     # told of a refusal before any transfer)
     out, _ = torch.ops.ringfx.ring_attention(
         q, k, v, key_padding_mask, segment_ids, attn_bias, group_name_of(group), layout, bool(causal),
-        float(scale), int(window or 0), kernel,
+        float(scale), int(window or 0), kernel, sinks=sinks, softcap=float(softcap or 0.0),
     )
     return out

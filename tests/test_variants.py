@@ -1,0 +1,162 @@
+"""Attention variants computed natively by the ring op: logit soft-capping (Gemma 2) and
+attention sinks (GPT-OSS). Forward and backward (q, k, v and the sinks) against a plain
+single-process reference written here, on loopback rings P = 1..4 and one real gloo
+ring; then the whole pipeline on transformers' own Gemma 2 and GPT-OSS eager attention.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+import ringfx
+from ringfx.testing import spawn_gloo
+
+TOL = 1e-10  # float64
+SCALE = 0.3
+SOFTCAP = 2.0  # small against the scores (|q kᵀ| * SCALE reaches ~10): tanh saturates
+
+
+def reference(q, k, v, *, causal=False, softcap=0.0, sinks=None, window=0, pad=None):
+    """Attention as the models write it, on the full sequence: scores, soft-cap, mask,
+    the sink column joined to the softmax and dropped after it."""
+    g = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
+    s = q @ k.transpose(-2, -1) * SCALE
+    if softcap:
+        s = softcap * torch.tanh(s / softcap)
+    n = q.shape[2]
+    i = torch.arange(n)
+    keep = torch.ones(n, n, dtype=torch.bool)
+    if causal:
+        keep &= i[:, None] >= i[None, :]
+    if window:
+        keep &= i[:, None] - i[None, :] < window
+    keep = keep[None, None]
+    if pad is not None:
+        keep = keep & pad[:, None, None, :]
+    s = s.masked_fill(~keep, float("-inf"))
+    if sinks is not None:
+        s = torch.cat([s, sinks.reshape(1, -1, 1, 1).expand(q.shape[0], -1, n, 1)], dim=-1)
+    p = torch.softmax(s, dim=-1)
+    if sinks is not None:
+        p = p[..., :-1]
+    return p @ v
+
+
+def _inputs(world, layout, *, hq=4, hkv=2, seed=0, with_sinks=True, padding=False):
+    g = torch.Generator().manual_seed(seed)
+    s = 3 * world * (2 if layout == "zigzag" else 1)
+    q = 3 * torch.randn(2, hq, s, 8, generator=g, dtype=torch.float64)
+    k = 3 * torch.randn(2, hkv, s, 8, generator=g, dtype=torch.float64)
+    v = torch.randn(2, hkv, s, 8, generator=g, dtype=torch.float64)
+    sinks = torch.randn(hq, generator=g, dtype=torch.float64) if with_sinks else None
+    pad = None
+    if padding:
+        pad = torch.rand(2, s, generator=g) > 0.3
+        pad[:, ::2] = True  # a real key among any two neighbours: every row sees one (window >= 2)
+    dout = torch.randn(2, hq, s, 8, generator=g, dtype=torch.float64)
+    return q, k, v, sinks, pad, dout
+
+
+def check_variant(group, layout, causal, softcap, with_sinks, *, seed=0, window=0, padding=False, hq=4, hkv=2):
+    """Max abs error of this rank's out, dq, dk, dv (shards) and of the sinks' gradient.
+    On a real ring the sinks' gradient is this rank's part: summed over the ring here."""
+    world = ringfx.runtime.ring_size(group)
+    q, k, v, sinks, pad, dout = _inputs(world, layout, hq=hq, hkv=hkv, seed=seed, with_sinks=with_sinks,
+                                        padding=padding)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)] + ([sinks.clone().requires_grad_()] if with_sinks else [])
+    ref = reference(*leaves[:3], causal=causal, softcap=softcap, sinks=leaves[3] if with_sinks else None,
+                    window=window, pad=pad)
+    ref_grads = torch.autograd.grad(ref, leaves, dout)
+
+    def shard(x, dim=2):
+        return ringfx.shard(x, dim, layout=layout, group=group)
+
+    local = [shard(t).detach().requires_grad_() for t in (q, k, v)]
+    local_sinks = sinks.clone().requires_grad_() if with_sinks else None
+    out = ringfx.ring_attention(*local, group=group, causal=causal, layout=layout, scale=SCALE,
+                                softcap=softcap or None, sinks=local_sinks, window=window or None,
+                                key_padding_mask=shard(pad, 1) if padding else None)
+    grads = torch.autograd.grad(out, local + ([local_sinks] if with_sinks else []), shard(dout))
+    errors = [(out - shard(ref)).abs().max().item()]
+    errors += [(a - shard(b)).abs().max().item() for a, b in zip(grads[:3], ref_grads[:3])]
+    if with_sinks:
+        dsinks = grads[3].clone()
+        if not isinstance(group, ringfx.LoopbackRing):
+            torch.distributed.all_reduce(dsinks, group=group)
+        errors.append((dsinks - ref_grads[3]).abs().max().item())
+    return errors
+
+
+VARIANTS = [(SOFTCAP, False), (0.0, True), (SOFTCAP, True)]  # softcap, sinks
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+@pytest.mark.parametrize("layout,causal", list(itertools.product(("contiguous", "zigzag"), (False, True))))
+@pytest.mark.parametrize("softcap,sinks", VARIANTS, ids=["softcap", "sinks", "softcap+sinks"])
+def test_variant_matches_reference_float64(softcap, sinks, layout, causal, world):
+    errors = check_variant(ringfx.LoopbackRing(world), layout, causal, softcap, sinks, seed=world)
+    assert max(errors) < TOL, errors
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_variants_with_window_padding_and_mqa(world):
+    for layout, (softcap, sinks) in itertools.product(("contiguous", "zigzag"), VARIANTS):
+        errors = check_variant(ringfx.LoopbackRing(world), layout, True, softcap, sinks, seed=7, window=4,
+                               padding=True, hq=4, hkv=1)
+        assert max(errors) < TOL, (layout, softcap, sinks, errors)
+
+
+def test_sinks_row_that_sees_no_key():
+    """A query row with every key padded out: all its weight is on the sink (output 0),
+    and the gradients stay finite."""
+    ring = ringfx.LoopbackRing(2)
+    q, k, v, sinks, _, dout = _inputs(2, "contiguous")
+    pad = torch.ones(2, q.shape[2], dtype=torch.bool)
+    pad[1] = False
+    local = [t.clone().requires_grad_() for t in (q, k, v, sinks)]
+    out = ringfx.ring_attention(*local[:3], group=ring, scale=SCALE, sinks=local[3], key_padding_mask=pad)
+    assert torch.equal(out[1], torch.zeros_like(out[1]))
+    grads = torch.autograd.grad(out, local, dout)
+    assert all(torch.isfinite(g).all() for g in grads)
+
+
+def test_opcheck_with_variants():
+    ring = ringfx.LoopbackRing(3)
+    q, k, v, sinks, _, _ = _inputs(3, "zigzag")
+    torch.library.opcheck(
+        torch.ops.ringfx.ring_attention.default,
+        (q, k, v, None, None, None, ring.group_name, "zigzag", True, SCALE, 0, "auto"),
+        {"sinks": sinks.requires_grad_(), "softcap": SOFTCAP},
+    )
+
+
+def test_bad_variant_arguments_are_refused():
+    q, k, v, sinks, _, _ = _inputs(2, "contiguous")
+    ring = ringfx.LoopbackRing(2)
+    with pytest.raises(ValueError, match="cannot soft-cap"):
+        ringfx.ring_attention(q, k, v, group=ring, softcap=SOFTCAP, kernel="flash")
+    with pytest.raises(ValueError, match="softcap=-1.0"):
+        ringfx.ring_attention(q, k, v, group=ring, softcap=-1.0)
+    with pytest.raises(ValueError, match=r"one logit per query head, shape \(4,\)"):
+        ringfx.ring_attention(q, k, v, group=ring, sinks=sinks[:2])
+
+
+# ------------------------------------------------------------------ a real gloo ring
+
+def _variants_on_gloo_ring(rank, world):
+    results = []
+    for layout, causal, (softcap, sinks) in itertools.product(("contiguous", "zigzag"), (False, True), VARIANTS):
+        results.append(((layout, causal, softcap, sinks),
+                        check_variant(None, layout, causal, softcap, sinks, seed=11)))
+    return results
+
+
+@pytest.mark.gloo
+def test_variants_on_gloo_ring():
+    failures = [(rank, case, errors) for rank, results in enumerate(spawn_gloo(3, _variants_on_gloo_ring))
+                for case, errors in results if not max(errors) < TOL]
+    assert not failures, failures
