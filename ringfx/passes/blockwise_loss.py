@@ -87,6 +87,7 @@ def blockwise_loss_pass(gm: fx.GraphModule, *, options: Optional[PassOptions] = 
     options = options or PassOptions()
     report = BlockwiseLossReport("blockwise_loss")
     if not options.blockwise_loss:
+        log.info("blockwise_loss: off (transform(..., blockwise_loss=True) fuses the loss)")
         return gm, report
     output = next(n for n in gm.graph.nodes if n.op == "output")
     for node in [n for n in gm.graph.nodes if op_name(n) in _LOSSES]:
