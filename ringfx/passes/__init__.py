@@ -14,6 +14,7 @@ sequence_axis.py      guard: attention that contracts over the sequence (channel
 rewrite_attention.py  transformation: each accepted site -> one torch.ops.ringfx.ring_attention
 positions.py          guard: arange over the local sequence (a position generator) is noted, never changed
 sequence_mixing.py    guard: ops that combine tokens across the sequence (pooling, shifts, scans) are noted
+blockwise_loss.py     transformation: linear -> cross_entropy fused into one op over chunks of tokens (opt-in)
 pipeline.py           PASSES and run_passes: the list and the loop
 ring_glue.py          tensor functions the rewritten graph calls to build mask descriptors
 """
