@@ -123,3 +123,34 @@ def test_two_compute_streams_without_a_side_stream(monkeypatch):
     for i, case in enumerate(matrix(quick=True)[:8]):
         case = dataclasses.replace(case, d=case.d if case.d % 16 == 0 else 64, chunk=32)
         assert max(_on_cuda(case, 5, torch.float32, seed=200 + i)) < 2e-5, case
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-5), (torch.bfloat16, 0.06)])
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("fill", ["dtype_min", "-inf"])
+def test_dense_mask_filled_with_the_dtype_minimum(dtype, tol, world, fill):
+    """transformers' eager masks hide keys with ``torch.finfo(dtype).min``. A block whose
+    row is hidden entirely came back wrong from the efficient and cuDNN kernels (errors of
+    1.9, the kernels overflow scaling the bias to -inf); compared with SDPA on the whole
+    sequence, forward and backward, causal + right padding as a dense bias."""
+    torch.manual_seed(world)
+    b, hq, hkv, s, d = 2, 4, 2, 24, 64
+    q, k, v, g = (torch.randn(b, h, s, d, device="cuda", dtype=torch.float64)
+                  for h in (hq, hkv, hkv, hq))
+    keep = torch.ones(s, s, dtype=torch.bool, device="cuda").tril()[None, None].repeat(b, 1, 1, 1)
+    keep[1, ..., -4:] = False
+    low = torch.finfo(dtype).min if fill == "dtype_min" else float("-inf")
+    bias = torch.zeros(keep.shape, device="cuda", dtype=dtype).masked_fill(~keep, low)
+
+    def grads(out, leaves):
+        return (out, *torch.autograd.grad(out, leaves, g.to(out.dtype)))
+
+    ref_leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    ref = grads(torch.nn.functional.scaled_dot_product_attention(
+        ref_leaves[0], *(t.repeat_interleave(hq // hkv, 1) for t in ref_leaves[1:]),
+        attn_mask=keep), ref_leaves)
+    leaves = [t.to(dtype).requires_grad_() for t in (q, k, v)]
+    got = grads(ringfx.ring_attention(*leaves, group=ringfx.LoopbackRing(world), attn_bias=bias), leaves)
+    for name, r, x in zip(("out", "dq", "dk", "dv"), ref, got):
+        err = (x.double() - r).abs().max().item()
+        assert err < tol * (1 if dtype == torch.float32 else r.abs().max().item()), (name, err)
