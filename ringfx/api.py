@@ -364,6 +364,7 @@ def _apply_plan(model, mesh, options: dict):
             raise ValueError("plan='auto' needs example_inputs=(...): the model's full-length inputs "
                              "(on the meta device is fine), from which the planner reads S and traces memory")
         example = plan_kwargs.pop("example_inputs")
+        plan_kwargs.setdefault("blockwise_loss", options.get("blockwise_loss", False))  # the program transform runs
         chosen = plan_from_inputs(model, example, world_size=world, **plan_kwargs)
     elif not isinstance(chosen, Plan):
         raise TypeError(f"plan= must be 'auto' or a ringfx.Plan, not {type(chosen).__name__}")
@@ -379,6 +380,8 @@ def _apply_plan(model, mesh, options: dict):
         if "layout" in options and options["layout"] != chosen.layout:
             raise ValueError(f"layout={options['layout']!r} contradicts the plan's layout {chosen.layout!r}")
         options["layout"] = chosen.layout
+    if chosen.options.blockwise_loss and not options.get("blockwise_loss"):
+        options["blockwise_loss"] = chosen.options.blockwise_loss  # the plan's memory assumes the fused loss
     return chosen
 
 

@@ -267,3 +267,37 @@ def test_transformers_llama_is_fused_and_exact_in_float32():
         assert_close(model.get_parameter(name).grad, g, 1e-5, f"grad of {name}")
     fused = ring.reports[0].blockwise_loss.fused
     assert len(fused) == 1 and "loss_utils.py" in fused[0] and "chunks of 7 tokens" in fused[0]
+
+
+# -- the planner ------------------------------------------------------------------------------------
+
+
+def test_planner_logits_term_with_blockwise_loss_stays_constant_in_the_sequence():
+    from ringfx.planner import memory_model
+    from ringfx.planner.simulate import LOGITS
+
+    whole = memory_model("tiny-llama", ring=True)
+    fused = memory_model("tiny-llama", ring=True, blockwise_loss=256)
+    at = lambda model, s: model.evaluate(s, 2).get(LOGITS, 0)  # noqa: E731
+    # whole logits: (S/P, V) in bf16 plus float32 copies, growing with S; fused: one chunk's worth
+    assert at(whole, 1 << 16) >= (1 << 15) * 8192 * 6
+    assert at(fused, 1 << 16) == at(fused, 1 << 17) < 256 * 8192 * 24
+    assert fused.peak_bytes(1 << 17, 2) < whole.peak_bytes(1 << 17, 2)
+
+
+def test_plan_and_cli_take_blockwise_loss():
+    import argparse
+
+    from ringfx.planner.cli import add_plan_arguments
+
+    result = ringfx.plan("tiny-llama", "64K", device="H100", device_memory="8GiB", world_size=8, blockwise_loss=True)
+    assert result.options.blockwise_loss > 0 and "blockwise loss (chunks of" in str(result)
+    assert any(r.startswith("blockwise loss: the LM head") for r in result.reasons)
+    plain = ringfx.plan("tiny-llama", "64K", device="H100", device_memory="8GiB", world_size=8)
+    assert result.ring_size <= plain.ring_size and result.predicted_peak < plain.predicted_peak
+    parser = argparse.ArgumentParser()
+    add_plan_arguments(parser)
+    base = ["--model", "tiny-llama", "--seq-len", "1K"]
+    assert parser.parse_args(base).blockwise_loss is False
+    assert parser.parse_args(base + ["--blockwise-loss"]).blockwise_loss is True
+    assert parser.parse_args(base + ["--blockwise-loss", "2048"]).blockwise_loss == 2048

@@ -35,6 +35,7 @@ class Capture:
 
     graphs: list        # [(GraphModule, example inputs as dynamo gave them)]
     sites: list         # SiteRecord of every attention the passes found (rewritten or not)
+    fused_losses: int = 0  # losses the blockwise-loss pass fused (blockwise_loss=)
 
     @property
     def ring_ops(self) -> list:
@@ -43,27 +44,29 @@ class Capture:
         return [n for gm, _ in self.graphs for n in ring_attention_nodes(gm, nested=True)]
 
 
-def capture_rewritten(module: nn.Module, inputs: tuple) -> Capture:
+def capture_rewritten(module: nn.Module, inputs: tuple, *, blockwise_loss: int = 0) -> Capture:
     """Capture ``module(*inputs)`` and rewrite it as ``transform`` would (full-length
-    inputs, outputs kept on the shard, a loopback ring of ``CAPTURE_RING``)."""
+    inputs, outputs kept on the shard, a loopback ring of ``CAPTURE_RING``; the loss fused
+    over chunks of ``blockwise_loss`` tokens when not 0)."""
     from ..capture_once import capture_once
     from ..passes import PassOptions, run_passes
 
-    graphs, sites = [], []
+    graphs, sites, fused = [], [], []
 
     def ringfx_plan_backend(gm, example_inputs):
         options = PassOptions(group_name=f"loopback:{CAPTURE_RING}", ring_size=CAPTURE_RING, loopback=True,
                               inputs="full", gather_outputs=False, layout="contiguous",
-                              example_inputs=list(example_inputs))
+                              example_inputs=list(example_inputs), blockwise_loss=blockwise_loss)
         original = gm.forward
         rewritten, reports = run_passes(gm, options=options)
         graphs.append((rewritten, list(example_inputs)))
         sites.extend(s for r in reports if r.name == "rewrite_attention" for s in r.sites)
+        fused.extend(r.rewritten for r in reports if r.name == "blockwise_loss")
         return original
 
     with torch.no_grad():
         capture_once(module, ringfx_plan_backend, tuple(inputs), {})
-    return Capture(graphs, sites)
+    return Capture(graphs, sites, sum(fused))
 
 
 class GraphStep(nn.Module):

@@ -85,6 +85,9 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpointing", action="store_true", help="activation checkpointing per layer")
     parser.add_argument("--fsdp", action="store_true", help="shard params/grads/optimizer state over the ring")
     parser.add_argument("--kernel", choices=sorted(KERNEL_BACKWARD_WORKSPACE), default="cudnn")
+    parser.add_argument("--blockwise-loss", nargs="?", const=True, default=False, type=positive_int,
+                        metavar="TOKENS", help="the LM head and its loss over chunks of tokens (transform("
+                        "blockwise_loss=...)): the logits are never whole; TOKENS per chunk (default 1024)")
     parser.add_argument("--layout", choices=("contiguous", "zigzag"), help="default: zigzag when causal")
     parser.add_argument("--json", action="store_true", help="print the plan's numbers as JSON")
     parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
@@ -133,6 +136,7 @@ def run_plan(args: argparse.Namespace) -> int:
             bandwidth=args.bandwidth, world_size=args.gpus, headroom=args.headroom, batch_size=args.batch_size,
             layout=args.layout, training=not args.inference, precision=args.precision, optimizer=args.optimizer,
             activation_checkpointing=args.checkpointing, param_shards="ring" if args.fsdp else 1, kernel=args.kernel,
+            blockwise_loss=args.blockwise_loss,
         )
     except (ValueError, TypeError) as err:
         return error(_in_flags(str(err)))

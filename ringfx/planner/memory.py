@@ -60,7 +60,9 @@ class TrainingOptions:
     1 = replicated, the default).  ``query_chunks``: split each ring step's local queries in
     this many chunks to bound the per-step temporaries (the planner raises it if needed).
     ``kernel``: the per-block attention kernel (``cudnn``, ``flash``, ``efficient``,
-    ``math``), whose backward workspace differs.
+    ``math``), whose backward workspace differs.  ``blockwise_loss``: the output projection
+    and cross-entropy run over chunks of this many tokens (``True``: the default chunk), so
+    the logits are never whole (``blockwise_loss_buffers``).
     """
 
     training: bool = True
@@ -70,8 +72,14 @@ class TrainingOptions:
     param_shards: object = 1  # int, or "ring": sharded over the P devices of the ring
     query_chunks: int = 1
     kernel: str = "cudnn"
+    # tokens per chunk of the fused output projection + cross-entropy (transform(blockwise_loss=...));
+    # 0: the logits are computed whole, as the model writes them. True is read as the default chunk.
+    blockwise_loss: int = 0
 
     def __post_init__(self):
+        from ..blockwise import chunk_tokens
+
+        object.__setattr__(self, "blockwise_loss", chunk_tokens(self.blockwise_loss))
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision={self.precision!r}: use one of {', '.join(PRECISIONS)}")
         if self.optimizer not in OPTIMIZERS:
@@ -251,6 +259,34 @@ def attention_layer_peak(att: AttentionShape, s, *, ring: bool, query_chunks: in
     bwd = inputs + saved + att.q_block(s) + total("backward_persistent") + sympy.Max(
         total("backward_steps"), total("backward_result"))
     return sympy.simplify(sympy.Max(fwd, bwd))
+
+
+# -- the blockwise loss's contract (ringfx/blockwise.py) -------------------------------------------
+#
+# ringfx::linear_cross_entropy on one rank, `n` local tokens (batch x s), hidden H, vocabulary V,
+# input dtype of `a` bytes, chunks of c tokens:
+#   forward : per chunk the logits (c,V) in the input dtype, their float32 copy and the
+#             float32 exp of logsumexp; nothing of size V saved (hidden, weight, labels are).
+#   backward: a float32 dW accumulator (V,H) (and db) for the whole backward; per chunk the
+#             logits again (input dtype + float32), the float32 softmax that becomes dlogits,
+#             and dlogits in the input dtype; at the end dh (n,H) and dW (V,H) in the input dtype.
+# The per-chunk terms are for a full chunk: a step of fewer than c local tokens is overestimated
+# (the fit is a polynomial in s, and c <= s is the regime the option is for).
+LOSS_CHUNK_FP32_FORWARD = 2    # float32 logits, exp(logits - max) inside logsumexp
+LOSS_CHUNK_FP32_BACKWARD = 2   # float32 logits, softmax / dlogits
+
+
+def blockwise_loss_buffers(hidden: int, vocab: int, dtype_bytes: int, chunk: int, *, bias: bool = False) -> dict:
+    """The fused loss's allocations beside its inputs and outputs, as named byte counts
+    (same keys as ``ring_attention_buffers``; constant in the sequence length)."""
+    block = chunk * vocab
+    return {
+        "forward_steps": [("loss chunk logits", block * dtype_bytes),
+                          ("loss chunk float32 temporaries", LOSS_CHUNK_FP32_FORWARD * block * FP32)],
+        "backward_persistent": [("dW accumulator (fp32)", vocab * hidden * FP32 + (vocab * FP32 if bias else 0))],
+        "backward_steps": [("loss chunk logits + dlogits", 2 * block * dtype_bytes),
+                           ("loss chunk float32 temporaries", LOSS_CHUNK_FP32_BACKWARD * block * FP32)],
+    }
 
 
 # -- the model ------------------------------------------------------------------------------------

@@ -80,8 +80,28 @@ class _CausalLMStep(torch.nn.Module):
         return self.model(input_ids=ids, labels=ids).loss  # the cache holds the same K/V tensors backward saves
 
 
+class _CausalLMBlockwiseStep(torch.nn.Module):
+    """``ids -> loss`` with the LM head and its loss fused into ringfx's blockwise loss (what
+    ``transform(..., blockwise_loss=chunk)`` makes of transformers' ``ForCausalLMLoss``; a head
+    that is not a plain linear, such as a logit soft-cap, is not fused by transform)."""
+
+    def __init__(self, model, chunk: int):
+        super().__init__()
+        self.model, self.chunk = model, chunk
+
+    def forward(self, ids):
+        from ..blockwise import chunked_linear_cross_entropy
+
+        hidden = self.model.base_model(input_ids=ids)[0]
+        head = self.model.get_output_embeddings()
+        labels = torch.nn.functional.pad(ids, (0, 1), value=-100)[..., 1:]  # ForCausalLMLoss's shift
+        return chunked_linear_cross_entropy(hidden, head.weight, head.bias, labels, chunk=self.chunk,
+                                            loss_dtype=torch.float32)
+
+
 def transformers_target_parts(config, batch_size: int):
-    """(name, module on meta, inputs at n tokens, loss, matmul FLOPs per token) of a config."""
+    """(name, module on meta, inputs at n tokens, loss, matmul FLOPs per token, the fused-loss
+    step for a chunk size) of a config."""
     from transformers import AutoModelForCausalLM
 
     dtype = getattr(config, "dtype", None) or torch.bfloat16
@@ -96,4 +116,5 @@ def transformers_target_parts(config, batch_size: int):
     def make_inputs(n):
         return (torch.zeros(batch_size, n, dtype=torch.long, device="meta"),)
 
-    return name, step, make_inputs, lambda loss, inputs: loss, 2.0 * params * batch_size
+    return (name, step, make_inputs, lambda loss, inputs: loss, 2.0 * params * batch_size,
+            lambda chunk: _CausalLMBlockwiseStep(model, chunk))

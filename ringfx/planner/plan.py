@@ -60,13 +60,17 @@ class _Target:
     steps: dict = dataclasses.field(default_factory=dict)  # fit length -> the rewritten program as a module
     notes: list = dataclasses.field(default_factory=list)
     layers: Optional[int] = None
+    # chunk tokens -> an ``inputs -> loss`` module with the LM head and loss fused (configs); None:
+    # a module's own program, where the capture fuses what transform would (``fused_losses``)
+    blockwise: Optional[Callable[[int], torch.nn.Module]] = None
+    fused_losses: Optional[int] = None
 
 
 # configs build the same reference module every time: their fits are kept for the process
 _CONFIG_FITS: dict = {}
 
 
-def _resolve(model, *, example_inputs, seq_dim, loss_fn, batch_size) -> _Target:
+def _resolve(model, *, example_inputs, seq_dim, loss_fn, batch_size, blockwise_loss: int = 0) -> _Target:
     if isinstance(model, str):
         from .models import resolve_model
 
@@ -79,14 +83,15 @@ def _resolve(model, *, example_inputs, seq_dim, loss_fn, batch_size) -> _Target:
         fits = _CONFIG_FITS.setdefault((cfg, batch_size), {}) if loss_fn is None else {}
         return _Target(cfg.name, module, lambda n: _presets.example_ids(cfg, n, batch_size), CONFIG_FIT_POINTS,
                        loss_fn or _presets.lm_loss, _presets.flops_per_token(cfg) * batch_size, cfg.causal, fits,
-                       layers=cfg.layers)
+                       layers=cfg.layers,
+                       blockwise=None if loss_fn else lambda chunk: _presets.BlockwiseLossStep(module, chunk))
     if _is_transformers_config(model):
         from .models import transformers_target_parts
 
-        name, module, make_inputs, hf_loss, flops = transformers_target_parts(model, batch_size)
+        name, module, make_inputs, hf_loss, flops, fused_step = transformers_target_parts(model, batch_size)
         layers = _layer_list(module)
         return _Target(name, module, make_inputs, CONFIG_FIT_POINTS, loss_fn or hf_loss, flops, None,
-                       layers=len(layers) if layers is not None else None)
+                       layers=len(layers) if layers is not None else None, blockwise=None if loss_fn else fused_step)
     if isinstance(model, torch.nn.Module):  # an nn.Module or an fx.GraphModule
         if example_inputs is None:
             raise ValueError("example_inputs is required to plan a module or graph: pass the tuple of inputs of "
@@ -104,7 +109,7 @@ def _resolve(model, *, example_inputs, seq_dim, loss_fn, batch_size) -> _Target:
         target = _Target(type(model).__name__, model, _resizer(example_inputs, seq_dim, length, meta=True), points,
                          loss_fn, 2.0 * params, None, layers=len(layers) if layers is not None else None)
         if not isinstance(model, torch.fx.GraphModule):
-            _rewrite_target(target, _resizer(example_inputs, seq_dim, length, meta=False))
+            _rewrite_target(target, _resizer(example_inputs, seq_dim, length, meta=False), blockwise_loss)
         return target
     raise TypeError(f"model: expected an nn.Module, an fx.GraphModule, a ModelConfig, a transformers config or a "
                     f"preset name ({', '.join(_presets.PRESETS)}); got {type(model).__name__}")
@@ -135,7 +140,7 @@ def _resizer(example_inputs: tuple, seq_dim: int, length: int, *, meta: bool) ->
     return lambda n: tuple(resize(t, n) for t in example_inputs)
 
 
-def _rewrite_target(target: _Target, real_inputs: Callable[[int], tuple]) -> None:
+def _rewrite_target(target: _Target, real_inputs: Callable[[int], tuple], blockwise_loss: int = 0) -> None:
     """Plan the program ringfx runs: capture the module at each fit length, rewrite it with
     ringfx's passes and simulate the rewritten graph (``capture.py``).  Sets the target's
     ``sites``; a model dynamo splits into several graphs stays simulated as written."""
@@ -145,11 +150,12 @@ def _rewrite_target(target: _Target, real_inputs: Callable[[int], tuple]) -> Non
     for i, n in enumerate(target.points):
         start = time.perf_counter()
         inputs = real_inputs(n)
-        captured = capture_rewritten(target.module, inputs)
+        captured = capture_rewritten(target.module, inputs, blockwise_loss=blockwise_loss)
         log.info("captured %s at %d tokens and rewrote it with ringfx's passes (%.1f s)", target.name, n,
                  time.perf_counter() - start)
         if i == 0:
             target.sites = captured.sites
+            target.fused_losses = captured.fused_losses if blockwise_loss else None
             if not captured.ring_ops:
                 return  # nothing rewritten: the module as written is what runs
         step = single_graph_step(captured, inputs)
@@ -171,13 +177,18 @@ def _build_model(target: _Target, options: TrainingOptions, ring: bool, fits: Op
                          "and the rewritten graph of this model has none; checkpoint the layers in the model "
                          "(torch.utils.checkpoint) and plan without the option")
 
+    fused = target.blockwise(options.blockwise_loss) if options.blockwise_loss and target.blockwise else None
+
     def run(n):
-        return simulate_step(target.steps.get(n, target.module), target.make_inputs(n), training=options.training, ring=ring,
+        module = fused if fused is not None else target.steps.get(n, target.module)
+        return simulate_step(module, target.make_inputs(n), training=options.training, ring=ring,
                              query_chunks=options.query_chunks, kernel=options.kernel,
-                             activation_checkpointing=options.activation_checkpointing, loss_fn=target.loss_fn)
+                             activation_checkpointing=options.activation_checkpointing,
+                             loss_fn=_loss_itself if fused is not None else target.loss_fn)
 
     # precision, optimizer and parameter sharding change only the static terms: one fit serves them all
-    key = (options.training, options.activation_checkpointing, options.query_chunks, options.kernel, ring)
+    key = (options.training, options.activation_checkpointing, options.query_chunks, options.kernel, ring,
+           options.blockwise_loss if target.blockwise else 0)
     if fits is not None and key in fits:
         envelope, attention, exact = fits[key]
     else:
@@ -208,6 +219,10 @@ def _build_model(target: _Target, options: TrainingOptions, ring: bool, fits: Op
                        attention=attention, ring=ring, exact=exact, options=options)
 
 
+def _loss_itself(loss, inputs):
+    return loss
+
+
 def memory_model(model, *, ring: bool = True, options: Optional[TrainingOptions] = None, example_inputs=None,
                  seq_dim: int = 1, loss_fn=None, batch_size: int = 1, **option_overrides) -> MemoryModel:
     """The symbolic per-device memory of ``model`` (a module, graph, config or preset name).
@@ -215,7 +230,8 @@ def memory_model(model, *, ring: bool = True, options: Optional[TrainingOptions]
     ``MemoryModel.peak`` is a sympy expression in ``ringfx.planner.memory.S`` and ``P``.
     """
     options = (options or TrainingOptions()).replace(**option_overrides)
-    target = _resolve(model, example_inputs=example_inputs, seq_dim=seq_dim, loss_fn=loss_fn, batch_size=batch_size)
+    target = _resolve(model, example_inputs=example_inputs, seq_dim=seq_dim, loss_fn=loss_fn, batch_size=batch_size,
+                      blockwise_loss=options.blockwise_loss)
     return _build_model(target, options, ring, target.fits)
 
 
@@ -258,6 +274,8 @@ class Plan:
         ckpt = "on" if o.activation_checkpointing else "off"
         mode = (f"training ({o.precision}, optimizer {o.optimizer}, checkpointing {ckpt}, param shards "
                 f"{o.param_shards})") if o.training else f"forward only ({o.param_dtype})".replace("torch.", "")
+        if o.blockwise_loss:
+            mode += f", blockwise loss (chunks of {o.blockwise_loss:,} tokens)"
         lines = [
             f"ringfx plan: {self.model}, S = {self.seq_len:,} tokens, {mode}",
             f"device: {d.name} ({d.source}): {_gib(d.memory)}, budget {_gib(self.budget)} "
@@ -464,7 +482,8 @@ def plan(
         raise ValueError(f"layout={layout!r}: use 'contiguous', 'zigzag' or None (zigzag when causal)")
     options = (options or TrainingOptions()).replace(**option_overrides)
     spec = device_spec(device, device_memory=device_memory, flops=flops, bandwidth=bandwidth, world_size=world_size)
-    target = _resolve(model, example_inputs=example_inputs, seq_dim=seq_dim, loss_fn=loss_fn, batch_size=batch_size)
+    target = _resolve(model, example_inputs=example_inputs, seq_dim=seq_dim, loss_fn=loss_fn, batch_size=batch_size,
+                      blockwise_loss=options.blockwise_loss)
     budget = int(spec.memory * (1 - headroom))
     sizes = _ring_sizes(spec.world_size, max_ring_size)
 
@@ -473,7 +492,7 @@ def plan(
     if causal is None:
         causal = target.causal if target.causal is not None else any(a.causal for a in probe.attention)
         search.causal = causal
-    reasons = _attention_reasons(target, probe)
+    reasons = _attention_reasons(target, probe) + _blockwise_reasons(target, options)
     if longest:
         seq_len, p_max = max_seq_len(search, options, sizes)
         if seq_len == 0:
@@ -563,6 +582,25 @@ def _attention_reasons(target: _Target, probe: MemoryModel) -> list:
     return out
 
 
+def _blockwise_reasons(target: _Target, options: TrainingOptions) -> list:
+    if not options.blockwise_loss:
+        return []
+    chunk = f"chunks of {options.blockwise_loss:,} tokens"
+    if target.blockwise is not None:
+        return [f"blockwise loss: the LM head and its cross-entropy in {chunk} (ringfx::linear_cross_entropy; the "
+                "logits are never whole, the logits output is None)"]
+    if target.fused_losses and target.steps:
+        return [f"blockwise loss: ringfx's pass fuses {target.fused_losses} loss(es) of the captured program into "
+                f"{chunk}"]
+    if target.sites is None:
+        why = "loss_fn= computes the loss outside the model"
+    elif not target.fused_losses:
+        why = "the captured program has no linear -> cross_entropy to fuse (a loss_fn= outside the model is not)"
+    else:
+        why = "the model is simulated as written (" + "; ".join(target.notes or ["no attention rewritten"]) + ")"
+    return [f"blockwise loss asked but not planned: {why}; the logits are budgeted whole"]
+
+
 # what each term of the peak is, and what shrinks it
 _SHRINK = {
     "parameters": "FSDP (param_shards='ring', --fsdp) divides it by P",
@@ -571,7 +609,7 @@ _SHRINK = {
     "gradients": "FSDP divides it by P",
     "activations": "activation checkpointing (--checkpointing) keeps one input per layer; more devices divide it by P",
     LOGITS: "the logits (S/P x vocab, and their float32 copy in the loss) grow with the vocabulary: more devices, or "
-            "a loss computed over blocks of the sequence without materialising all logits",
+            "blockwise_loss=True (--blockwise-loss): the loss over chunks of tokens, the logits never whole",
     "attention buffers": "more devices (÷P); query chunks bound the per-step part",
     "backward temporaries": "more devices (÷P); activation checkpointing",
     "inputs": "more devices (÷P)",

@@ -122,6 +122,10 @@ class LlamaLike(nn.Module):
             self.lm_head.weight = self.embed.weight
 
     def forward(self, ids):
+        return self.lm_head(self.hidden_states(ids))
+
+    def hidden_states(self, ids):
+        """The final norm's output, the LM head's input (B, S, hidden)."""
         s = ids.shape[1]
         inv = 1.0 / (10000.0 ** (torch.arange(0, self.cfg.head_dim, 2, device=ids.device, dtype=torch.float32)
                                  / self.cfg.head_dim))
@@ -132,13 +136,29 @@ class LlamaLike(nn.Module):
         x = self.embed(ids)
         for layer in self.layers:
             x = layer(x, cos, sin)
-        return self.lm_head(self.norm(x))
+        return self.norm(x)
 
 
 def lm_loss(logits, inputs):
     """Next-token cross-entropy in float32, as HF models compute it (labels = the ids here)."""
     ids = inputs[0]
     return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), ids.reshape(-1))
+
+
+class BlockwiseLossStep(nn.Module):
+    """``ids -> loss`` of a :class:`LlamaLike` with the LM head and ``lm_loss`` fused into
+    ringfx's blockwise loss (chunks of ``chunk`` tokens): what
+    ``transform(..., blockwise_loss=chunk)`` makes of the head."""
+
+    def __init__(self, model: LlamaLike, chunk: int):
+        super().__init__()
+        self.model, self.chunk = model, chunk
+
+    def forward(self, ids):
+        from ..blockwise import chunked_linear_cross_entropy
+
+        return chunked_linear_cross_entropy(self.model.hidden_states(ids), self.model.lm_head.weight, None, ids,
+                                            chunk=self.chunk, loss_dtype=torch.float32)
 
 
 def build_reference_model(cfg: ModelConfig, device="meta") -> LlamaLike:

@@ -33,7 +33,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
 
-from .memory import AttentionShape, ring_attention_buffers, s_local, sdpa_buffers
+from .memory import AttentionShape, blockwise_loss_buffers, ring_attention_buffers, s_local, sdpa_buffers
 
 log = logging.getLogger("ringfx.planner")
 
@@ -147,6 +147,40 @@ class _ModeledAttention(torch.autograd.Function):
         return dq, dk, dv, None, None
 
 
+class _ModeledBlockwiseLoss(torch.autograd.Function):
+    """``ringfx::linear_cross_entropy`` as its contract says (``memory.blockwise_loss_buffers``):
+    per-chunk temporaries that live only inside the op, the float32 dW accumulator through its
+    backward, nothing of size vocab saved."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, chunk, tracker):
+        buffers = blockwise_loss_buffers(hidden.shape[-1], weight.shape[0], hidden.element_size(), chunk,
+                                         bias=bias is not None)
+        category, tracker.category = tracker.category, LOGITS
+        steps = [_blob(n) for _, n in buffers["forward_steps"]]
+        del steps
+        tracker.category = category
+        ctx.save_for_backward(hidden, weight, bias, labels)
+        ctx.buffers, ctx.tracker = buffers, tracker
+        return (torch.empty((), dtype=torch.float32, device=hidden.device),
+                torch.empty((), dtype=torch.int64, device=hidden.device))
+
+    @staticmethod
+    def backward(ctx, grad, _grad_count):
+        hidden, weight, bias, labels = ctx.saved_tensors
+        tracker = ctx.tracker
+        category, tracker.category = tracker.category, LOGITS
+        persistent = [_blob(n) for _, n in ctx.buffers["backward_persistent"]]
+        steps = [_blob(n) for _, n in ctx.buffers["backward_steps"]]
+        del steps
+        tracker.category = category
+        dh = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device)
+        dw = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
+        db = torch.empty(bias.shape, dtype=bias.dtype, device=bias.device) if bias is not None else None
+        del persistent
+        return dh, dw, db, None, None, None
+
+
 class _ModeledRMSNorm(torch.autograd.Function):
     """``F.rms_norm`` as CUDA runs it: one fused kernel that saves the input and the float32
     reciprocal RMS (on CPU and meta it decomposes into several saved fp32 intermediates)."""
@@ -180,8 +214,9 @@ def _shape_of(q: torch.Tensor, k: torch.Tensor, causal: bool = False) -> Attenti
 
 
 class _AttentionSwap(TorchFunctionMode):
-    """Sends SDPA and ringfx ring attention to ``_ModeledAttention`` (and ``F.rms_norm`` to
-    its fused CUDA form); records the attention calls."""
+    """Sends SDPA and ringfx ring attention to ``_ModeledAttention``, ringfx's blockwise loss
+    to ``_ModeledBlockwiseLoss`` (and ``F.rms_norm`` to its fused CUDA form); records the
+    attention calls."""
 
     def __init__(self, tracker, ring, query_chunks, kernel):
         super().__init__()
@@ -201,6 +236,10 @@ class _AttentionSwap(TorchFunctionMode):
             if len(shape) == 1 and (weight is None or weight.dim() == 1):
                 return _ModeledRMSNorm.apply(x, weight)
             return func(*args, **kwargs)
+        if "ringfx" in str(func) and "linear_cross_entropy" in str(func) and "backward" not in str(func):
+            hidden, weight, bias, labels = args[:4]
+            chunk = args[7] if len(args) > 7 else kwargs["chunk"]
+            return _ModeledBlockwiseLoss.apply(hidden, weight, bias, labels, chunk, self.model[0])
         if "ringfx" in str(func) and "ring_attention" in str(func) and "backward" not in str(func):
             q, k, v = args[:3]
             causal = bool(args[8]) if len(args) > 8 else bool(kwargs.get("causal", False))
