@@ -10,6 +10,8 @@ import itertools
 
 import pytest
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
 import ringfx
 from ringfx.testing import spawn_gloo
@@ -160,3 +162,147 @@ def test_variants_on_gloo_ring():
     failures = [(rank, case, errors) for rank, results in enumerate(spawn_gloo(3, _variants_on_gloo_ring))
                 for case, errors in results if not max(errors) < TOL]
     assert not failures, failures
+
+
+# ------------------------------------------------- the spellings, found and rewritten
+
+E, H, HKV, D = 16, 4, 2, 4
+
+
+class _Attn(nn.Module):
+    """Projections in and out (float64) around an ``attend`` spelled as a model writes it."""
+
+    def __init__(self):
+        super().__init__()
+        self.q = nn.Linear(E, H * D, dtype=torch.float64)
+        self.kv = nn.Linear(E, 2 * HKV * D, dtype=torch.float64)
+        self.out = nn.Linear(H * D, E, dtype=torch.float64)
+
+    def forward(self, x):
+        b, s, _ = x.shape
+        q = self.q(x).view(b, s, H, D).transpose(1, 2)
+        k, v = (t.view(b, s, HKV, D).transpose(1, 2) for t in self.kv(x).split(HKV * D, dim=-1))
+        k, v = (t.repeat_interleave(H // HKV, dim=1) for t in (k, v))
+        causal = torch.full((s, s), torch.finfo(x.dtype).min, dtype=x.dtype).triu(1)
+        return self.out(self.attend(q, k, v, causal).transpose(1, 2).reshape(b, s, H * D))
+
+
+class SoftcapThenMask(_Attn):
+    """transformers' Gemma 2 eager attention: scale, soft-cap, then the mask."""
+
+    cap = 0.5
+
+    def attend(self, q, k, v, mask):
+        w = torch.matmul(q, k.transpose(2, 3)) * D ** -0.5
+        w = w / self.cap
+        w = torch.tanh(w)
+        w = w * self.cap
+        w = w + mask
+        p = F.softmax(w, dim=-1, dtype=torch.float64).to(q.dtype)  # Gemma 2: float32, an upcast for bf16
+        return torch.matmul(p, v)
+
+
+class SinkColumn(_Attn):
+    """transformers' GPT-OSS eager attention: the sink column joined, the row max
+    subtracted, softmax, the column dropped."""
+
+    def __init__(self):
+        super().__init__()
+        self.sinks = nn.Parameter(torch.randn(H, dtype=torch.float64))
+
+    def attend(self, q, k, v, mask):
+        w = torch.matmul(q, k.transpose(2, 3)) * D ** -0.5 + mask
+        sinks = self.sinks.reshape(1, -1, 1, 1).expand(q.shape[0], -1, q.shape[-2], -1)
+        combined = torch.cat([w, sinks], dim=-1)
+        combined = combined - combined.max(dim=-1, keepdim=True).values
+        p = F.softmax(combined, dim=-1, dtype=combined.dtype)
+        return torch.matmul(F.dropout(p[..., :-1], p=0.0, training=False).to(v.dtype), v)
+
+
+class MaskThenSoftcap(SoftcapThenMask):
+    """The mask before the tanh: tanh turns -inf into -cap, so masked keys still count."""
+
+    def attend(self, q, k, v, mask):
+        w = torch.matmul(q, k.transpose(2, 3)) * D ** -0.5 + mask
+        w = torch.tanh(w / self.cap) * self.cap
+        return torch.matmul(F.softmax(w, dim=-1), v)
+
+
+class SinkColumnKept(SinkColumn):
+    """The first column dropped instead of the sink's: not attention with a sink."""
+
+    def attend(self, q, k, v, mask):
+        w = torch.matmul(q, k.transpose(2, 3)) * D ** -0.5 + mask
+        sinks = self.sinks.reshape(1, -1, 1, 1).expand(q.shape[0], -1, q.shape[-2], -1)
+        p = F.softmax(torch.cat([sinks, w], dim=-1), dim=-1)
+        return torch.matmul(p[..., 1:], v)
+
+
+def _zero_touch(model, world, layout, seq_len):
+    """Output, input gradient and parameter gradients of ``model`` and of its transform."""
+    torch._dynamo.reset()
+    x = torch.randn(2, seq_len, E, dtype=torch.float64, generator=torch.Generator().manual_seed(seq_len))
+    weights = torch.linspace(-1, 1, 2 * seq_len * E, dtype=torch.float64).view(2, seq_len, E)
+
+    def run(m):
+        xi = x.clone().requires_grad_(True)
+        out = m(xi)
+        (out * weights).sum().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        model.zero_grad(set_to_none=True)
+        return out.detach(), xi.grad, grads
+
+    ref = run(model)
+    ring = ringfx.transform(model, mesh=ringfx.LoopbackRing(world), layout=layout)
+    return ring, ref, run(ring)
+
+
+def _assert_same(ref, got, tol):
+    (ref_out, ref_dx, ref_grads), (out, dx, grads) = ref, got
+    torch.testing.assert_close(out, ref_out, atol=tol, rtol=tol)
+    torch.testing.assert_close(dx, ref_dx, atol=tol, rtol=tol)
+    for n, g in ref_grads.items():
+        torch.testing.assert_close(grads[n], g, atol=tol, rtol=tol, msg=lambda m: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("world,layout,seq_len", [(2, "contiguous", 11), (3, "zigzag", 13)])
+@pytest.mark.parametrize("spelling", [SoftcapThenMask, SinkColumn], ids=["gemma2-softcap", "gpt-oss-sinks"])
+def test_spelling_rewritten_and_exact(spelling, world, layout, seq_len):
+    torch.manual_seed(0)
+    model = spelling()
+    ring, ref, got = _zero_touch(model, world, layout, seq_len)
+    assert ring.sites and all(s.decision == "rewritten" for s in ring.sites), [
+        (s.pattern, s.decision, s.reason) for s in ring.sites]
+    _assert_same(ref, got, TOL)
+    if spelling is SinkColumn:
+        assert got[2]["sinks"].abs().max() > 1e-3  # the sinks' gradient is there, and right
+
+
+def test_rewritten_graph_passes_the_variants_to_the_op():
+    torch.manual_seed(0)
+    for spelling, want in ((SoftcapThenMask, ("softcap", "causal")), (SinkColumn, ("sinks", "rowmax"))):
+        report = ringfx.explain(spelling(), torch.randn(2, 9, E, dtype=torch.float64))
+        (site,) = report.sites
+        assert site.decision == "rewritten" and site.mask_kind == "causal", site
+        assert all(w in site.pattern + site.mask_kind for w in want), site.pattern
+        (gm,) = report.graph_modules
+        (op,) = [n for n in gm.graph.nodes if n.target == torch.ops.ringfx.ring_attention.default]
+        sinks, softcap = op.args[12:14]
+        if spelling is SoftcapThenMask:
+            assert sinks is None and softcap == SoftcapThenMask.cap
+            assert not [n for n in gm.graph.nodes if n.target in (torch.tanh, "tanh")]
+        else:
+            assert softcap == 0.0 and sinks.op == "placeholder" and "sinks" in sinks.name
+            assert not [n for n in gm.graph.nodes if n.target in (torch.cat, F.softmax)]
+
+
+@pytest.mark.parametrize("spelling,reason", [
+    (MaskThenSoftcap, "mask"),  # left alone, the mask named
+    (SinkColumnKept, None),  # a softmax over S + 1 columns: not taken for attention, runs unchanged
+], ids=["mask-before-tanh", "first-column-dropped"])
+def test_look_alikes_are_not_rewritten(spelling, reason):
+    torch.manual_seed(0)
+    report = ringfx.explain(spelling(), torch.randn(2, 9, E, dtype=torch.float64))
+    assert not report.rewritten, str(report)
+    if reason is not None:
+        assert report.left_alone and all(reason in s.reason for s in report.left_alone), str(report)

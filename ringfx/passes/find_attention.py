@@ -8,8 +8,12 @@ Two anchors:
 
       s = q @ k.transpose(-2, -1)          # matmul / bmm / einsum / baddbmm
       s = s / math.sqrt(d)                 # or q * d**-0.25 and k * d**-0.25, or alpha=
+      s = cap * tanh(s / cap)              # logit soft-capping (Gemma 2), before the mask
       s = s.masked_fill(mask, -inf)        # or s + bias, torch.where(mask, s, finfo.min)
+      s = cat([s, sinks.reshape(1, -1, 1, 1).expand(B, -1, S, -1)], -1)  # sinks (GPT-OSS)
+      s = s - s.max(-1, keepdim=True).values                          # (a no-op to softmax)
       p = softmax(s.float(), -1).type_as(q)
+      p = p[..., :-1]                      # the sink column dropped
       p = dropout(p, 0.1, training=False)
       o = p @ v                            # <- AttentionSite stored in o.meta["ringfx"]
 
@@ -152,7 +156,8 @@ def match_softmax_chain(softmax: fx.Node) -> Optional[AttentionSite]:
     if not isinstance(dim, int):
         return None
     walk = _walk_scores(x, softmax)
-    pv, chain_fwd, fwd_features, escape = _walk_probs(softmax)
+    sinks = walk[7][1] if walk is not None else None
+    pv, chain_fwd, fwd_features, escape = _walk_probs(softmax, sink_column=sinks is not None)
     if pv is None and walk is not None:
         pv = _product_downstream(softmax)
         if pv is not None:  # softmax(q @ kᵀ) reaches "@ v" through an op we cannot prove
@@ -171,9 +176,9 @@ def match_softmax_chain(softmax: fx.Node) -> Optional[AttentionSite]:
                              source_line=source_line(softmax), anchor=softmax)
         return site.skip(f"the ops between {scores.name} ({op_name(scores)}) and softmax are not a "
                          "recognised scale / mask spelling")
-    scores, chain_back, terms, scale, features, problem, split = walk
+    scores, chain_back, terms, scale, features, problem, split, (softcap, sinks) = walk
     site = AttentionSite(output=pv, pattern="", source_line=source_line(softmax),
-                         anchor=softmax)
+                         anchor=softmax, softcap=softcap, sinks=sinks)
     site.chain = chain_back + [softmax] + chain_fwd
     site.terms, site.scale = terms, 1.0
     _fold(site, scale)
@@ -187,6 +192,9 @@ def match_softmax_chain(softmax: fx.Node) -> Optional[AttentionSite]:
         return site.skip(problem)
     if escape:
         return site.skip(escape)
+    if sinks is not None and "drop-sink" not in fwd_features:
+        return site.skip("the sink column joined to the scores is not dropped from the probabilities before "
+                         "the product with v")
     problem = _decode_products(site, scores, pv, split)
     if problem:
         return site.skip(problem)
@@ -348,7 +356,7 @@ def _reaches_scores(node, depth: int = 0) -> bool:
     name = _fname(node)
     if name in SCORE_OPS:
         return True
-    if name in CASTS or name in SHAPE_ONLY or _scalar_factor(node):
+    if name in CASTS or name in SHAPE_ONLY or name == "tanh" or _scalar_factor(node):
         return _reaches_scores(node.args[0], depth + 1)
     if name == "add":
         return any(_reaches_scores(a, depth + 1) for a in node.args[:2])
@@ -376,13 +384,16 @@ def _heads_split(node: fx.Node) -> bool:
 def _walk_scores(x: fx.Node, consumer: Optional[fx.Node] = None):
     """Walk from the softmax input back to the scores product.
 
-    Returns (scores, chain, terms, scale, features, problem, split) or None if not
-    attention; ``split`` is the ``(B*H, S, S) -> (B, H, S, S)`` view the walk went
-    through, or None."""
+    Returns (scores, chain, terms, scale, features, problem, split, (softcap, sinks)) or
+    None if not attention; ``split`` is the ``(B*H, S, S) -> (B, H, S, S)`` view the walk
+    went through, or None; ``softcap`` is 0.0 or the cap of ``cap * tanh(s / cap)``,
+    ``sinks`` None or the ``(H,)`` logits joined to the scores as one more column."""
     chain, terms, features = [], [], []
     scale, problem = [], ""
     scale_seen = False  # walking backwards: a scale seen before an add is applied after it
     split, terms_at_split = None, 0
+    softcap, terms_at_softcap, sinks = 0.0, 0, None
+    also_reads: set = set()  # nodes that may read a score without being an escape (a row max)
     while True:
         if not isinstance(x, fx.Node):
             return None
@@ -413,6 +424,38 @@ def _walk_scores(x: fx.Node, consumer: Optional[fx.Node] = None):
             scale.append(factor)
             if "scale(scores)" not in features:
                 features.append("scale(scores)")
+        elif name == "sub" and len(x.args) >= 2 and isinstance(x.args[0], fx.Node) \
+                and _row_max_of(x.args[1]) is x.args[0]:
+            # s - s.max(-1, keepdim=True): a constant per row, nothing to softmax, unless a
+            # tanh comes after it (walking backwards: was already seen)
+            if softcap:
+                return None
+            also_reads.update(_row_max_nodes(x.args[1]))
+            features.append("rowmax")
+            nxt = x.args[0]
+        elif name == "tanh" and x.args and isinstance(x.args[0], fx.Node):
+            # cap * tanh(s / cap): the factors seen so far (applied after the tanh) are the cap
+            if softcap or sinks is not None:
+                return None
+            cap = 1.0
+            for f in scale:
+                if isinstance(f, tuple):
+                    problem = problem or "the soft-capping factor is not a constant number"
+                    break
+                cap *= f
+            if cap <= 0:
+                return None
+            softcap, terms_at_softcap = cap, len(terms)
+            features.append("softcap")
+            nxt = x.args[0]
+        elif name == "cat" and sinks is None and not softcap:
+            joined = _sink_column(x)
+            if joined is None:
+                return None
+            if scale or terms:
+                problem = problem or "the scores are scaled or masked after the sink column is joined"
+            nxt, sinks = joined
+            features.append("sinks")
         elif name == "add" and len(x.args) >= 2 and isinstance(x.args[0], fx.Node) and isinstance(x.args[1], fx.Node):
             if x.kwargs.get("alpha", 1) != 1:
                 return None
@@ -453,7 +496,7 @@ def _walk_scores(x: fx.Node, consumer: Optional[fx.Node] = None):
             features.append("where")
         else:
             return None
-        if inplace is None and consumer is not None and _other_uses(x, consumer):
+        if inplace is None and consumer is not None and _other_uses(x, consumer, also_reads):
             problem = problem or f"the scores are also used by {_describe_users(x)}"
         chain.append(x)
         x, consumer = nxt, x
@@ -462,23 +505,114 @@ def _walk_scores(x: fx.Node, consumer: Optional[fx.Node] = None):
     if split is not None and len(terms) > terms_at_split:
         problem = problem or ("a mask is applied to the (B*H, S, S) scores before they are viewed as "
                               "(B, H, S, S)")
-    return x, [x] + chain[::-1], terms[::-1], scale, features[::-1] + ["softmax"], problem, split
+    if softcap and len(terms) > terms_at_softcap:
+        # tanh would turn a -inf mask into -cap: the ring op masks after soft-capping
+        problem = problem or "a mask is applied before the soft-capping tanh"
+    return (x, [x] + chain[::-1], terms[::-1], scale, features[::-1] + ["softmax"], problem, split,
+            (softcap, sinks))
 
 
-def _other_uses(x: fx.Node, consumer: fx.Node) -> bool:
-    """x is read by something other than ``consumer`` (a dtype-only ``type_as`` aside)."""
-    return any(u is not consumer and not _dtype_only_use(u, x) for u in x.users)
+def _other_uses(x: fx.Node, consumer: fx.Node, also_reads=()) -> bool:
+    """x is read by something other than ``consumer`` (a dtype-only ``type_as`` and the
+    nodes of ``also_reads`` aside)."""
+    return any(u is not consumer and u not in also_reads and not _dtype_only_use(u, x) for u in x.users)
 
 
-def _walk_probs(softmax: fx.Node):
+def _row_max_nodes(node) -> list:
+    """The nodes of ``x.max(-1, keepdim=True)[0]`` / ``.values`` / ``x.amax(-1, keepdim=True)``
+    (optionally detached), last first; [] when ``node`` is no such row maximum."""
+    nodes = []
+    while op_name(node) == "detach" and isinstance(node.args[0], fx.Node):
+        nodes.append(node)
+        node = node.args[0]
+    if op_name(node) == "getitem" and node.args[1] == 0 and op_name(node.args[0]) == "max":
+        nodes.append(node)
+        node = node.args[0]
+    elif op_name(node) != "amax":
+        return []
+    x = node.args[0] if node.args else None
+    shape = shape_of(x) if isinstance(x, fx.Node) else None
+    dim = arg(node, 1, "dim")
+    dim = dim[0] if isinstance(dim, (list, tuple)) and len(dim) == 1 else dim
+    if not shape or not isinstance(dim, int) or normalize_dim(dim, len(shape)) != len(shape) - 1 \
+            or arg(node, 2, "keepdim", False) is not True:
+        return []
+    return nodes + [node]
+
+
+def _row_max_of(node) -> Optional[fx.Node]:
+    """``x`` when ``node`` is the maximum of each of x's rows (``_row_max_nodes``), else None."""
+    nodes = _row_max_nodes(node)
+    return nodes[-1].args[0] if nodes else None
+
+
+def _sink_column(cat: fx.Node) -> Optional[tuple[fx.Node, fx.Node]]:
+    """``cat([s, column], -1)`` where the column broadcasts one logit per head over the
+    rows (GPT-OSS: ``sinks.reshape(1, -1, 1, 1).expand(B, -1, S, -1)``): (s, sinks), sinks
+    the ``(H,)`` tensor; None for any other cat."""
+    tensors = cat.args[0] if cat.args else cat.kwargs.get("tensors")
+    dim = arg(cat, 1, "dim", 0)
+    shape = shape_of(cat)
+    if not isinstance(tensors, (list, tuple)) or len(tensors) != 2 or not shape or len(shape) != 4 \
+            or not isinstance(dim, int) or normalize_dim(dim, 4) != 3:
+        return None
+    scores, column = tensors
+    if not isinstance(scores, fx.Node) or not _reaches_scores(scores):
+        return None
+    sinks = _per_head_logits(column)
+    return None if sinks is None else (scores, sinks)
+
+
+def _per_head_logits(column) -> Optional[fx.Node]:
+    """The ``(H,)`` tensor that ``column`` ``(B, H, Sq, 1)`` repeats over batch and rows, seen
+    through singleton reshapes / views / unsqueezes / casts and one expand; or None."""
+    cs = shape_of(column) if isinstance(column, fx.Node) else None
+    if not cs or len(cs) != 4 or cs[3] != 1 or not isinstance(cs[1], int):
+        return None
+    h = cs[1]
+    x, expanded = column, False
+    for _ in range(8):
+        if tuple(shape_of(x) or ()) == (h,):
+            return x
+        name = op_name(x)
+        if name == "expand" and not expanded:
+            expanded = True
+        elif not (name in CASTS or name in ("reshape", "view", "unsqueeze")):
+            return None
+        src = x.args[0] if x.args else None
+        ss = shape_of(src) if isinstance(src, fx.Node) else None
+        if not ss or len(ss) > 4 or [d for d in ss if d != 1] not in ([h], [] if h == 1 else [h]):
+            return None
+        if name == "expand":  # it broadcasts size-1 axes only: the head axis must already be axis 1
+            padded = (1,) * (4 - len(ss)) + tuple(ss)
+            if padded[1] != h:
+                return None
+        x = src
+    return None
+
+
+def _drops_last_column(node: fx.Node) -> bool:
+    """``p[..., :-1]`` (or ``p[:, :, :, :-1]``): the probabilities without the sink column."""
+    if op_name(node) != "getitem" or len(node.args) < 2 or not isinstance(node.args[1], tuple):
+        return False
+    index, shape = node.args[1], shape_of(node.args[0])
+    last = slice(None, -1, None)
+    return index == (Ellipsis, last) or (shape is not None and index == (slice(None),) * (len(shape) - 1) + (last,))
+
+
+def _walk_probs(softmax: fx.Node, sink_column: bool = False):
     """Walk from softmax forward to ``probs @ v``: (pv, chain, features, escape).
 
     pv is None when the probabilities never reach the left side of a product (not
-    attention); ``escape`` names a use that stops the rewrite (another user, dropout)."""
+    attention); ``escape`` names a use that stops the rewrite (another user, dropout).
+    ``sink_column``: the softmax ran over one more column (the sinks), which one
+    ``p[..., :-1]`` on the way drops (feature ``drop-sink``)."""
     chain, features, escape = [], [], None
     y = softmax
     while True:
         steps = [u for u in y.users if _continues(u, y)]
+        if sink_column and "drop-sink" not in features:
+            steps += [u for u in y.users if _drops_last_column(u) and u.args[0] is y]
         if len(steps) != 1:
             return None, chain, features, escape
         user = steps[0]
@@ -490,6 +624,8 @@ def _walk_probs(softmax: fx.Node):
         name = op_name(user)
         if name in ("matmul", "bmm", "einsum"):
             return user, chain + [user], features, escape
+        if _drops_last_column(user):
+            features.append("drop-sink")
         if name == "dropout":
             p, training = arg(user, 1, "p", 0.5), arg(user, 2, "training", True)
             features.append("dropout")

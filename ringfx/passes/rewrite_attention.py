@@ -10,6 +10,10 @@ classify_masks_pass) and changes nothing else in the graph::
     o = p @ repeat_kv(v, 4)                         0.125, 0, "auto")
                                                 o = out
 
+A soft-capped site (``cap * tanh(s / cap)``) and a site with sinks (``cat([s, sinks
+column], -1)``, softmax, ``p[..., :-1]``) pass ``sinks`` (the ``(H,)`` parameter itself)
+and ``softcap`` as two more arguments of the op.
+
 Layout fixes (permute / unsqueeze for ``(B*H, S, D)`` spellings) are inserted before the
 op and undone after it; the replaced chain and the nodes that only fed it (the key
 transpose, the repeat_kv expansion, q/k scaling) are erased.
@@ -113,9 +117,13 @@ def _rewrite(gm: fx.GraphModule, site: AttentionSite, options: PassOptions, repl
         scale = float(site.scale)
         for node, power in site.scale_nodes:
             scale = graph.call_function(operator.mul if power > 0 else operator.truediv, (scale, now(node)))
+        variants = ()  # soft-capping and sinks: per head, the same on every rank
+        if site.softcap or site.sinks is not None:
+            sinks = now(site.sinks) if site.sinks is not None else None
+            variants = (sinks, float(site.softcap))
         ring = graph.call_function(ring_attention_target(), (
             q, k, v, kpm, seg, bias, options.group_name, options.layout, bool(site.causal),
-            scale, int(site.window or 0), options.kernel))
+            scale, int(site.window or 0), options.kernel, *variants))
         out = graph.call_function(operator.getitem, (ring, 0))
         if site.out_squeeze0:
             out = graph.call_method("squeeze", (out, 0))

@@ -98,6 +98,8 @@ class AttentionSite:
     causal: bool = False
     window: int = 0
     gqa: str = "none"
+    softcap: float = 0.0  # logit soft-capping: scores = softcap * tanh(scores / softcap) before the masks
+    sinks: Optional[fx.Node] = None  # (H,) per-head sink logits joined to the softmax (GPT-OSS)
     terms: list[MaskTerm] = field(default_factory=list)
     chain: list[fx.Node] = field(default_factory=list)  # nodes the rewrite replaces
     anchor: Optional[fx.Node] = None  # the softmax or SDPA node: the user's source line
