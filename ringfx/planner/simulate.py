@@ -26,6 +26,7 @@ import weakref
 from fractions import Fraction
 from typing import Callable, Optional
 
+import numpy
 import sympy
 import torch
 import torch.nn.functional as F
@@ -416,18 +417,28 @@ def fit_peak_envelope(run: Callable[[int], StepPeak], points) -> tuple:
         c0 = Fraction(y0 * x1 * x2, d0) + Fraction(y1 * x0 * x2, d1) + Fraction(y2 * x0 * x1, d2)
         return c0, c1, c2
 
-    coeffs = [[coefficients(*(runs[k].trace[i][c] for k in range(3))) for c in range(len(CATEGORIES))]
-              for i in events]
-    totals = [tuple(float(sum(cc[d] for cc in line)) for d in range(3)) for line in coeffs]
+    # Totals first, in integers: Lagrange's coefficients times D = d0 d1 d2 (exact, and N / D is
+    # the correctly rounded float of the same rational the per-category Fractions would sum to);
+    # the per-category Fractions only for the events that are kept.
+    d0, d1, d2 = (x0 - x1) * (x0 - x2), (x1 - x0) * (x1 - x2), (x2 - x0) * (x2 - x1)
+    w0, w1, w2, big_d = d1 * d2, d0 * d2, d0 * d1, d0 * d1 * d2
+    t0, t1, t2 = (tuple(map(sum, r.trace)) for r in runs[:3])
+    numerators = [(y0 * x1 * x2 * w0 + y1 * x0 * x2 * w1 + y2 * x0 * x1 * w2,
+                   -(y0 * (x1 + x2) * w0 + y1 * (x0 + x2) * w1 + y2 * (x0 + x1) * w2),
+                   y0 * w0 + y1 * w1 + y2 * w2)
+                  for y0, y1, y2 in ((t0[i], t1[i], t2[i]) for i in events)]
+    totals = numpy.array([[n / big_d for n in line] for line in numerators], dtype=numpy.float64).reshape(-1, 3)
     exact = True
     if len(points) > 3:
         x3 = int(points[3])
-        exact = all(sum(cc[0] + cc[1] * x3 + cc[2] * x3 * x3 for cc in line) == sum(runs[3].trace[i])
-                    for line, i in zip(coeffs, events))
+        t3 = runs[3].trace
+        exact = all(n0 + n1 * x3 + n2 * x3 * x3 == big_d * sum(t3[i]) for (n0, n1, n2), i in zip(numerators, events))
     # keep the events that are the peak somewhere: sampled at s = 2^(k/4) up to 2^40 tokens
+    # (numpy evaluates t0 + t1 x + t2 x x in the same order as Python floats; argmax takes the first maximum)
     samples = [2.0 ** (k / 4) for k in range(161)] + [float(n) for n in points]
-    kept = sorted({max(range(len(totals)), key=lambda j: totals[j][0] + totals[j][1] * x + totals[j][2] * x * x)
-                   for x in samples})
+    kept = sorted({int(numpy.argmax(totals[:, 0] + totals[:, 1] * x + totals[:, 2] * x * x)) for x in samples})
+    coeffs = {i: [coefficients(*(runs[k].trace[events[i]][c] for k in range(3))) for c in range(len(CATEGORIES))]
+              for i in kept}
     envelope = []
     for i in kept:
         terms = {}
