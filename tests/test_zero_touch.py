@@ -10,6 +10,7 @@ distributed forms' all-reduces and the gradient averaging over the ring.
 from __future__ import annotations
 
 import copy
+import re
 import warnings
 
 import pytest
@@ -73,7 +74,13 @@ def test_distributed_forms_are_named():
     ring = ringfx.LoopbackRing(3)
     assert "over the sequence" in run_case(BY_CASE["mean_pool_classifier"], ring, "zigzag", 12)["distributed"][0]
     assert "token select" in run_case(BY_CASE["first_token_pooler"], ring, "zigzag", 12)["distributed"][0]
-    assert "cross_entropy" in run_case(BY_CASE["padded_shift_sum_loss"], ring, "zigzag", 12)["distributed"][0]
+    forms = " | ".join(run_case(BY_CASE["padded_shift_sum_loss"], ring, "zigzag", 12)["distributed"])
+    assert "'cross_entropy' (reduction='sum')" in forms and "pad by (0, 1) tokens" in forms, forms
+    # shifts, rolls and convolutions along the sequence move boundary tokens, not the sequence
+    assert "slice [0:12]" in run_case(BY_CASE["shifted_loss"], ring, "zigzag", 13)["distributed"][0]
+    assert "roll by 1" in run_case(BY_CASE["roll_shift"], ring, "zigzag", 13)["distributed"][0]
+    assert "conv1d over the sequence (kernel 4, a halo of 3" in run_case(
+        BY_CASE["causal_conv"], ring, "zigzag", 13)["distributed"][0]
 
 
 def test_tokens_made_inside_the_model_are_sharded_where_they_are_made():
@@ -169,7 +176,13 @@ def test_explain_lists_sharded_inputs_distributed_forms_and_fallbacks():
     report = ringfx.explain(ring_model, torch.randn(2, 8, E, dtype=DTYPE))
     text = str(report)
     assert "sharded input: " in text and "(2, 8, 16) along dim 1" in text
-    assert "all-gather fallback: 'roll' at mixing_zoo.py" in text
+    assert "distributed: roll by 1 along the sequence (boundary tokens from the neighbours) at mixing_zoo.py" in text
+    torch.compiler.reset()
+    ring_model = ringfx.transform(BY_CASE["hand_written_softmax"].make(), mesh=ringfx.LoopbackRing(2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ringfx.RingfxWarning)
+        text = str(ringfx.explain(ring_model, torch.randn(2, 8, E, dtype=DTYPE)))
+    assert re.search(r"all-gather fallback: '\w+' at mixing_zoo.py:\d+", text), text
     torch.compiler.reset()
     ring_model = ringfx.transform(BY_CASE["mean_pool_classifier"].make(), mesh=ringfx.LoopbackRing(2))
     assert "distributed: 'mean' over the sequence" in str(ringfx.explain(ring_model, torch.randn(2, 8, E,

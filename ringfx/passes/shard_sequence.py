@@ -43,7 +43,7 @@ import torch
 import torch.fx as fx
 
 from ..errors import UnsupportedError
-from ..runtime import collectives
+from ..runtime import collectives, token_moves
 from ..runtime.layout import chunks_per_rank
 from . import ring_glue
 from .node_facts import (VALUE_KEY, CASTS, SHAPE_ONLY, called_subgraph, hop_subgraphs, index_axis, is_model_state,
@@ -536,6 +536,14 @@ class _Sharder:
             return self._split(node, name)
         if name == "repeat":
             return self._repeat(node)
+        if name == "narrow":
+            return self._narrow(node)
+        if name == "pad":
+            return self._pad(node)
+        if name == "roll":
+            return self._roll(node)
+        if name == "conv1d":
+            return self._conv1d(node)
         raise _Fallback()
 
     def _require(self, node: fx.Node, s: Sharded, rank_of: dict) -> None:
@@ -930,6 +938,8 @@ class _Sharder:
         if isinstance(result, Sharded):
             self.placed[node] = result
             return
+        if result == "slice" and s.outer == 1 and s.inner == 1:
+            return self._slice(node, x, s, index, shape)
         if result == "select" and s.outer == 1 and s.inner == 1:
             items = index if isinstance(index, tuple) else (index,)
             # only x[..., i, ...] with whole slices elsewhere
@@ -946,6 +956,157 @@ class _Sharder:
                 self._distributed(picked, "token select from the rank that holds it")
                 return
         raise _Fallback()
+
+    # ---- tokens that cross shard boundaries (runtime.token_moves) -----------------------------------
+    def _moved(self, x: fx.Node, s: Sharded, spec: str, length: int, fill, before: fx.Node) -> fx.Node:
+        """``x``'s tokens moved by ``spec``: a sequence of ``length`` tokens along the same axis."""
+        with self.graph.inserting_before(before):
+            new = self.graph.call_function(token_moves.take_tokens, (
+                x, s.axis, s.length, spec, fill, self.group, self.layout))
+        shape = list(self.shape(x))
+        shape[s.axis] = length
+        self.shapes[new] = tuple(shape)
+        new.meta[VALUE_KEY] = torch.empty(shape, dtype=getattr(value_of(x), "dtype", None), device="meta")
+        new.meta["stack_trace"] = before.meta.get("stack_trace")
+        self.placed[new] = Sharded(s.axis, length)
+        return new
+
+    def _shifted(self, x: fx.Node, s: Sharded, length: int, offset: int, before: fx.Node, wrap=False,
+                 fill=0) -> fx.Node:
+        """The sharded sequence ``y[t] = x[t + offset]`` (mod S if ``wrap``) of ``length`` tokens."""
+        if length <= 0:
+            raise _Fallback()
+        return self._moved(x, s, token_moves.shift_spec(length, offset, wrap), length, fill, before)
+
+    def _slice(self, node: fx.Node, x: fx.Node, s: Sharded, index, shape) -> None:
+        """``x[..., a:b, ...]`` along the sequence: the tokens of ``[a, b)`` re-sharded as a
+        sequence of their own (a shift: each rank gets the few boundary tokens it lacks)."""
+        items = list(index) if isinstance(index, tuple) else [index]
+        k = _item_on_axis(s.axis, items, len(shape))
+        if k is None or not isinstance(items[k], slice) or items[k].step not in (None, 1) or not all(
+                isinstance(v, (int, type(None))) for v in (items[k].start, items[k].stop)):
+            raise _Fallback()
+        start, stop, _ = items[k].indices(s.length)
+        moved = self._shifted(x, s, stop - start, start, node)
+        items[k] = slice(None)
+        new_index = tuple(items) if isinstance(index, tuple) else items[0]
+        node.args = (moved, new_index)
+        result = _through_index(self.placed[moved], new_index, self.shapes[moved])
+        if not isinstance(result, Sharded):
+            raise _Fallback()
+        self.placed[node] = result
+        self._distributed(node, f"slice [{start}:{stop}] along the sequence (boundary tokens from the neighbours)")
+
+    def _narrow(self, node: fx.Node) -> None:
+        x, dim, start, length = (list(node.args) + [node.kwargs.get(k) for k in ("dim", "start", "length")])[:4]
+        s, shape = self.placed.get(x), self.shape(x)
+        if not isinstance(s, Sharded) or shape is None or not all(isinstance(v, int) for v in (dim, start, length)):
+            raise _Fallback()
+        if normalize_dim(dim, len(shape)) != s.axis:
+            return self._keep_axis(node, x, s.axis)
+        if s.outer != 1 or s.inner != 1:
+            raise _Fallback()
+        start = start % s.length if start < 0 else start
+        moved = self._shifted(x, s, length, start, node)
+        node.replace_all_uses_with(moved)
+        self.graph.erase_node(node)
+        self._distributed(moved, f"narrow [{start}:{start + length}] along the sequence (boundary tokens from the "
+                                 "neighbours)")
+
+    def _pad(self, node: fx.Node) -> None:
+        """``F.pad(x, (.., left, right, ..), value=v)`` on the sequence axis: a shift by
+        ``left`` into a sequence of ``S + left + right`` tokens, the new ones ``v``."""
+        x = node.args[0]
+        pad = node.args[1] if len(node.args) > 1 else node.kwargs.get("pad")
+        mode = node.args[2] if len(node.args) > 2 else node.kwargs.get("mode", "constant")
+        value = node.args[3] if len(node.args) > 3 else node.kwargs.get("value", None)
+        s, shape = self.placed.get(x), self.shape(x)
+        if not isinstance(s, Sharded) or shape is None or not isinstance(pad, (tuple, list)) or not all(
+                isinstance(p, int) for p in pad) or mode != "constant" or isinstance(value, fx.Node):
+            raise _Fallback()
+        nd = len(shape)
+        pair = nd - 1 - s.axis  # F.pad lists (left, right) pairs from the last dim backwards
+        if 2 * pair + 1 >= len(pad) or (pad[2 * pair], pad[2 * pair + 1]) == (0, 0):
+            return self._keep_axis(node, x, s.axis)
+        if s.outer != 1 or s.inner != 1:
+            raise _Fallback()
+        left, right = pad[2 * pair], pad[2 * pair + 1]
+        moved = self._shifted(x, s, s.length + left + right, -left, node, fill=0 if value is None else value)
+        rest = list(pad)
+        rest[2 * pair:2 * pair + 2] = [0, 0]
+        self._distributed(moved, f"pad by ({left}, {right}) tokens along the sequence (boundary tokens from the "
+                                 "neighbours)")
+        if not any(rest):
+            node.replace_all_uses_with(moved)
+            self.graph.erase_node(node)
+            return
+        node.args = (moved, tuple(rest), *node.args[2:])
+        self.placed[node] = self.placed[moved]
+
+    def _roll(self, node: fx.Node) -> None:
+        """``torch.roll`` along the sequence: a shift that wraps around."""
+        x = node.args[0]
+        shifts = node.args[1] if len(node.args) > 1 else node.kwargs.get("shifts")
+        dims = node.args[2] if len(node.args) > 2 else node.kwargs.get("dims")
+        s, shape = self.placed.get(x), self.shape(x)
+        if not isinstance(s, Sharded) or shape is None or dims is None:
+            raise _Fallback()  # dims=None rolls the flattened tensor
+        shifts = list(shifts) if isinstance(shifts, (tuple, list)) else [shifts]
+        dims = [normalize_dim(d, len(shape)) for d in (dims if isinstance(dims, (tuple, list)) else [dims])]
+        if len(shifts) != len(dims) or not all(isinstance(k, int) for k in shifts):
+            raise _Fallback()
+        if s.axis not in dims:
+            return self._keep_axis(node, x, s.axis)
+        if s.outer != 1 or s.inner != 1 or dims.count(s.axis) != 1:
+            raise _Fallback()
+        k = shifts[dims.index(s.axis)]
+        moved = self._shifted(x, s, s.length, -k, node, wrap=True)
+        self._distributed(moved, f"roll by {k} along the sequence (boundary tokens from the neighbours)")
+        rest = [(k2, d) for k2, d in zip(shifts, dims) if d != s.axis]
+        if not rest:
+            node.replace_all_uses_with(moved)
+            self.graph.erase_node(node)
+            return
+        node.args = (moved, tuple(k2 for k2, _ in rest), tuple(d for _, d in rest))
+        node.kwargs = {}
+        self.placed[node] = self.placed[moved]
+
+    def _conv1d(self, node: fx.Node) -> None:
+        """A convolution over the tokens (``(B, C, S)``, the sequence last, stride 1): each
+        rank convolves its tokens plus the ``dilation * (k - 1)`` beyond them (a halo)."""
+        names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+        defaults = (None, None, None, 1, 0, 1, 1)
+        a = [node.args[i] if i < len(node.args) else node.kwargs.get(n, d) for i, (n, d) in
+             enumerate(zip(names, defaults))]
+        x, w, b, stride, padding, dilation, groups = a
+        s, shape, wshape = self.placed.get(x), self.shape(x), self.shape(w)
+        one = lambda v: v[0] if isinstance(v, (tuple, list)) and len(v) == 1 else v  # noqa: E731
+        stride, padding, dilation = one(stride), one(padding), one(dilation)
+        if not isinstance(s, Sharded) or shape is None or wshape is None or s.axis != len(shape) - 1 or \
+                s.outer != 1 or s.inner != 1 or w in self.placed or b in self.placed or stride != 1 or \
+                not isinstance(dilation, int) or not isinstance(groups, int):
+            raise _Fallback()
+        span = dilation * (wshape[-1] - 1)
+        if padding == "valid":
+            padding = 0
+        if padding == "same":
+            left, right = span // 2, span - span // 2
+        elif isinstance(padding, int):
+            left = right = padding
+        else:
+            raise _Fallback()
+        out_length = s.length + left + right - span
+        if out_length <= 0:
+            raise _Fallback()
+        with self.graph.inserting_before(node):
+            conv = self.graph.call_function(token_moves.conv1d_over_sequence, (
+                x, w, b, left, right, dilation, groups, s.length, out_length, self.group, self.layout))
+        conv.meta[VALUE_KEY] = value_of(node)
+        conv.meta["stack_trace"] = node.meta.get("stack_trace")
+        node.replace_all_uses_with(conv)
+        self.graph.erase_node(node)
+        self.placed[conv] = Sharded(s.axis, out_length)
+        self._distributed(conv, f"conv1d over the sequence (kernel {wshape[-1]}, a halo of {span} tokens)")
 
     def _cat(self, node: fx.Node, name: str) -> None:
         tensors = node.args[0]
@@ -1102,6 +1263,24 @@ def _through_index(s: Sharded, index, in_shape):
     if kind == "axis":
         return s.at(value)
     return kind if kind in ("select", "slice") else "unknown"
+
+def _item_on_axis(axis: int, items: list, nd: int) -> Optional[int]:
+    """Which item of a basic index (ints, slices, None, Ellipsis) applies to ``axis``."""
+    axis_in = 0
+    for k, it in enumerate(items):
+        if it is Ellipsis:
+            skip = nd - axis_in - sum(1 for x in items[k + 1:] if x is not None and x is not Ellipsis)
+            if axis_in <= axis < axis_in + skip:
+                return None
+            axis_in += skip
+        elif it is None:
+            continue
+        else:
+            if axis_in == axis:
+                return k
+            axis_in += 1
+    return None
+
 
 def _sum_over_sequence(x, dims, keepdim, axis, length, group_name, layout, dtype, count):
     """``x.sum(dims)`` (or the mean over ``count`` values) over the whole ring: the local
