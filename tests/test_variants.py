@@ -1,12 +1,15 @@
 """Attention variants computed natively by the ring op: logit soft-capping (Gemma 2) and
 attention sinks (GPT-OSS). Forward and backward (q, k, v and the sinks) against a plain
 single-process reference written here, on loopback rings P = 1..4 and one real gloo
-ring; then the whole pipeline on transformers' own Gemma 2 and GPT-OSS eager attention.
+ring of 2; the spellings found, rewritten and exact under ``ringfx.transform`` (and two
+look-alikes not rewritten); then the whole pipeline on transformers' own Gemma 2 and
+GPT-OSS eager attention.
 """
 
 from __future__ import annotations
 
 import itertools
+import warnings
 
 import pytest
 import torch
@@ -154,12 +157,18 @@ def _variants_on_gloo_ring(rank, world):
     for layout, causal, (softcap, sinks) in itertools.product(("contiguous", "zigzag"), (False, True), VARIANTS):
         results.append(((layout, causal, softcap, sinks),
                         check_variant(None, layout, causal, softcap, sinks, seed=11)))
+    # zero-touch on the real ring: the sinks' gradient, a per-rank part, averaged by the hooks
+    torch.manual_seed(0)
+    _, ref, got = _zero_touch(SinkColumn(), world, "zigzag", 13)
+    errors = [(got[0] - ref[0]).abs().max().item()]  # the output; the input's gradient is per rank
+    errors += [(got[2][n] - g).abs().max().item() for n, g in ref[2].items()]
+    results.append((("zero-touch", "sinks"), errors))
     return results
 
 
 @pytest.mark.gloo
 def test_variants_on_gloo_ring():
-    failures = [(rank, case, errors) for rank, results in enumerate(spawn_gloo(3, _variants_on_gloo_ring))
+    failures = [(rank, case, errors) for rank, results in enumerate(spawn_gloo(2, _variants_on_gloo_ring))
                 for case, errors in results if not max(errors) < TOL]
     assert not failures, failures
 
@@ -239,7 +248,8 @@ class SinkColumnKept(SinkColumn):
 
 
 def _zero_touch(model, world, layout, seq_len):
-    """Output, input gradient and parameter gradients of ``model`` and of its transform."""
+    """Output, input gradient and parameter gradients of ``model`` and of its transform
+    (on a loopback ring of ``world``, or the default group when one is initialised)."""
     torch._dynamo.reset()
     x = torch.randn(2, seq_len, E, dtype=torch.float64, generator=torch.Generator().manual_seed(seq_len))
     weights = torch.linspace(-1, 1, 2 * seq_len * E, dtype=torch.float64).view(2, seq_len, E)
@@ -253,7 +263,8 @@ def _zero_touch(model, world, layout, seq_len):
         return out.detach(), xi.grad, grads
 
     ref = run(model)
-    ring = ringfx.transform(model, mesh=ringfx.LoopbackRing(world), layout=layout)
+    mesh = None if torch.distributed.is_initialized() else ringfx.LoopbackRing(world)
+    ring = ringfx.transform(model, mesh=mesh, layout=layout)
     return ring, ref, run(ring)
 
 
@@ -265,35 +276,27 @@ def _assert_same(ref, got, tol):
         torch.testing.assert_close(grads[n], g, atol=tol, rtol=tol, msg=lambda m: f"{n}: {m}")
 
 
-@pytest.mark.parametrize("world,layout,seq_len", [(2, "contiguous", 11), (3, "zigzag", 13)])
-@pytest.mark.parametrize("spelling", [SoftcapThenMask, SinkColumn], ids=["gemma2-softcap", "gpt-oss-sinks"])
+@pytest.mark.parametrize("spelling,world,layout,seq_len", [
+    (SoftcapThenMask, 3, "zigzag", 13), (SinkColumn, 2, "contiguous", 11),
+], ids=["gemma2-softcap", "gpt-oss-sinks"])
 def test_spelling_rewritten_and_exact(spelling, world, layout, seq_len):
     torch.manual_seed(0)
     model = spelling()
     ring, ref, got = _zero_touch(model, world, layout, seq_len)
-    assert ring.sites and all(s.decision == "rewritten" for s in ring.sites), [
-        (s.pattern, s.decision, s.reason) for s in ring.sites]
+    (site,) = ring.sites
+    assert site.decision == "rewritten" and site.mask_kind == "causal", site
     _assert_same(ref, got, TOL)
-    if spelling is SinkColumn:
-        assert got[2]["sinks"].abs().max() > 1e-3  # the sinks' gradient is there, and right
-
-
-def test_rewritten_graph_passes_the_variants_to_the_op():
-    torch.manual_seed(0)
-    for spelling, want in ((SoftcapThenMask, ("softcap", "causal")), (SinkColumn, ("sinks", "rowmax"))):
-        report = ringfx.explain(spelling(), torch.randn(2, 9, E, dtype=torch.float64))
-        (site,) = report.sites
-        assert site.decision == "rewritten" and site.mask_kind == "causal", site
-        assert all(w in site.pattern + site.mask_kind for w in want), site.pattern
-        (gm,) = report.graph_modules
-        (op,) = [n for n in gm.graph.nodes if n.target == torch.ops.ringfx.ring_attention.default]
-        sinks, softcap = op.args[12:14]
-        if spelling is SoftcapThenMask:
-            assert sinks is None and softcap == SoftcapThenMask.cap
-            assert not [n for n in gm.graph.nodes if n.target in (torch.tanh, "tanh")]
-        else:
-            assert softcap == 0.0 and sinks.op == "placeholder" and "sinks" in sinks.name
-            assert not [n for n in gm.graph.nodes if n.target in (torch.cat, F.softmax)]
+    # the graph: one ring op taking the variant; the tanh, or the cat and the softmax, gone
+    (gm,) = [g.graph_module for g in ring.reports]
+    (op,) = [n for n in gm.graph.nodes if n.target == torch.ops.ringfx.ring_attention.default]
+    sinks, softcap = op.args[12:14]
+    if spelling is SoftcapThenMask:
+        assert "softcap" in site.pattern and sinks is None and softcap == SoftcapThenMask.cap
+        assert not [n for n in gm.graph.nodes if n.target in (torch.tanh, "tanh")]
+    else:
+        assert "sinks" in site.pattern and softcap == 0.0 and "sinks" in sinks.name
+        assert not [n for n in gm.graph.nodes if n.target in (torch.cat, F.softmax)]
+        assert got[2]["sinks"].abs().max() > 1e-3  # the sinks' gradient is there (and right)
 
 
 @pytest.mark.parametrize("spelling,reason", [
@@ -306,3 +309,77 @@ def test_look_alikes_are_not_rewritten(spelling, reason):
     assert not report.rewritten, str(report)
     if reason is not None:
         assert report.left_alone and all(reason in s.reason for s in report.left_alone), str(report)
+
+
+# ------------------------------------------- transformers' Gemma 2 and GPT-OSS, zero-touch
+
+def _tiny_lm(name):
+    """A tiny random transformers LM in float64 with the variant's eager attention: Gemma 2
+    (a sliding-window and a full layer, soft-capped scores) or GPT-OSS (one sliding-window
+    layer with sinks, two experts)."""
+    transformers = pytest.importorskip("transformers", reason="needs transformers")
+    common = dict(vocab_size=96, hidden_size=32, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                  max_position_embeddings=128, sliding_window=5, attn_implementation="eager", pad_token_id=0)
+    torch.manual_seed(0)
+    if name == "gemma2":
+        if not hasattr(transformers, "Gemma2ForCausalLM"):
+            pytest.skip("transformers has no Gemma 2")
+        cfg = transformers.Gemma2Config(intermediate_size=64, num_hidden_layers=2, query_pre_attn_scalar=8,
+                                        attn_logit_softcapping=1.0, final_logit_softcapping=None, **common)
+        model = transformers.Gemma2ForCausalLM(cfg)
+    else:
+        if not hasattr(transformers, "GptOssForCausalLM"):
+            pytest.skip("transformers has no GPT-OSS")
+        # batched experts: the grouped-matmul ones take no float64, the eager ones break the graph
+        cfg = transformers.GptOssConfig(intermediate_size=32, num_hidden_layers=1, num_local_experts=2,
+                                        num_experts_per_tok=1, experts_implementation="batched_mm", **common)
+        model = transformers.GptOssForCausalLM(cfg)
+    model = model.double().eval()
+    with torch.no_grad():  # scores large enough for tanh to bend them; sinks away from 0
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(30.0)
+            if name == "gpt_oss":
+                layer.self_attn.sinks.normal_()
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, 96, (2, 13), generator=g)
+    mask = torch.ones(2, 13, dtype=torch.long)
+    mask[1, 9:] = 0
+    ids[1, 9:] = 0
+    return model, dict(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100), use_cache=False)
+
+
+def _lm_run(model, params, inputs):
+    out = model(**inputs)
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in params}
+    for _, p in params:
+        p.grad = None
+    return out.logits.detach(), out.loss.detach(), grads
+
+
+# Gemma 2's eager attention takes its softmax in float32 (an upcast for bf16, a rounding for
+# this float64 model); the ring op keeps float64, so the two agree to float32's precision
+LM_TOL = {"gemma2": 1e-6, "gpt_oss": TOL}
+
+
+@pytest.mark.parametrize("name", ["gemma2", "gpt_oss"])
+def test_transformers_model_rewritten_and_exact(name):
+    torch._dynamo.reset()
+    model, inputs = _tiny_lm(name)
+    params = list(model.named_parameters())
+    ref_logits, ref_loss, ref_grads = _lm_run(model, params, inputs)
+    ring = ringfx.transform(model, mesh=ringfx.LoopbackRing(2), layout="zigzag")
+    with warnings.catch_warnings():
+        # GPT-OSS's expert routing (top-k over the flattened tokens) runs all-gathered: warned
+        warnings.simplefilter("ignore", ringfx.RingfxWarning)
+        logits, loss, grads = _lm_run(ring, params, inputs)
+    assert ring.sites and all(s.decision == "rewritten" for s in ring.sites), [
+        (s.pattern, s.decision, s.reason) for s in ring.sites]
+    assert all(("softcap" if name == "gemma2" else "sinks") in s.pattern for s in ring.sites)
+    tol = LM_TOL[name]
+    torch.testing.assert_close(logits, ref_logits, atol=tol, rtol=tol)
+    torch.testing.assert_close(loss, ref_loss, atol=tol, rtol=tol)
+    for n, g in ref_grads.items():
+        torch.testing.assert_close(grads[n], g, atol=tol, rtol=tol, msg=lambda m: f"{n}: {m}")
+    if name == "gpt_oss":
+        assert ref_grads["model.layers.0.self_attn.sinks"].abs().max() > 1e-4
