@@ -487,6 +487,8 @@ class _Sharder:
         out = self.shape(node)
         if getattr(node.target, "__module__", None) == ring_glue.__name__:
             return self._glue(node)
+        if node.target is _fused_loss_target():
+            return self._fused_loss(node)
         if name in ("size", "numel") or (name == "getattr" and node.args[1] == "shape"):
             return self._constant_size(node)
         if name in _METADATA or (name == "getattr" and node.args[1] in ("dtype", "device", "ndim", "is_cuda")):
@@ -761,10 +763,8 @@ class _Sharder:
         elif name == "unflatten":
             dim = normalize_dim(node.args[1], len(shape))
             sizes = list(node.args[2])
-            if not dim <= new.axis < dim + len(sizes):
-                raise _Fallback()
-            if sizes[new.axis - dim] != -1:
-                sizes[new.axis - dim] = local
+            if dim <= new.axis < dim + len(sizes) and sizes[new.axis - dim] != -1:
+                sizes[new.axis - dim] = local  # else the sequence is outside the unflattened dim
             node.args = (x, node.args[1], tuple(sizes))
         elif name in ("view_as", "reshape_as"):
             raise _Fallback()
@@ -903,6 +903,33 @@ class _Sharder:
         node.replace_all_uses_with(total)
         self.graph.erase_node(node)
         self._distributed(total, f"'{name}' (reduction={reduction!r}) over the ring's tokens")
+
+    def _fused_loss(self, node: fx.Node) -> None:
+        """The blockwise loss (``ringfx::linear_cross_entropy``, from ``blockwise_loss=``): each
+        rank's chunked sum over its own tokens, then the ring's sum (and count, for a mean)."""
+        hidden, weight, bias, target, ignore, reduction, smoothing, chunk, loss_dtype = node.args
+        s, shape, tshape = self.placed.get(hidden), self.shape(hidden), self.shape(target)
+        if not isinstance(s, Sharded) or shape is None or tshape is None or s.axis == len(shape) - 1 or \
+                weight in self.placed or bias in self.placed or node.kwargs:
+            raise _Fallback()
+        if tuple(tshape) == tuple(shape[:-1]):
+            want = s
+        elif len(tshape) == 1 and tshape[0] == math.prod(shape[:-1]):  # flattened labels, rows in order
+            want = Sharded(0, s.length, math.prod(shape[:s.axis]) * s.outer,
+                           math.prod(shape[s.axis + 1:-1]) * s.inner)
+        else:
+            raise _Fallback()
+        target = self.localize(target, want, node, fill=ignore)
+        with self.graph.inserting_before(node):
+            fused = self.graph.call_function(_fused_loss_over_sequence, (
+                hidden, weight, bias, target, ignore, reduction, smoothing, chunk, loss_dtype, want.axis,
+                want.length, want.outer, want.inner, self.group, self.layout))
+        fused.meta[VALUE_KEY] = value_of(node)
+        fused.meta["stack_trace"] = node.meta.get("stack_trace")
+        node.replace_all_uses_with(fused)
+        self.graph.erase_node(node)
+        self._distributed(fused, f"blockwise loss (reduction={reduction!r}) over the ring's tokens, "
+                                 f"{chunk} tokens per chunk")
 
     def _element_loss(self, node: fx.Node, name: str) -> None:
         x, target = node.args[0], node.args[1] if len(node.args) > 1 else node.kwargs.get("target")
@@ -1339,17 +1366,37 @@ def _cumsum_over_sequence(x, axis, length, group_name, layout, dtype):
     return (scans + mine.unsqueeze(axis + 1)).flatten(axis, axis + 1)
 
 
+def _ignoring_padding(target, axis, length, outer, inner, group_name, layout, ignore_index):
+    """Class targets with the ring's pad tokens set to ``ignore_index``."""
+    if outer != 1 or inner != 1:
+        split = target.unflatten(axis, (outer, -1, inner))
+        target = collectives.mask_padding(split, axis + 1, length, group_name, layout, fill=ignore_index)
+        return target.flatten(axis, axis + 2)
+    return collectives.mask_padding(target, axis, length, group_name, layout, fill=ignore_index)
+
+
+def _fused_loss_target():
+    ops = getattr(torch.ops, "ringfx", None)
+    return getattr(getattr(ops, "linear_cross_entropy", None), "default", None)
+
+
+def _fused_loss_over_sequence(hidden, weight, bias, target, ignore_index, reduction, label_smoothing, chunk,
+                              loss_dtype, axis, length, outer, inner, group_name, layout):
+    """The blockwise loss over the ring: (loss, count of valid targets), as the op returns them."""
+    target = _ignoring_padding(target, axis, length, outer, inner, group_name, layout, ignore_index)
+    local, count = torch.ops.ringfx.linear_cross_entropy(hidden, weight, bias, target, ignore_index, "sum",
+                                                         label_smoothing, chunk, loss_dtype)
+    total = collectives.all_reduce_sum(local, group_name)
+    count = collectives.all_reduce_sum(count, group_name)
+    return (total / count if reduction == "mean" else total), count
+
+
 def _class_loss_over_sequence(name, x, target, axis, length, outer, inner, group_name, layout, ignore_index,
                               reduction, label_smoothing):
     """cross_entropy / nll_loss summed (or averaged over valid targets) over the ring."""
     import torch.nn.functional as F
 
-    if outer != 1 or inner != 1:
-        split = target.unflatten(axis, (outer, -1, inner))
-        target = collectives.mask_padding(split, axis + 1, length, group_name, layout, fill=ignore_index)
-        target = target.flatten(axis, axis + 2)
-    else:
-        target = collectives.mask_padding(target, axis, length, group_name, layout, fill=ignore_index)
+    target = _ignoring_padding(target, axis, length, outer, inner, group_name, layout, ignore_index)
     kwargs = {"ignore_index": ignore_index, "reduction": "sum"}
     if name == "cross_entropy":
         kwargs["label_smoothing"] = label_smoothing
