@@ -228,6 +228,17 @@ class SinkColumn(_Attn):
         return torch.matmul(F.dropout(p[..., :-1], p=0.0, training=False).to(v.dtype), v)
 
 
+class SoftcapAndSinks(SinkColumn):
+    """Both: soft-capped scores, then the mask, then the (uncapped) sink column."""
+
+    def attend(self, q, k, v, mask):
+        w = torch.matmul(q, k.transpose(2, 3)) * D ** -0.5
+        w = torch.tanh(w / SoftcapThenMask.cap) * SoftcapThenMask.cap + mask
+        sinks = self.sinks.reshape(1, -1, 1, 1).expand(q.shape[0], -1, q.shape[-2], -1)
+        p = F.softmax(torch.cat([w, sinks], dim=-1), dim=-1)
+        return torch.matmul(p[..., :-1], v)
+
+
 class MaskThenSoftcap(SoftcapThenMask):
     """The mask before the tanh: tanh turns -inf into -cap, so masked keys still count."""
 
@@ -245,6 +256,18 @@ class SinkColumnKept(SinkColumn):
         sinks = self.sinks.reshape(1, -1, 1, 1).expand(q.shape[0], -1, q.shape[-2], -1)
         p = F.softmax(torch.cat([sinks, w], dim=-1), dim=-1)
         return torch.matmul(p[..., 1:], v)
+
+
+class RowMaxBeforeSinkColumn(SinkColumn):
+    """The scores' own row max subtracted before the sink column is joined: that shifts the
+    scores against the sink, so it is no longer attention with that sink."""
+
+    def attend(self, q, k, v, mask):
+        w = torch.matmul(q, k.transpose(2, 3)) * D ** -0.5 + mask
+        w = w - w.amax(dim=-1, keepdim=True)
+        sinks = self.sinks.reshape(1, -1, 1, 1).expand(q.shape[0], -1, q.shape[-2], -1)
+        p = F.softmax(torch.cat([w, sinks], dim=-1), dim=-1)
+        return torch.matmul(p[..., :-1], v)
 
 
 def _zero_touch(model, world, layout, seq_len):
@@ -277,8 +300,8 @@ def _assert_same(ref, got, tol):
 
 
 @pytest.mark.parametrize("spelling,world,layout,seq_len", [
-    (SoftcapThenMask, 3, "zigzag", 13), (SinkColumn, 2, "contiguous", 11),
-], ids=["gemma2-softcap", "gpt-oss-sinks"])
+    (SoftcapThenMask, 3, "zigzag", 13), (SinkColumn, 2, "contiguous", 11), (SoftcapAndSinks, 2, "zigzag", 11),
+], ids=["gemma2-softcap", "gpt-oss-sinks", "softcap-and-sinks"])
 def test_spelling_rewritten_and_exact(spelling, world, layout, seq_len):
     torch.manual_seed(0)
     model = spelling()
@@ -290,19 +313,19 @@ def test_spelling_rewritten_and_exact(spelling, world, layout, seq_len):
     (gm,) = [g.graph_module for g in ring.reports]
     (op,) = [n for n in gm.graph.nodes if n.target == torch.ops.ringfx.ring_attention.default]
     sinks, softcap = op.args[12:14]
-    if spelling is SoftcapThenMask:
-        assert "softcap" in site.pattern and sinks is None and softcap == SoftcapThenMask.cap
-        assert not [n for n in gm.graph.nodes if n.target in (torch.tanh, "tanh")]
-    else:
-        assert "sinks" in site.pattern and softcap == 0.0 and "sinks" in sinks.name
-        assert not [n for n in gm.graph.nodes if n.target in (torch.cat, F.softmax)]
-        assert got[2]["sinks"].abs().max() > 1e-3  # the sinks' gradient is there (and right)
+    capped, with_sinks = spelling is not SinkColumn, spelling is not SoftcapThenMask
+    assert ("softcap" in site.pattern) == capped and softcap == (SoftcapThenMask.cap if capped else 0.0)
+    assert ("sinks" in site.pattern) == with_sinks and (sinks is None) != with_sinks
+    assert not [n for n in gm.graph.nodes if n.target in (torch.tanh, "tanh", torch.cat, F.softmax)]
+    if with_sinks:
+        assert "sinks" in sinks.name and got[2]["sinks"].abs().max() > 1e-3  # its gradient: there, and right
 
 
 @pytest.mark.parametrize("spelling,reason", [
     (MaskThenSoftcap, "mask"),  # left alone, the mask named
     (SinkColumnKept, None),  # a softmax over S + 1 columns: not taken for attention, runs unchanged
-], ids=["mask-before-tanh", "first-column-dropped"])
+    (RowMaxBeforeSinkColumn, None),
+], ids=["mask-before-tanh", "first-column-dropped", "row-max-before-sink-column"])
 def test_look_alikes_are_not_rewritten(spelling, reason):
     torch.manual_seed(0)
     report = ringfx.explain(spelling(), torch.randn(2, 9, E, dtype=torch.float64))

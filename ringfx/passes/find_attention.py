@@ -427,15 +427,16 @@ def _walk_scores(x: fx.Node, consumer: Optional[fx.Node] = None):
         elif name == "sub" and len(x.args) >= 2 and isinstance(x.args[0], fx.Node) \
                 and _row_max_of(x.args[1]) is x.args[0]:
             # s - s.max(-1, keepdim=True): a constant per row, nothing to softmax, unless a
-            # tanh comes after it (walking backwards: was already seen)
-            if softcap:
+            # tanh or the sink column comes after it (walking backwards: was already seen)
+            if softcap or sinks is not None:
                 return None
             also_reads.update(_row_max_nodes(x.args[1]))
             features.append("rowmax")
             nxt = x.args[0]
         elif name == "tanh" and x.args and isinstance(x.args[0], fx.Node):
-            # cap * tanh(s / cap): the factors seen so far (applied after the tanh) are the cap
-            if softcap or sinks is not None:
+            # cap * tanh(s / cap): the factors seen so far (applied after the tanh) are the cap;
+            # a sink column joined after it stays uncapped, as the ring op computes it
+            if softcap:
                 return None
             cap = 1.0
             for f in scale:
