@@ -135,6 +135,49 @@ class MaxPool(nn.Module):  # max over tokens
         return self.attn(x).amax(dim=1)
 
 
+class MomentPool(nn.Module):  # pooled statistics over tokens: variance, std, logsumexp, 2-norm
+    def __init__(self):
+        super().__init__()
+        self.attn = Attention(causal=False)
+
+    def forward(self, x):
+        h = self.attn(x)
+        return torch.cat([h.var(dim=1), h.std(dim=1, correction=0, keepdim=True).squeeze(1),
+                          torch.logsumexp(h, 1), h.norm(dim=1), torch.linalg.vector_norm(h, dim=1)], -1)
+
+
+class MaxWithIndex(nn.Module):  # max over tokens with its position (values and indices), argmin
+    def __init__(self):
+        super().__init__()
+        self.attn = Attention()
+
+    def forward(self, x):
+        h = self.attn(x)
+        values, where = h.max(dim=1)
+        return values + 0.01 * where.to(values.dtype) + 0.001 * h.argmin(1).to(values.dtype)
+
+
+class TiedMax(nn.Module):  # max and argmax with ties across ranks: the first position wins, as in torch
+    def __init__(self):
+        super().__init__()
+        self.attn = Attention()
+
+    def forward(self, x):
+        h = self.attn(x)
+        coarse = torch.floor(h.clamp(-1, 1))  # three values: ties between ranks in every row
+        values, where = (h + coarse.detach() * 100).max(dim=1)
+        return values + where.to(values.dtype) + coarse.argmax(1).to(values.dtype)
+
+
+class CumprodGate(nn.Module):  # a decaying gate: the running product of sigmoids over tokens
+    def __init__(self):
+        super().__init__()
+        self.attn = Attention()
+
+    def forward(self, x):
+        return torch.sigmoid(self.attn(x)).cumprod(dim=1)
+
+
 class ArangeRope(nn.Module):  # RoPE with positions made inside the model by arange (no position ids)
     def __init__(self):
         super().__init__()
@@ -251,6 +294,10 @@ CASES = [
     MixingCase("causal_conv", CausalConv, _x),
     MixingCase("roll_shift", RollShift, _x),
     MixingCase("max_pool", MaxPool, _x),
+    MixingCase("moment_pool", MomentPool, _x),
+    MixingCase("max_with_index", MaxWithIndex, _x),
+    MixingCase("tied_max", TiedMax, _x),
+    MixingCase("cumprod_gate", CumprodGate, _x),
     MixingCase("arange_rope", ArangeRope, _x),
     MixingCase("alibi_bias", AlibiBias, _x),
     MixingCase("mse_loss", MseLoss, _x_target),

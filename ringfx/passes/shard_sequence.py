@@ -109,8 +109,10 @@ _POINTWISE = frozenset({
 _SUMS = frozenset({"sum", "mean", "nansum"})
 _OTHER_REDUCTIONS = frozenset({"amax", "amin", "max", "min", "prod", "std", "var", "logsumexp", "norm", "all",
                                "any", "argmax", "argmin", "nanmean", "count_nonzero", "median", "var_mean",
-                               "std_mean", "aminmax"})
+                               "std_mean", "aminmax", "linalg_vector_norm"})
 _LAST_BY_DEFAULT = frozenset({"softmax", "log_softmax"})
+_NORMS = frozenset({"norm", "linalg_vector_norm"})
+_MOMENTS = frozenset({"var", "std", "var_mean", "std_mean"})
 _CLASS_LOSSES = frozenset({"cross_entropy", "nll_loss"})
 _ELEMENT_LOSSES = frozenset({"mse_loss", "l1_loss", "smooth_l1_loss", "huber_loss", "binary_cross_entropy",
                              "binary_cross_entropy_with_logits", "soft_margin_loss"})
@@ -804,6 +806,10 @@ class _Sharder:
         shape = self.shape(x)
         if not isinstance(s, Sharded) or shape is None:
             raise _Fallback()
+        if name in _NORMS:
+            return self._norm_reduction(node, name, x, s, shape)
+        if name in _MOMENTS and len(node.args) > 2:
+            raise _Fallback()  # torch.var(x, dim, unbiased, keepdim): spell it with keywords
         nd = len(shape)
         dims = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
         if dims is None and node.kwargs.get("axis") is not None:
@@ -832,10 +838,30 @@ class _Sharder:
             self.graph.erase_node(node)
             self._distributed(extreme, f"'{name}' over the sequence (local {name} + all-gather of P values)")
             return
+        count = math.prod(shape[d] for d in reduced)
+        if not isinstance(keepdim, bool):
+            raise _Fallback()
+        dims_t = tuple(sorted(reduced))
+        if name in _MOMENTS and not set(node.kwargs) - {"dim", "keepdim", "correction", "unbiased"}:
+            unbiased = node.kwargs.get("unbiased", True)
+            correction = node.kwargs.get("correction", 1 if unbiased else 0)
+            if isinstance(correction, (int, float)) and not isinstance(correction, bool):
+                return self._replace(node, _moments_over_sequence, (
+                    x, name, dims_t, keepdim, s.axis, s.length, self.group, self.layout, count, correction),
+                    f"'{name}' over the sequence (global mean, then the sum of squared deviations, all-reduced)")
+        if name == "logsumexp" and s.outer == s.inner == 1 and dims is not None and \
+                not set(node.kwargs) - {"dim", "keepdim"}:
+            return self._replace(node, _logsumexp_over_sequence, (
+                x, dims_t, keepdim, s.axis, s.length, self.group, self.layout),
+                "'logsumexp' over the sequence (the ring's max, then a local sum of exps all-reduced)")
+        if name in ("max", "min", "argmax", "argmin") and s.outer == s.inner == 1 and dims is not None and \
+                reduced == {s.axis} and not set(node.kwargs) - {"dim", "keepdim"}:
+            return self._replace(node, _extreme_index_over_sequence, (
+                x, name, keepdim, s.axis, s.length, self.group, self.layout),
+                f"'{name}' along the sequence (each rank's, all-gathered; ties to the first position)")
         if name not in _SUMS or node.args[2:3] and not isinstance(keepdim, bool) or \
                 set(node.kwargs) - {"dim", "keepdim", "dtype", "axis"}:
             raise _Fallback()
-        count = math.prod(shape[d] for d in reduced)
         with self.graph.inserting_before(node):
             total = self.graph.call_function(_sum_over_sequence, (
                 x, None if dims is None else tuple(sorted(reduced)), bool(keepdim), s.axis, s.length,
@@ -845,6 +871,40 @@ class _Sharder:
         node.replace_all_uses_with(total)
         self.graph.erase_node(node)
         self._distributed(total, f"'{name}' over the sequence (local sum + all-reduce)")
+
+    def _replace(self, node: fx.Node, fn, args: tuple, what: str) -> fx.Node:
+        """``node`` replaced by ``fn(*args)`` (a replicated result), reported as a distributed form."""
+        with self.graph.inserting_before(node):
+            new = self.graph.call_function(fn, args)
+        new.meta[VALUE_KEY] = value_of(node)
+        new.meta["stack_trace"] = node.meta.get("stack_trace")
+        node.replace_all_uses_with(new)
+        self.graph.erase_node(node)
+        self._distributed(new, what)
+        return new
+
+    def _norm_reduction(self, node: fx.Node, name: str, x: fx.Node, s: Sharded, shape) -> None:
+        """``x.norm(p, dim, keepdim)`` / ``linalg.vector_norm(x, ord, dim, keepdim)``: the 2-norm
+        over the sequence is the root of a distributed sum of squares."""
+        order = ("x", "ord" if name == "linalg_vector_norm" else "p", "dim", "keepdim")
+        a = dict(zip(order, node.args))
+        a.update(node.kwargs)
+        if set(a) - set(order) or isinstance(a.get("dim"), fx.Node):
+            raise _Fallback()
+        p = a.get(order[1], 2 if name == "linalg_vector_norm" else "fro")
+        dims, keepdim, nd = a.get("dim"), a.get("keepdim", False), len(shape)
+        dims = None if dims is None or dims == [] or dims == () else dims
+        reduced = set(range(nd)) if dims is None else {normalize_dim(d, nd) for d in (
+            dims if isinstance(dims, (tuple, list)) else (dims,))}
+        if not isinstance(keepdim, bool):
+            raise _Fallback()
+        if s.axis not in reduced:
+            return self._keep_axis(node, x, s.axis if keepdim else s.axis - sum(d < s.axis for d in reduced))
+        if p not in (2, 2.0, "fro") or (name == "norm" and p == "fro" and dims is not None and len(reduced) > 2):
+            raise _Fallback()
+        self._replace(node, _two_norm_over_sequence, (
+            x, tuple(sorted(reduced)), keepdim, s.axis, s.length, self.group, self.layout),
+            f"'{name}' (2-norm) over the sequence (local sum of squares + all-reduce)")
 
     def _along(self, node: fx.Node, name: str) -> None:
         x = node.args[0]
@@ -859,18 +919,18 @@ class _Sharder:
             raise _Fallback()
         if normalize_dim(dim, len(shape)) != s.axis:
             return self._keep_axis(node, x, s.axis)
-        if name != "cumsum" or s.outer != 1 or s.inner != 1 or set(node.kwargs) - {"dim", "dtype"} or \
+        if name not in ("cumsum", "cumprod") or s.outer != 1 or s.inner != 1 or set(node.kwargs) - {"dim", "dtype"} or \
                 len(node.args) > 2 or any(a in self.placed for a in node.all_input_nodes if a is not x):
             raise _Fallback()
         with self.graph.inserting_before(node):
             scan = self.graph.call_function(_cumsum_over_sequence, (
-                x, s.axis, s.length, self.group, self.layout, node.kwargs.get("dtype")))
+                x, s.axis, s.length, self.group, self.layout, node.kwargs.get("dtype"), name))
         scan.meta[VALUE_KEY] = value_of(node)
         scan.meta["stack_trace"] = node.meta.get("stack_trace")
         node.replace_all_uses_with(scan)
         self.graph.erase_node(node)
         self.placed[scan] = s
-        self._distributed(scan, "'cumsum' along the sequence (local scan + the ring's prefix)")
+        self._distributed(scan, f"'{name}' along the sequence (local scan + the ring's prefix)")
 
     def _class_loss(self, node: fx.Node, name: str) -> None:
         """cross_entropy / nll_loss: rows are tokens; a mean is over the ring's valid targets."""
@@ -1346,24 +1406,84 @@ def _extreme_over_sequence(x, name, dims, keepdim, axis, length, group_name, lay
     return local if keepdim else local.squeeze(dims)
 
 
-def _cumsum_over_sequence(x, axis, length, group_name, layout, dtype):
-    """``x.cumsum(axis)`` over the whole ring: a scan within each of the rank's chunks plus
-    the sum of every chunk before it, from the chunks' totals all-gathered in global order
-    (a chunk is one token of a sequence of ``P * chunks`` in the same layout)."""
+def _cumsum_over_sequence(x, axis, length, group_name, layout, dtype, name="cumsum"):
+    """``x.cumsum(axis)`` (or ``cumprod``) over the whole ring: a scan within each of the
+    rank's chunks combined with the scan of every chunk before it, from the chunks' totals
+    all-gathered in global order (a chunk is one token of a sequence of ``P * chunks`` in
+    the same layout). The ring's pad tokens come last in global order: no real token's
+    prefix holds one."""
     if dtype is not None:
         x = x.to(dtype)
     if collectives.is_loopback(group_name):  # every rank's tokens are here: scan them in global order
         full = collectives.gather_sequence(x, axis, length, group_name, layout)
-        return collectives.shard_sequence(full.cumsum(axis), axis, length, group_name, layout)
+        return collectives.shard_sequence(getattr(full, name)(axis), axis, length, group_name, layout)
     chunks = chunks_per_rank(layout)
     world = collectives.ring_world(group_name)
     split = x.unflatten(axis, (chunks, -1))
-    scans = split.cumsum(axis + 1)
+    scans = getattr(split, name)(axis + 1)
     totals = scans.select(axis + 1, -1)
     everyone = collectives.gather_sequence(totals, axis, world * chunks, group_name, layout)
-    before = everyone.cumsum(axis) - everyone
-    mine = collectives.shard_sequence(before, axis, world * chunks, group_name, layout)
-    return (scans + mine.unsqueeze(axis + 1)).flatten(axis, axis + 1)
+    # the exclusive scan of the chunk totals (no division: a product may hold zeros)
+    neutral = torch.zeros_like if name == "cumsum" else torch.ones_like
+    shifted = torch.cat([neutral(everyone.narrow(axis, 0, 1)), everyone.narrow(axis, 0, everyone.shape[axis] - 1)],
+                        axis)
+    before = getattr(shifted, name)(axis)
+    mine = collectives.shard_sequence(before, axis, world * chunks, group_name, layout).unsqueeze(axis + 1)
+    return (scans + mine if name == "cumsum" else scans * mine).flatten(axis, axis + 1)
+
+
+def _moments_over_sequence(x, name, dims, keepdim, axis, length, group_name, layout, count, correction):
+    """``var`` / ``std`` (and ``var_mean`` / ``std_mean``) over ``dims``, which hold the
+    sequence: the global mean first, then the sum of squared deviations from it (two
+    passes, as torch computes them: no cancellation of large sums)."""
+    mean = _sum_over_sequence(x, dims, True, axis, length, group_name, layout, None, count)
+    squares = _sum_over_sequence((x - mean).square(), dims, keepdim, axis, length, group_name, layout, None, None)
+    var = squares / (count - correction) if count - correction > 0 else squares * float("nan")
+    spread = var.sqrt() if name.startswith("std") else var
+    if name.endswith("_mean"):
+        return spread, mean if keepdim else mean.squeeze(dims)
+    return spread
+
+
+def _logsumexp_over_sequence(x, dims, keepdim, axis, length, group_name, layout):
+    """``logsumexp`` over ``dims`` (holding the sequence): shifted by the ring's maximum (a
+    constant for the gradient: the result does not depend on it)."""
+    top = _extreme_over_sequence(x.detach(), "amax", dims, True, axis, length, group_name, layout)
+    top = torch.where(top.isfinite(), top, torch.zeros_like(top))
+    x = collectives.mask_padding(x, axis, length, group_name, layout, fill=float("-inf"))
+    out = _sum_over_sequence((x - top).exp(), dims, True, axis, length, group_name, layout, None, None).log() + top
+    return out if keepdim else out.squeeze(dims)
+
+
+def _two_norm_over_sequence(x, dims, keepdim, axis, length, group_name, layout):
+    return _sum_over_sequence(x.abs().square(), dims, keepdim, axis, length, group_name, layout, None, None).sqrt()
+
+
+def _extreme_index_over_sequence(x, name, keepdim, axis, length, group_name, layout):
+    """``x.max(axis)`` / ``min`` (values, global indices) or ``argmax`` / ``argmin`` along the
+    sequence: each rank's extreme and its global position, all-gathered (P values); ties
+    go to the first position, as torch's; the value's gradient reaches the one token chosen."""
+    largest = name in ("max", "argmax")
+    if collectives.is_loopback(group_name):  # local order is not global order: take the whole sequence
+        full = collectives.gather_sequence(x, axis, length, group_name, layout)
+        if name in ("argmax", "argmin"):
+            return getattr(full, name)(axis, keepdim=keepdim)
+        return tuple(getattr(full, name)(axis, keepdim=keepdim))
+    world = collectives.ring_world(group_name)
+    x = collectives.mask_padding(x, axis, length, group_name, layout, fill=float("-inf") if largest else float("inf"))
+    values, local = (torch.max if largest else torch.min)(x, axis, keepdim=True)
+    where = collectives.token_positions(group_name, layout, length, x.device)[local]
+    all_values = collectives.gather_sequence(values, axis, world, group_name, "contiguous")
+    all_where = collectives.gather_sequence(where, axis, world, group_name, "contiguous")
+    best = all_values.detach().amax(axis, keepdim=True) if largest else all_values.detach().amin(axis, keepdim=True)
+    tied = (all_values.detach() == best) | (all_values.detach().isnan() & best.isnan())
+    first = torch.where(tied, all_where, torch.iinfo(torch.int64).max).amin(axis, keepdim=True)
+    rank = (all_where == first).to(torch.int8).argmax(axis, keepdim=True)
+    index = all_where.gather(axis, rank)
+    value = all_values.gather(axis, rank)
+    if not keepdim:
+        index, value = index.squeeze(axis), value.squeeze(axis)
+    return index if name in ("argmax", "argmin") else (value, index)
 
 
 def _ignoring_padding(target, axis, length, outer, inner, group_name, layout, ignore_index):
