@@ -143,7 +143,7 @@ class MomentPool(nn.Module):  # pooled statistics over tokens: variance, std, lo
     def forward(self, x):
         h = self.attn(x)
         return torch.cat([h.var(dim=1), h.std(dim=1, correction=0, keepdim=True).squeeze(1),
-                          torch.logsumexp(h, 1), h.norm(dim=1), torch.linalg.vector_norm(h, dim=1)], -1)
+                          torch.logsumexp(h, 1), h.norm(dim=1), torch.linalg.vector_norm(h, dim=1)], -1) + h.norm(2)
 
 
 class MaxWithIndex(nn.Module):  # max over tokens with its position (values and indices), argmin
