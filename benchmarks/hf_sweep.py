@@ -47,6 +47,8 @@ from typing import Callable, Optional
 
 import torch
 
+from ringfx.testing import float_outputs, gradient_errors, max_abs_error
+
 ATOL, RTOL = 2e-5, 1e-4
 S_DEFAULT = 13  # odd: padded to 14 (P = 2) and 18 (P = 3, zigzag); apart from every model dim
 RINGS = ((2, "contiguous"), (3, "zigzag"))
@@ -314,26 +316,6 @@ def make_inputs(arch: Arch, cfg, seq_len: int, seed: int = 0) -> dict:
     return inputs
 
 
-def float_outputs(out) -> dict:
-    if isinstance(out, torch.Tensor):
-        return {"output": out}
-    items = list(out.items()) if hasattr(out, "items") else [(f"output[{i}]", v) for i, v in enumerate(out)]
-    flat = {}
-    for k, v in items:
-        if isinstance(v, torch.Tensor) and v.is_floating_point():
-            flat[k] = v
-        elif isinstance(v, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in v):
-            flat.update({f"{k}[{i}]": t for i, t in enumerate(v) if t.is_floating_point()})
-    return flat
-
-
-def _max_err(a, b) -> float:
-    if a.shape != b.shape:
-        return float("inf")
-    d = (a.detach().double() - b.detach().double()).abs()
-    return float("nan") if d.isnan().any() else (d.max().item() if d.numel() else 0.0)
-
-
 def _first_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return f"{type(e).__name__}: {text[0][:240] if text else ''}"
@@ -367,26 +349,13 @@ def compare(model, ring_model, inputs, kind, ref, ref_grads) -> tuple[dict, list
         problems.append(f"float outputs {sorted(got)}, expected {sorted(ref)}")
     for k, r in ref.items():
         if k in got:
-            errors[k] = _max_err(got[k], r)
+            errors[k] = max_abs_error(got[k], r)
             if not (got[k].shape == r.shape and torch.allclose(got[k].detach(), r, rtol=RTOL, atol=ATOL)):
                 problems.append(f"{k}: max err {errors[k]:.3g}")
     if kind == "loss":
-        worst, bad = ("", 0.0), []
-        for n, p in model.named_parameters():
-            r, g = ref_grads.get(n), p.grad
-            if (r is None) != (g is None):
-                bad.append(n)
-                continue
-            if r is None:
-                continue
-            e = _max_err(g, r)
-            if not e <= worst[1]:
-                worst = (n, e)
-            if not torch.allclose(g, r, rtol=RTOL, atol=ATOL):
-                bad.append(n)
-        errors["grads"] = worst[1]
+        worst, errors["grads"], bad = gradient_errors(dict(model.named_parameters()), ref_grads, rtol=RTOL, atol=ATOL)
         if bad:
-            problems.append(f"grads of {len(bad)} params differ (worst {worst[0]}: {worst[1]:.3g})")
+            problems.append(f"grads of {len(bad)} params differ (worst {worst}: {errors['grads']:.3g})")
         model.zero_grad(set_to_none=True)
     return errors, problems, list(getattr(ring_model, "sites", []))
 

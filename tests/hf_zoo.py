@@ -25,21 +25,34 @@ padded (``PAD`` tokens), the padded ids set to the pad token, and (causal LMs) l
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import sys
+
 import torch
 
 import transformers
 
-VOCAB = 96
-HIDDEN = 32
-HEADS = 4
-KV_HEADS = 2
-HEAD_DIM = HIDDEN // HEADS  # 8
-INTER = 64
-LAYERS = 2
-BATCH = 2
+from ringfx.testing import float_outputs  # noqa: F401  (the tests import it from here)
+
+
+def _load_sweep():
+    """``benchmarks/hf_sweep.py`` (a script, not a package) as the module ``hf_sweep``."""
+    if "hf_sweep" not in sys.modules:
+        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "benchmarks", "hf_sweep.py")
+        spec = importlib.util.spec_from_file_location("hf_sweep", path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["hf_sweep"] = module
+        spec.loader.exec_module(module)
+    return sys.modules["hf_sweep"]
+
+
+hf_sweep = _load_sweep()
+# the sweep's tiny dims, kept apart from every test length (dynamo specialises equal sizes)
+from hf_sweep import BATCH, HEAD_DIM, HEADS, HIDDEN, INTER, KV_HEADS, LAYERS, MAX_POS, PAD_ID, VOCAB  # noqa: E402
+from hf_sweep import WHISPER_MELS  # noqa: E402
+
 PAD = 4  # right-padded tokens of row 1
-PAD_ID = 0
-MAX_POS = 128
 
 CAUSAL_LMS = ("llama", "mistral", "qwen2", "gemma", "phi3", "gpt_neox", "gpt2", "olmo2")
 ENCODERS = ("bert", "roberta", "vit", "whisper")
@@ -144,7 +157,6 @@ def _roberta(attn):
 
 VIT_PATCH = 2
 VIT_CHANNELS = 3
-WHISPER_MELS = 10
 
 
 def _vit(attn, seq_len):
@@ -220,15 +232,3 @@ def make_inputs(name: str, seq_len: int, seed: int = 0) -> dict:
     if name in CAUSAL_LMS:
         inputs["labels"] = ids.masked_fill(mask == 0, -100)
     return inputs
-
-
-def float_outputs(out) -> dict:
-    """The floating-point tensors of a model's output (a ModelOutput, tuple or tensor),
-    by name; caches and other non-tensors are left out."""
-    if isinstance(out, torch.Tensor):
-        return {"output": out}
-    if hasattr(out, "items"):
-        items = list(out.items())
-    else:
-        items = [(f"output[{i}]", v) for i, v in enumerate(out)]
-    return {k: v for k, v in items if isinstance(v, torch.Tensor) and v.is_floating_point()}

@@ -6,26 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 import ringfx
-
-
-class TwoGraphs(nn.Module):
-    """Two causal attentions with a graph break between them."""
-
-    def __init__(self):
-        super().__init__()
-        self.a, self.b = nn.Linear(8, 8, dtype=torch.float64), nn.Linear(8, 8, dtype=torch.float64)
-
-    def attend(self, lin, x):
-        q = lin(x).view(2, -1, 2, 4).transpose(1, 2)
-        return F.scaled_dot_product_attention(q, q, q, is_causal=True).transpose(1, 2).reshape(x.shape)
-
-    def forward(self, x):
-        x = self.attend(self.a, x)
-        torch._dynamo.graph_break()
-        return self.attend(self.b, x)
+from zoo import TwoGraphs
 
 
 class OneAttention(nn.Module):

@@ -12,23 +12,14 @@ something wrong). Budget: about 2 minutes on a 2-core CPU machine (no spawns, on
 
 from __future__ import annotations
 
-import importlib.util
-import os
-import sys
 import time
 
 import pytest
 import torch
 
-import ringfx
-
 pytest.importorskip("transformers", reason="needs transformers (pip install transformers)")
 
-_spec = importlib.util.spec_from_file_location(
-    "hf_sweep", os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "hf_sweep.py"))
-hf_sweep = importlib.util.module_from_spec(_spec)
-sys.modules.setdefault("hf_sweep", hf_sweep)
-_spec.loader.exec_module(hf_sweep)
+from hf_zoo import hf_sweep  # noqa: E402  (benchmarks/hf_sweep.py, loaded once)
 
 RING = ((2, "zigzag"),)
 S = 13  # odd: the ring pads it to 16 (2P) and trims the pad on the way out

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 import ringfx
 from ringfx.api import explain, transform
 from ringfx.errors import UnsupportedError
-from zoo import ZOO, compare_case, gloo_zoo_worker
+from zoo import ZOO, TwoGraphs, compare_case, gloo_zoo_worker
 
 ZOO_IDS = [e.name for e in ZOO]
 
@@ -150,23 +150,6 @@ def test_transform_keeps_call_signature():
 
 # --------------------------------------------------------------------- explain
 
-class TwoGraphs(nn.Module):
-    """Two attentions with a graph break between them."""
-
-    def __init__(self):
-        super().__init__()
-        self.a, self.b = nn.Linear(8, 8, dtype=torch.float64), nn.Linear(8, 8, dtype=torch.float64)
-
-    def attend(self, lin, x):
-        q = lin(x).view(2, -1, 2, 4).transpose(1, 2)
-        return F.scaled_dot_product_attention(q, q, q, is_causal=True).transpose(1, 2).reshape(x.shape)
-
-    def forward(self, x):
-        x = self.attend(self.a, x)
-        torch._dynamo.graph_break()
-        return self.attend(self.b, x)
-
-
 def test_explain_reports_sites_graphs_and_breaks():
     report = explain(TwoGraphs(), _x())
     assert len(report.sites) == 2 and len(report.rewritten) == 2
@@ -175,7 +158,7 @@ def test_explain_reports_sites_graphs_and_breaks():
     for gm in report.graph_modules:
         assert sum(n.target is torch.ops.ringfx.ring_attention.default for n in gm.graph.nodes) == 1
     text = str(report)
-    assert "test_transform.py" in text and "causal" in text and "rewritten" in text and "graph break" in text
+    assert "zoo.py" in text and "causal" in text and "rewritten" in text and "graph break" in text
 
 
 def test_explain_names_the_reason_for_left_alone_sites():

@@ -39,6 +39,7 @@ import pytest
 import torch
 
 import ringfx
+from ringfx.testing import gradient_errors, max_abs_error
 
 transformers = pytest.importorskip("transformers", reason="needs transformers (pip install transformers)")
 
@@ -92,13 +93,6 @@ class _Broken(torch.nn.Module):
         return out
 
 
-def _max_err(a, b) -> float:
-    if a.shape != b.shape:
-        return float("inf")
-    d = (a.detach().double() - b.detach().double()).abs()
-    return float("nan") if d.isnan().any() else (d.max().item() if d.numel() else 0.0)
-
-
 def _close(a, b) -> bool:
     return a.shape == b.shape and torch.allclose(a.detach(), b.detach(), rtol=RTOL, atol=ATOL)
 
@@ -149,7 +143,7 @@ def check(name, attn, layout, mesh, world, *, seq_len=S, checkpointing=False, ra
     for k, r in ref_out.items():
         if k not in got:
             continue
-        errors[k] = _max_err(got[k], r)
+        errors[k] = max_abs_error(got[k], r)
         if not _close(got[k], r):
             problems.append(f"{k}: max abs err {errors[k]:.3g}"
                             + (f" (shape {tuple(got[k].shape)}, expected {tuple(r.shape)})"
@@ -158,23 +152,10 @@ def check(name, attn, layout, mesh, world, *, seq_len=S, checkpointing=False, ra
         if "loss" not in got:
             problems.append("no loss to backpropagate")
         else:
-            worst, bad = ("", 0.0), []
-            for n, p in params.items():
-                r, g = ref_grads[n], p.grad
-                if (r is None) != (g is None):
-                    bad.append(f"{n}: grad {'missing' if g is None else 'unexpected'}")
-                    continue
-                if r is None:
-                    continue
-                e = _max_err(g, r)
-                if not e <= worst[1]:
-                    worst = (n, e)
-                if not _close(g, r):
-                    bad.append(n)
-            errors["grads"] = worst[1]
+            worst, errors["grads"], bad = gradient_errors(params, ref_grads, rtol=RTOL, atol=ATOL)
             if bad:
-                problems.append(f"grads of {len(bad)}/{len(ref_grads)} params differ (worst {worst[0]}: "
-                                f"{worst[1]:.3g}): {', '.join(bad[:4])}{' ...' if len(bad) > 4 else ''}")
+                problems.append(f"grads of {len(bad)}/{len(ref_grads)} params differ (worst {worst}: "
+                                f"{errors['grads']:.3g}): {', '.join(bad[:4])}{' ...' if len(bad) > 4 else ''}")
     return {"case": case_name(name, attn, layout, world, seq_len, checkpointing), "rank": rank,
             "ok": not problems, "errors": errors, "problems": problems, "warnings": notes}
 

@@ -453,6 +453,24 @@ class TinyBert(nn.Module):
         return x
 
 
+
+class TwoGraphs(nn.Module):
+    """Two causal attentions with a graph break between them: two graphs, one site each
+    (``x``: (2, S, 8) float64)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 8, dtype=DTYPE), nn.Linear(8, 8, dtype=DTYPE)
+
+    def attend(self, lin, x):
+        q = lin(x).view(2, -1, 2, 4).transpose(1, 2)
+        return F.scaled_dot_product_attention(q, q, q, is_causal=True).transpose(1, 2).reshape(x.shape)
+
+    def forward(self, x):
+        x = self.attend(self.a, x)
+        torch._dynamo.graph_break()
+        return self.attend(self.b, x)
+
 ZOO: list[ZooEntry] = [
     ZooEntry("sdpa_plain", SdpaPlain, hidden, 1, "none"),
     ZooEntry("sdpa_causal_scale", SdpaCausalScale, hidden, 1, "causal"),
