@@ -6,10 +6,13 @@
 
     results = ringfx.testing.spawn_gloo(4, check, x)   # [value of rank 0, ..., rank 3]
 
-Ranks are forked from a server process that has imported torch and ringfx once
-(``multiprocessing``'s forkserver; spawn where there is none), so a ring starts in
-well under a second instead of paying an interpreter and a torch import per rank; an
-exception on any rank is re-raised here with that rank's traceback. The rendezvous
+    rows = ringfx.testing.map_in_processes(run_case, cases)  # independent cases, one per core
+
+Ranks (and the workers of ``map_in_processes``) are forked from a server process that
+has imported torch and ringfx once (``multiprocessing``'s forkserver; spawn where there
+is none), so a ring starts in well under a second instead of paying an interpreter and
+a torch import per rank; an exception on any rank is re-raised here with that rank's
+traceback. The rendezvous
 store lives in the calling process, so a rank that finishes (or dies) first cannot take
 it away from ranks still setting up groups.
 
@@ -20,6 +23,7 @@ floating-point tensors of a model's output, ``max_abs_error(a, b)`` measures one
 
 from __future__ import annotations
 
+import concurrent.futures
 import datetime
 import multiprocessing
 import os
@@ -74,6 +78,20 @@ def spawn_gloo(world_size: int, fn, *args, timeout: float = 120.0) -> list:
     del store
     return results
 
+
+
+def map_in_processes(fn, items, processes: int | None = None) -> list:
+    """``[fn(item) for item in items]`` computed in ``processes`` worker processes (default:
+    one per CPU core, at most one per item), each with one thread and forked like the
+    ranks of ``spawn_gloo``: cases that each keep one core busy compiling finish that
+    many times sooner. ``fn`` must be a module-level function; the first exception raised
+    by a case is raised here."""
+    items = list(items)
+    processes = max(1, min(processes or os.cpu_count() or 1, len(items)))
+    context = multiprocessing.get_context(_start_method())
+    with concurrent.futures.ProcessPoolExecutor(processes, mp_context=context, initializer=torch.set_num_threads,
+                                                initargs=(1,)) as pool:
+        return list(pool.map(fn, items))
 
 def float_outputs(out) -> dict:
     """The floating-point tensors of a model's output (a ``ModelOutput`` or dict, a

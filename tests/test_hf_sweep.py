@@ -7,7 +7,9 @@ untransformed model (every float output; causal LMs with ``labels``: every param
 gradient; float32, atol 2e-5, rtol 1e-4). Asserted: every architecture whose attention
 is plain softmax self-attention has every site rewritten and is exact; every one that is
 left alone names its reason (and the transform refuses it on the ring rather than run
-something wrong). Budget: about 2 minutes on a 2-core CPU machine (no spawns, one ring).
+something wrong); the summary line, as ``hf_sweep`` prints it, says so. The cases run in
+one worker process per core (``ringfx.testing.map_in_processes``). Budget: about a
+minute on a 2-core CPU machine.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ from __future__ import annotations
 import time
 
 import pytest
-import torch
+
+from ringfx.testing import map_in_processes
 
 pytest.importorskip("transformers", reason="needs transformers (pip install transformers)")
 
@@ -51,16 +54,20 @@ LEFT_ALONE = [
     ("bloom", "eager", "between softmax and the product with v"),  # ALiBi on (B*H, S, S) baddbmm, view back
 ]
 
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    torch._dynamo.reset()
-
-
-def _case(arch, attn):
+def _case(arch_attn):
+    arch, attn = arch_attn
     start = time.monotonic()
     row = hf_sweep.run_case(arch, attn, rings=RING, seq_len=S, explain=False, layers=LAYERS)
     row["seconds"] = round(time.monotonic() - start, 1)
     return row
+
+
+@pytest.fixture(scope="module")
+def rows():
+    """Every case's row, the cases spread over one worker process per core (each case
+    compiles on one core; run_case catches what a case raises into its row)."""
+    cases = [(arch, attn) for arch, attn in EXACT] + [(arch, attn) for arch, attn, _ in LEFT_ALONE]
+    return dict(zip(cases, map_in_processes(_case, cases)))
 
 
 def _exact_params():
@@ -73,20 +80,26 @@ def test_fixed_list_has_at_least_40_architectures():
 
 
 @pytest.mark.parametrize("arch,attn", _exact_params())
-def test_rewritten_and_exact(arch, attn):
-    row = _case(arch, attn)
+def test_rewritten_and_exact(rows, arch, attn):
+    row = rows[arch, attn]
     assert row["status"] == "exact", f"{arch} ({attn}): {row['status']}: {row['detail']} ({row['seconds']} s)"
     assert row["sites"] >= LAYERS and row["rewritten"] == row["sites"], row
 
 
 @pytest.mark.parametrize("arch,attn,reason", LEFT_ALONE, ids=[f"{a}-{b}" for a, b, _ in LEFT_ALONE])
-def test_left_alone_names_its_reason(arch, attn, reason):
-    row = _case(arch, attn)
+def test_left_alone_names_its_reason(rows, arch, attn, reason):
+    row = rows[arch, attn]
     assert row["status"] == "left alone", f"{arch} ({attn}): {row['status']}: {row['detail']}"
     assert row["left_alone"] and all(r and r != "(no reason)" for r in row["left_alone"]), row
     assert any(reason in r for r in row["left_alone"]), row["left_alone"]
     # refused on the ring (UnsupportedError naming the site), never run on shards unproven
     assert all(r.get("refused") or r.get("ok") for r in row["rings"].values()), row["rings"]
+
+
+def test_sweep_summary(rows):
+    line = hf_sweep.summary(list(rows.values()))
+    print(f"\n{line}")
+    assert line.startswith(f"{len({a for a, _ in rows})} architectures: ") and ", 0 failing" in line, line
 
 
 def test_summary_line():
