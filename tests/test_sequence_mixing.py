@@ -94,11 +94,11 @@ def _labels():
 
 
 @pytest.mark.parametrize("model,inputs,expected", [
-    (MeanPool(), (_x(),), "'mean' over the sequence axis"),
-    (LastToken(), (_x(),), "an index into the sequence axis"),
-    (ShiftedLoss(), (_x(), _labels()), "a slice along the sequence axis"),
-    (CumsumBefore(), (_x(),), "'cumsum' over the sequence axis"),
-    (ConvOverTokens(), (_x(),), "'conv1d' over the tokens"),
+    (MeanPool(), (_x(),), "'mean' over the sequence at"),
+    (LastToken(), (_x(),), "token select along the sequence at"),
+    (ShiftedLoss(), (_x(), _labels()), "slice [0:11] along the sequence at"),
+    (CumsumBefore(), (_x(),), "'cumsum' along the sequence at"),
+    (ConvOverTokens(), (_x(),), "conv1d over the sequence at"),
 ], ids=["mean-pool", "last-token", "label-shift", "cumsum", "conv1d"])
 def test_mixing_ops_are_noted_with_their_source_line(model, inputs, expected):
     notes = _notes(model, *inputs)
@@ -107,8 +107,9 @@ def test_mixing_ops_are_noted_with_their_source_line(model, inputs, expected):
 
 def test_shifted_loss_notes_the_slice_and_the_reduction():
     notes = _notes(ShiftedLoss(), _x(), _labels())
-    assert any("slice along the sequence axis" in n for n in notes)
-    assert any("'cross_entropy' (reduction='mean') over tokens" in n for n in notes), notes
+    assert any("slice [0:11] along the sequence" in n for n in notes)
+    assert any("slice [1:12] along the sequence" in n for n in notes)
+    assert any("'cross_entropy' (reduction='mean') over the sequence at" in n for n in notes), notes
 
 
 def test_per_token_model_has_no_note_and_runs_exactly():
@@ -150,7 +151,7 @@ def test_guard_follows_the_sequence_through_whole_models(model_cls):
 
     ids, pos = (i.value for i in tokens(16, 0))
     notes = _notes(Pooled().eval(), ids, pos)
-    assert len(notes) == 1 and "'mean' over the sequence axis" in notes[0], notes
+    assert len(notes) == 1 and "'mean' over the sequence at" in notes[0], notes
 
 
 def test_no_note_on_one_rank():
@@ -167,7 +168,8 @@ def test_padding_the_features_is_per_token_padding_the_tokens_is_not():
             return F.pad(super().forward(x).transpose(1, 2), (1, 0))
 
     assert _notes(PadFeatures(), _x()) == []
-    assert any("'pad' along the sequence axis" in n for n in _notes(PadTokens(), _x()))
+    assert any("pad by (1, 0) tokens along the sequence at test_sequence_mixing.py" in n
+               for n in _notes(PadTokens(), _x()))
 
 
 def test_identity_cuts_are_per_token():

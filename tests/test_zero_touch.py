@@ -58,6 +58,17 @@ def test_zoo_attention_exact_with_full_length_inputs(entry, config):
     assert sharding.sharded_inputs, "the sequence input is sharded where it enters"
 
 
+@pytest.mark.parametrize("entry", [e for e in ZOO if e.name.startswith("mha")], ids=lambda e: e.name)
+def test_a_parameter_as_long_as_the_sequence_is_not_taken_for_tokens(entry):
+    """nn.MultiheadAttention with embed dim 16 at S = 16: the in-projection's bias chunks are
+    (16,) vectors made from parameters alone; they were sharded as tokens "made inside the
+    model", and the projections then all-gathered their activations (exact, warned)."""
+    ring, out_err, grad_err = _zoo_case(entry, ringfx.LoopbackRing(2), "zigzag", 16)
+    assert out_err < 1e-10 and grad_err < 1e-9, (out_err, grad_err)
+    (sharding,) = [g.sharding for g in ring.reports]
+    assert not sharding.costly_fallbacks and not any("made inside" in x for x in sharding.sharded_inputs), sharding
+
+
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"P{c[0]}-{c[1]}-S{c[2]}")
 def test_sequence_mixing_ops_exact(case, config):

@@ -9,6 +9,8 @@ those differences over: ``op_name`` maps ``operator.matmul``, ``torch.matmul`` a
 
 from __future__ import annotations
 
+import os
+
 import operator
 from typing import Any, Optional
 
@@ -109,22 +111,34 @@ def scalar(x: Any) -> Optional[float]:
     return float(x)
 
 
+_TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
+
+
+def _user_frames(node) -> list[tuple[str, int, str]]:
+    """``(path, line, code)`` of the frames in a node's stack trace, innermost last, without
+    torch's own (``F.pad`` is the user's line that called it, not torch/nn/functional.py)."""
+    trace = (node.meta.get("stack_trace") or "") if isinstance(node, fx.Node) else ""
+    lines = [l.strip() for l in trace.strip().splitlines() if l.strip()]
+    frames = []
+    for i, line in enumerate(lines):
+        if line.startswith("File ") and '"' in line and "line " in line:
+            try:
+                path, lineno = line.split('"')[1], int(line.split("line ")[1].split(",")[0])
+            except (IndexError, ValueError):
+                continue
+            code = lines[i + 1] if i + 1 < len(lines) and not lines[i + 1].startswith("File ") else ""
+            frames.append((path, lineno, code))
+    outside = [f for f in frames if not f[0].startswith(_TORCH_DIR)]
+    return outside or frames
+
+
 def source_line(node: fx.Node) -> str:
     """The user's source line of a node, ``file:line  code``, from its stack trace."""
-    trace = node.meta.get("stack_trace") or ""
-    lines = [l.strip() for l in trace.strip().splitlines() if l.strip()]
-    for i in range(len(lines) - 1, -1, -1):
-        if lines[i].startswith("File "):
-            where = lines[i]
-            code = lines[i + 1] if i + 1 < len(lines) else ""
-            try:
-                path = where.split('"')[1]
-                lineno = where.split("line ")[1].split(",")[0]
-                where = f"{path.rsplit('/', 1)[-1]}:{lineno}"
-            except IndexError:
-                pass
-            return f"{where}  {code}".strip()
-    return f"<no stack trace: {node.format_node()}>"
+    frames = _user_frames(node)
+    if not frames:
+        return f"<no stack trace: {node.format_node()}>"
+    path, lineno, code = frames[-1]
+    return f"{path.rsplit('/', 1)[-1]}:{lineno}  {code}".strip()
 
 
 # On a placeholder of a subgraph called by a higher-order op (checkpointing): the node of
@@ -142,16 +156,9 @@ def outer_input(node: fx.Node) -> fx.Node:
 
 def source_location(node: fx.Node) -> Optional[tuple[str, int]]:
     """``(file path, line)`` of the user's code that made ``node`` (its stack trace's
-    innermost frame), or None."""
-    trace = (node.meta.get("stack_trace") or "") if isinstance(node, fx.Node) else ""
-    for line in reversed(trace.strip().splitlines()):
-        line = line.strip()
-        if line.startswith("File ") and '"' in line and "line " in line:
-            try:
-                return line.split('"')[1], int(line.split("line ")[1].split(",")[0])
-            except (IndexError, ValueError):
-                return None
-    return None
+    innermost frame outside torch), or None."""
+    frames = _user_frames(node)
+    return (frames[-1][0], frames[-1][1]) if frames else None
 
 
 def placeholder_source(node: fx.Node) -> Optional[str]:

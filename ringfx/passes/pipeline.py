@@ -54,8 +54,9 @@ def run_passes(gm: fx.GraphModule, *, options: Optional[PassOptions] = None,
 
 # The attention passes and their guards also run on the subgraphs that checkpointed regions
 # call (``tag_activation_checkpoint(wrap_body_0, ...)``): their sites join this graph's report.
+# (The sequence-mixing guard walks into the bodies itself, as the sharding pass does.)
 SUBGRAPH_PASSES = (remove_dead_code_pass, decompose_mha_pass, find_attention_pass, classify_masks_pass,
-                   check_sequence_axis_pass, rewrite_attention_pass, check_positions_pass, check_sequence_mixing_pass)
+                   check_sequence_axis_pass, rewrite_attention_pass, check_positions_pass)
 
 
 def _with_subgraphs(p, gm: fx.GraphModule, options: PassOptions, done=None) -> tuple[fx.GraphModule, PassReport]:

@@ -34,9 +34,11 @@ Runs only when ``options.inputs == "full"`` on graphs that hold a ring op.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import math
+import re
 from typing import Any, Optional
 
 import torch
@@ -47,7 +49,8 @@ from ..runtime import collectives, token_moves
 from ..runtime.layout import chunks_per_rank
 from . import ring_glue
 from .node_facts import (VALUE_KEY, CASTS, SHAPE_ONLY, called_subgraph, hop_subgraphs, index_axis, is_model_state,
-                         normalize_dim, op_name, placeholder_source, shape_of, source_line, value_of)
+                         normalize_dim, op_name, placeholder_source, shape_of, source_line, source_location,
+                         value_of)
 from .options import PassOptions
 from .rewrite_attention import ring_attention_nodes, ring_attention_target
 from .sites import PassReport
@@ -146,6 +149,27 @@ def shard_sequence_pass(gm: fx.GraphModule, *, options: Optional[PassOptions] = 
     return gm, report
 
 
+def mixing_ops(gm: fx.GraphModule, options: PassOptions) -> list[tuple[str, Optional[tuple[str, int]]]]:
+    """The ops of ``gm`` that combine tokens across the sequence, as the sharding pass sees
+    them (one engine for both: the ops it would give a distributed form or gather for),
+    each with its user source location; ``gm`` is not changed (the walk runs on a copy).
+    This is the guard for graphs fed with the caller's shards (``inputs="sharded"``):
+    there those ops see one rank's tokens only."""
+    copied = copy.deepcopy(gm)
+    copied.graph.eliminate_dead_code()  # mask code the rewrite left dead says nothing about the model
+    ring_ops = _all_ring_ops(copied)
+    if not ring_ops:
+        return []
+    report = ShardingReport("sequence_mixing")
+    sharder = _Analysis(copied, dataclasses.replace(options, inputs="full", gather_outputs=False,
+                                                    fallbacks="gather"), report)
+    try:
+        sharder.run(ring_ops)
+    except UnsupportedError as e:
+        sharder.mixing.append((f"an op ringfx cannot follow along the sequence ({e})", None))
+    return sharder.mixing
+
+
 def _all_ring_ops(gm: fx.GraphModule) -> list[fx.Node]:
     """The ring ops of ``gm`` and of the subgraphs its higher-order ops call (checkpointing)."""
     return ring_attention_nodes(gm) + [n for _, _, sub in hop_subgraphs(gm) for n in ring_attention_nodes(sub)]
@@ -159,6 +183,7 @@ class _Sharder:
         self.shapes: dict[fx.Node, Any] = {}  # global shapes of nodes without a recorded value
         self._shards: dict = {}
         self._gathers: dict = {}
+        self.mixing: list = []  # (what, user source location) of each distributed form and fallback
 
     # ---- shapes ------------------------------------------------------------------------------------
     def shape(self, node) -> Optional[tuple]:
@@ -314,8 +339,9 @@ class _Sharder:
     def _hop(self, node: fx.Node, called) -> None:
         """Run the sharding inside a called subgraph with the operands' placements."""
         _, body, operands = called
-        sub = _Sharder(body, self.options, self.report)
+        sub = type(self)(body, self.options, self.report)
         sub.lengths = self.lengths
+        sub.mixing = self.mixing
         outputs = sub.run_body([self.placed.get(a) if isinstance(a, fx.Node) else None for a in operands])
         body.graph.lint()
         if any(o is not None for o in outputs):
@@ -390,12 +416,41 @@ class _Sharder:
         shape = self.shape(node)
         axes = [] if shape is None else [a for a, n in enumerate(shape) if isinstance(n, int) and n in self.lengths]
         # only an unambiguous token axis, and not the last one (features; a conv's (B, C, S)
-        # output is sharded after its transpose): a hidden size equal to S must not be sharded
-        if len(axes) == 1 and (axes[0] != len(shape) - 1 or len(shape) == 1):
+        # output is sharded after its transpose): a hidden size equal to S must not be sharded;
+        # nor a value made from parameters alone (an in-projection's bias as long as S)
+        if len(axes) == 1 and (axes[0] != len(shape) - 1 or len(shape) == 1) and not self._from_state(node):
             axis = axes[0]
             self._shard_in_place(node, axis)
             self.report.sharded_inputs.append(f"'{op_name(node)}' at {source_line(node)} {tuple(shape)} along "
                                               f"dim {axis} (made inside the model)")
+
+    def _from_state(self, node: fx.Node) -> bool:
+        """Whether ``node`` is computed from the model's parameters and buffers alone (no user
+        input, no tensor made from sizes such as ``arange``): its sizes are the model's, not
+        the sequence's."""
+        memo = self.__dict__.setdefault("_state_memo", {})
+        todo = [node]
+        while todo:
+            n = todo[-1]
+            if n in memo:
+                todo.pop()
+                continue
+            if n.op == "placeholder" or n.op == "get_attr":
+                memo[n] = n.op == "get_attr" or is_model_state(n)
+                todo.pop()
+                continue
+            inputs = n.all_input_nodes
+            if not inputs:
+                memo[n] = False  # a factory (arange, ones, full): its sizes may be the sequence's
+                todo.pop()
+                continue
+            missing = [a for a in inputs if a not in memo]
+            if missing:
+                todo.extend(missing)
+                continue
+            memo[n] = all(memo[a] for a in inputs)
+            todo.pop()
+        return memo[node]
 
     def _output(self, node: fx.Node) -> None:
         def full(a):
@@ -465,6 +520,8 @@ class _Sharder:
         name = op_name(node) or str(node.target)
         line = f"'{name}' at {source_line(node)}"
         self.report.fallbacks.append(line)
+        if any(floating):  # gathers of ids and masks (mask building) are listed, not noted
+            self.mixing.append((f"'{name}' (no sharded form) at {source_line(node)}", source_location(node)))
         if any(floating):  # ids and masks are O(S) to gather; activations are what sharding is for
             if self.options.fallbacks == "error":
                 raise UnsupportedError(f"{line} has no sharded form: on a ring of {self.options.ring_size} its "
@@ -482,6 +539,7 @@ class _Sharder:
 
     def _distributed(self, node: fx.Node, what: str) -> None:
         self.report.distributed.append(f"{what} at {source_line(node)}")
+        self.mixing.append((f"{re.sub(r' [(][^()]*[)]$', '', what)} at {source_line(node)}", source_location(node)))
 
     # ---- rules --------------------------------------------------------------------------------------
     def _rule(self, node: fx.Node) -> None:
@@ -962,7 +1020,7 @@ class _Sharder:
         total.meta["stack_trace"] = node.meta.get("stack_trace")
         node.replace_all_uses_with(total)
         self.graph.erase_node(node)
-        self._distributed(total, f"'{name}' (reduction={reduction!r}) over the ring's tokens")
+        self._distributed(total, f"'{name}' (reduction={reduction!r}) over the sequence (the ring's sum)")
 
     def _fused_loss(self, node: fx.Node) -> None:
         """The blockwise loss (``ringfx::linear_cross_entropy``, from ``blockwise_loss=``): each
@@ -988,8 +1046,8 @@ class _Sharder:
         fused.meta["stack_trace"] = node.meta.get("stack_trace")
         node.replace_all_uses_with(fused)
         self.graph.erase_node(node)
-        self._distributed(fused, f"blockwise loss (reduction={reduction!r}) over the ring's tokens, "
-                                 f"{chunk} tokens per chunk")
+        self._distributed(fused, f"blockwise loss (reduction={reduction!r}) over the sequence ({chunk} tokens "
+                                 "per chunk, the ring's sum)")
 
     def _element_loss(self, node: fx.Node, name: str) -> None:
         x, target = node.args[0], node.args[1] if len(node.args) > 1 else node.kwargs.get("target")
@@ -1012,7 +1070,7 @@ class _Sharder:
         total.meta[VALUE_KEY] = value_of(node)
         total.meta["stack_trace"] = node.meta.get("stack_trace")
         node.replace_all_uses_with(total, delete_user_cb=lambda u: u is not total)
-        self._distributed(total, f"'{name}' (reduction={reduction!r}) over the ring's tokens")
+        self._distributed(total, f"'{name}' (reduction={reduction!r}) over the sequence (the ring's sum)")
 
     def _index(self, node: fx.Node) -> None:
         x, index = node.args[0], node.args[1]
@@ -1040,7 +1098,7 @@ class _Sharder:
                 picked.meta["stack_trace"] = node.meta.get("stack_trace")
                 node.replace_all_uses_with(picked)
                 self.graph.erase_node(node)
-                self._distributed(picked, "token select from the rank that holds it")
+                self._distributed(picked, "token select along the sequence (from the rank that holds it)")
                 return
         raise _Fallback()
 
@@ -1329,6 +1387,27 @@ class _Sharder:
         self.placed[node] = (s, s)
 
 
+class _Analysis(_Sharder):
+    """The sharding walk for the guard (``mixing_ops``), on a copy: symbolic sizes (a graph
+    captured with dynamic shapes) are read at their example values, size queries are left
+    as they are."""
+
+    def shape(self, node) -> Optional[tuple]:
+        return _hinted(super().shape(node))
+
+    def _constant_size(self, node: fx.Node) -> None:
+        return None
+
+
+def _hinted(shape):
+    if isinstance(shape, tuple):
+        return tuple(_hinted(d) for d in shape)
+    if isinstance(shape, torch.SymInt):
+        hint = getattr(shape.node, "hint", None)
+        return int(hint) if hint is not None else shape
+    return shape
+
+
 def _through_view(s: Sharded, in_shape, out_shape) -> Optional[Sharded]:
     """The sequence's place after a reshape: the same span of the row-major index in one
     output axis, or None when the reshape splits it."""
@@ -1530,4 +1609,4 @@ def _class_loss_over_sequence(name, x, target, axis, length, outer, inner, group
     return total / count
 
 
-__all__ = ["Sharded", "ShardingReport", "shard_sequence_pass"]
+__all__ = ["Sharded", "ShardingReport", "mixing_ops", "shard_sequence_pass"]
