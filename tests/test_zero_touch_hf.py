@@ -11,14 +11,18 @@ reference (outputs, and for causal LMs with labels every parameter's gradient), 
 transformed on the same parameters and inputs, and compares every floating-point
 tensor of the output and every gradient (atol 2e-5, rtol 1e-4, float32).
 
-* loopback rings (``ringfx.LoopbackRing(P)``): every model at P = 2 (contiguous) and
-  P = 3 (zigzag), sdpa on one and eager on the other (``RINGFX_ZT_FULL=1``: both on
-  both; trimmed for CI time, see ``loopback_cases``); LLaMA with gradient checkpointing in train mode, with
-  S = 1 + a multiple of P, and with a prime S;
 * real gloo rings (``@pytest.mark.gloo``): one spawn per ring size (2, 3) runs a matrix
-  covering every model, both attention implementations and both layouts (LLaMA, GPT-2,
-  BERT and ViT in both layouts); every rank compares its own outputs and gradients with
-  the untransformed model in the same process and reports each case.
+  covering every model; each model meets both attention implementations and both
+  layouts (the ring of 3 runs the other pair); LLaMA also at a prime length (both rings)
+  and checkpointed in train mode (ring of 2); every rank compares its own outputs and
+  gradients with the untransformed model in the same process and reports each case;
+* loopback rings (``ringfx.LoopbackRing(P)``): every model at P = 2 (contiguous) and
+  P = 3 (zigzag) with the attention implementation alternating, less the cases the gloo
+  matrix runs with the same model, implementation, ring size, layout and length (the
+  same rank program, driven by real processes there; ``RINGFX_ZT_FULL=1``: every model
+  x both implementations x both rings); LLaMA with gradient checkpointing in train mode,
+  with S = 1 + a multiple of P, and with a prime S. They run in one worker process per
+  core (``ringfx.testing.map_in_processes``), each reporting its row.
 
 Checking the harness itself: ``RINGFX_ZT_SELFCHECK=1`` replaces ``ringfx.transform`` by
 the identity (every case must pass, on every rank); ``RINGFX_ZT_SELFCHECK=compile`` by
@@ -39,7 +43,7 @@ import pytest
 import torch
 
 import ringfx
-from ringfx.testing import gradient_errors, max_abs_error
+from ringfx.testing import gradient_errors, map_in_processes, max_abs_error
 
 transformers = pytest.importorskip("transformers", reason="needs transformers (pip install transformers)")
 
@@ -172,35 +176,44 @@ def _assert_ok(r):
         print(_describe(r))
 
 
+# ---- the two matrices ----------------------------------------------------------------
+
+def gloo_cases(world):
+    """(name, attn, layout, seq_len[, checkpointing]) for a ring of ``world``: every
+    model once, the attention implementation and the layout alternating and shifted by
+    ring size (the rings of 2 and 3 run each model with opposite implementations and
+    layouts, so every model meets both of each); LLaMA at a prime length, and (ring of 2)
+    checkpointed in train mode."""
+    cases, shift = [], world % 2
+    for i, name in enumerate(hf_zoo.MODELS):
+        cases.append((name, ("sdpa", "eager")[(i + shift) % 2], ("contiguous", "zigzag")[(i // 2 + shift) % 2], S))
+    cases.append(("llama", "sdpa", "zigzag", 23))
+    if world == 2:
+        cases.append(("llama", "eager", "zigzag", S, True))  # checkpointed, train mode
+    return cases
+
+
 # ---- loopback rings -------------------------------------------------------------------
 
 LOOPBACK_RINGS = [(2, "contiguous"), (3, "zigzag")]
 
 
 def loopback_cases(full=os.environ.get("RINGFX_ZT_FULL") == "1"):
-    """(name, attn, world, layout). Trimmed for time (the whole file must stay under
-    ~3 minutes on a 2-core CI machine; every model x {sdpa, eager} at both rings is
-    ~2x the loopback time): every model at both rings, its attention implementation
-    alternating between them (so every model meets both implementations and both
-    layouts, and each ring sees both implementations). RINGFX_ZT_FULL=1: every model x
-    {sdpa, eager} x both rings."""
+    """(name, attn, world, layout): every model at both rings, its attention
+    implementation alternating between them, less the cases ``gloo_cases`` runs on a
+    real ring of the same size (the same rank program; CI time). RINGFX_ZT_FULL=1: every
+    model x {sdpa, eager} x both rings, none left out."""
     cases = []
     for i, name in enumerate(hf_zoo.MODELS):
         for j, (world, layout) in enumerate(LOOPBACK_RINGS):
             attns = ("sdpa", "eager") if full else (("sdpa", "eager")[(i + j) % 2],)
             cases += [(name, attn, world, layout) for attn in attns]
-    return cases
-
-
-@pytest.mark.parametrize("name,attn,world,layout", loopback_cases(),
-                         ids=[f"{n}-{a}-P{p}-{lay}" for n, a, p, lay in loopback_cases()])
-def test_loopback(name, attn, world, layout):
-    _assert_ok(check(name, attn, layout, ringfx.LoopbackRing(world), world))
-
-
-@pytest.mark.parametrize("world,layout", LOOPBACK_RINGS, ids=[f"P{p}-{lay}" for p, lay in LOOPBACK_RINGS])
-def test_loopback_llama_gradient_checkpointing_train_mode(world, layout):
-    _assert_ok(check("llama", "sdpa", layout, ringfx.LoopbackRing(world), world, checkpointing=True))
+    if full:
+        return cases
+    on_gloo = {(name, attn, world, layout) for world, _ in LOOPBACK_RINGS
+               for name, attn, layout, seq_len, *checkpointed in gloo_cases(world)
+               if seq_len == S and not any(checkpointed)}
+    return [c for c in cases if c not in on_gloo]
 
 
 UNEVEN = [  # (P, layout, attn, S): S = 1 + a multiple of P, and prime S
@@ -209,29 +222,55 @@ UNEVEN = [  # (P, layout, attn, S): S = 1 + a multiple of P, and prime S
 ]
 
 
+def _raised(e, case) -> dict:
+    """A case that raised, as a failing row (where, and the exception's first line)."""
+    where = traceback.extract_tb(e.__traceback__)[-1]
+    return {"case": case, "rank": 0, "ok": False, "errors": {}, "warnings": [],
+            "problems": [f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
+                         f"[{os.path.basename(where.filename)}:{where.lineno}]"]}
+
+
+def _loopback_case(case):
+    """One loopback case, ``(name, attn, world, layout, seq_len, checkpointing)``, in a
+    worker process: its row, failing with the exception if it raised."""
+    name, attn, world, layout, seq_len, checkpointing = case
+    torch.compiler.reset()
+    try:
+        return check(name, attn, layout, ringfx.LoopbackRing(world), world, seq_len=seq_len,
+                     checkpointing=checkpointing)
+    except Exception as e:  # noqa: BLE001  (reported as the case's failure)
+        return _raised(e, case_name(name, attn, layout, world, seq_len, checkpointing))
+
+
+LOOPBACK = ([(name, attn, world, layout, S, False) for name, attn, world, layout in loopback_cases()]
+            + [("llama", "sdpa", world, layout, S, True) for world, layout in LOOPBACK_RINGS]
+            + [("llama", attn, world, layout, seq_len, False) for world, layout, attn, seq_len in UNEVEN])
+
+
+@pytest.fixture(scope="module")
+def loopback():
+    """Every loopback case's row, the cases spread over one worker process per core
+    (each compiles on one core)."""
+    return dict(zip(LOOPBACK, map_in_processes(_loopback_case, LOOPBACK)))
+
+
+@pytest.mark.parametrize("name,attn,world,layout", loopback_cases(),
+                         ids=[f"{n}-{a}-P{p}-{lay}" for n, a, p, lay in loopback_cases()])
+def test_loopback(loopback, name, attn, world, layout):
+    _assert_ok(loopback[name, attn, world, layout, S, False])
+
+
+@pytest.mark.parametrize("world,layout", LOOPBACK_RINGS, ids=[f"P{p}-{lay}" for p, lay in LOOPBACK_RINGS])
+def test_loopback_llama_gradient_checkpointing_train_mode(loopback, world, layout):
+    _assert_ok(loopback["llama", "sdpa", world, layout, S, True])
+
+
 @pytest.mark.parametrize("world,layout,attn,seq_len", UNEVEN, ids=[f"P{p}-{lay}-{a}-S{s}" for p, lay, a, s in UNEVEN])
-def test_loopback_llama_uneven_length(world, layout, attn, seq_len):
-    _assert_ok(check("llama", attn, layout, ringfx.LoopbackRing(world), world, seq_len=seq_len))
+def test_loopback_llama_uneven_length(loopback, world, layout, attn, seq_len):
+    _assert_ok(loopback["llama", attn, world, layout, seq_len, False])
 
 
 # ---- real gloo rings -------------------------------------------------------------------
-
-def gloo_cases(world):
-    """(name, attn, layout, seq_len) for a ring of ``world``: every model once with the
-    attention implementation and layout alternating (shifted by ring size, so the two
-    rings see different pairs), LLaMA, GPT-2, BERT and ViT in the other layout too, and
-    LLaMA at a prime length."""
-    cases, shift = [], world % 2
-    for i, name in enumerate(hf_zoo.MODELS):
-        cases.append((name, ("sdpa", "eager")[(i + shift) % 2], ("contiguous", "zigzag")[(i // 2 + shift) % 2], S))
-    for name, attn, layout, s in list(cases):
-        if name in ("llama", "gpt2", "bert", "vit"):
-            other = "zigzag" if layout == "contiguous" else "contiguous"
-            cases.append((name, "eager" if attn == "sdpa" else "sdpa", other, s))
-    cases.append(("llama", "sdpa", "zigzag", 23))
-    cases.append(("llama", "eager", "contiguous" if world % 2 else "zigzag", S, True))  # checkpointed, train mode
-    return cases
-
 
 def _ring_matrix(rank, world, cases, selfcheck):
     """Inside a spawned rank: run every case on the default process group; a case that
@@ -257,11 +296,8 @@ def _ring_matrix(rank, world, cases, selfcheck):
                       selfcheck=selfcheck)
             raised = None
         except Exception as e:  # noqa: BLE001  (reported per case and rank)
-            where = traceback.extract_tb(e.__traceback__)[-1]
-            raised = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} " \
-                     f"[{os.path.basename(where.filename)}:{where.lineno}]"
-            r = {"case": case_name(name, attn, layout, world, seq_len, checkpointing), "rank": rank, "ok": False,
-                 "errors": {}, "problems": [raised], "warnings": []}
+            r = {**_raised(e, case_name(name, attn, layout, world, seq_len, checkpointing)), "rank": rank}
+            raised = r["problems"][0]
         r["group"] = "default" if mesh is None else "fresh"
         everyone = [None] * world
         dist.all_gather_object(everyone, raised, group=control)
