@@ -116,6 +116,20 @@ def _fold_groups(q, tuning: Tuning) -> tuple[int, int]:
     return fold_groups(q) if tuning.fold_groups and tuning.fused_merge else (1, 1)
 
 
+def _single_block(ring: "_Rank"):
+    """The one kernel call of a ring that has nothing to merge (a ring of one, or a mask
+    that leaves a rank only its own block): (call, block, kernel) covering every query row
+    and every key, else None."""
+    if ring.n_steps != 1:
+        return None
+    calls = list(ring.blocks(0))
+    if len(calls) != 1:
+        return None
+    call, blk, kern = calls[0]
+    s_local = ring.source.s_local
+    return calls[0] if (blk.rows.start, blk.rows.stop) == (0, s_local) and call.k == (0, s_local) else None
+
+
 def forward_program(q, k, v, pad, seg, bias, cfg: RingConfig, rank: int, world: int, into=None, refused=None):
     """``refused``: the error this rank's inputs were refused with (it is raised on every
     rank after the agreement, before any transfer)."""
@@ -123,6 +137,11 @@ def forward_program(q, k, v, pad, seg, bias, cfg: RingConfig, rank: int, world: 
     if ring is None:  # empty results, no kernel runs
         return into if into is not None else (torch.empty_like(q), q.new_empty(q.shape[:-1], dtype=acc_dtype(q.dtype)))
     acc = acc_dtype(q.dtype)
+    single = _single_block(ring) if into is None else None
+    if single is not None:  # nothing to merge: the kernel's results are the results (no float32 pass)
+        call, blk, kern = single
+        out_b, lse_b = block_forward(kern, q, blk.k, blk.v, blk.mask, call.is_causal, cfg.scale)
+        return out_b.contiguous(), lse_b.to(acc).contiguous()
     out = torch.empty(q.shape, dtype=acc, device=q.device)
     lse = torch.empty(q.shape[:-1], dtype=acc, device=q.device)
     merged = Deferred(out, lse, _fold_groups(q, ring.tuning)[0], merge=True, tuning=ring.tuning)
@@ -159,6 +178,11 @@ def backward_program(dout, q, k, v, out, lse, pad, seg, bias, cfg: RingConfig, r
     acc = acc_dtype(q.dtype)
     # rows that saw no key: exp(s - inf) = 0 instead of exp(-inf + inf) = NaN
     lse = lse.masked_fill(lse == float("-inf"), float("inf"))
+    single = _single_block(ring) if into is None else None
+    if single is not None:  # one block: the kernel's gradients are the gradients
+        call, blk, kern = single
+        grads = gqa_backward(kern, dout, q, blk.k, blk.v, out, lse, blk.mask, call.is_causal, cfg.scale)
+        return tuple(g.to(t.dtype).contiguous() for g, t in zip(grads, (q, k, v)))
     dq = torch.empty(q.shape, dtype=acc, device=q.device)
     dq_acc = Deferred(dq, None, _fold_groups(q, ring.tuning)[1], merge=False, tuning=ring.tuning)
     dkv_pending = None
