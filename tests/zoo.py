@@ -547,18 +547,17 @@ def compare_case(entry: ZooEntry, group, layout: str = "contiguous", seq_len: in
     }
 
 
-def gloo_zoo_worker(rank: int, world: int, names: list, layouts: list) -> list:
-    """Runs on each rank of a real gloo ring: every named zoo case in every layout."""
+def gloo_zoo_worker(rank: int, world: int, cases: list) -> list:
+    """Runs on each rank of a real gloo ring: every ``(zoo entry name, layout)`` case."""
     import torch.distributed as dist
 
     torch.set_num_threads(1)
     results = []
     by_name = {e.name: e for e in ZOO}
-    for layout in layouts:
-        for name in names:
-            r = compare_case(by_name[name], dist.group.WORLD, layout=layout, all_reduce=True)
-            r["layout"] = layout
-            results.append(r)
+    for name, layout in cases:
+        r = compare_case(by_name[name], dist.group.WORLD, layout=layout, all_reduce=True)
+        r["layout"] = layout
+        results.append(r)
     # the ring given as a 1-D DeviceMesh, as torch's context_parallel takes it
     from torch.distributed.device_mesh import init_device_mesh
 
