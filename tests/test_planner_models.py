@@ -85,6 +85,22 @@ def test_transformers_config_json_in_a_subprocess(tmp_path):
     assert isinstance(AutoConfig.from_pretrained(tmp_path).model_type, str)
 
 
+def test_transformers_config_without_a_cache_is_planned():
+    # no cache and no attention mask: transformers checks the (meta) position ids for packed sequences
+    import transformers.masking_utils as masking
+
+    from ringfx.planner.models import resolve_model
+
+    check = masking.find_packed_sequence_indices
+    config = resolve_model(HF_LLAMA + ",use_cache=false")
+    for checkpointing in (False, True):
+        model = memory_model(config, ring=False, activation_checkpointing=checkpointing)
+        assert model.exact and model.peak_bytes(1 << 14, 1) > 0
+    assert masking.find_packed_sequence_indices is check  # answered during the simulation only
+    positions = torch.tensor([[0, 1, 2, 0, 1]])
+    assert check(positions).tolist() == [[0, 0, 0, 1, 1]]
+
+
 def test_module_factory_model(tmp_path, monkeypatch):
     (tmp_path / "my_models.py").write_text(
         "import torch\nfrom ringfx.demo import TinyLlama\n"

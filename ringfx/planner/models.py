@@ -13,8 +13,10 @@ example_inputs)``.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
+import sys
 from typing import Any
 
 import torch
@@ -67,6 +69,32 @@ def resolve_model(spec: str):
     raise ValueError(f"model={spec!r}: use a preset ({', '.join(_presets.PRESETS)}), a config.json path, "
                      "type:key=value,... (a transformers model type, e.g. llama:num_hidden_layers=32) or "
                      "module:factory")
+
+
+@contextlib.contextmanager
+def unpacked_sequences_on_meta():
+    """transformers' packed-sequence check answered on ``meta`` position ids as it answers for
+    one unpacked sequence per row (None: not packed); on real tensors it runs as written.
+
+    Without a cache and an attention mask (a training step) transformers (5.x) looks for
+    several sequences packed in one row by calling ``.item()`` on the position ids, which a
+    meta tensor cannot answer. The planner's steps feed ids alone (transformers makes the
+    positions 0..n-1: one sequence), so "not packed" is the real model's answer.
+    """
+    masking = sys.modules.get("transformers.masking_utils")
+    original = getattr(masking, "find_packed_sequence_indices", None)
+    if original is None:  # transformers not imported (a preset or a plain module), or a version without the check
+        yield
+        return
+
+    def find_packed_sequence_indices(position_ids):
+        return None if position_ids.device.type == "meta" else original(position_ids)
+
+    masking.find_packed_sequence_indices = find_packed_sequence_indices
+    try:
+        yield
+    finally:
+        masking.find_packed_sequence_indices = original
 
 
 class _CausalLMStep(torch.nn.Module):

@@ -35,6 +35,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
 
 from .memory import AttentionShape, blockwise_loss_buffers, ring_attention_buffers, s_local, sdpa_buffers
+from .models import unpacked_sequences_on_meta
 
 log = logging.getLogger("ringfx.planner")
 
@@ -366,7 +367,7 @@ def simulate_step(
     grad = torch.enable_grad() if training else torch.no_grad()
     # the swap of parameters stays on through backward: checkpointed layers recompute there
     reparametrized = torch.nn.utils.stateless._reparametrize_module(module, state, tie_weights=True)
-    with reparametrized, ckpt, grad, tracker, swap, _head_marked(module, tracker):
+    with reparametrized, ckpt, grad, unpacked_sequences_on_meta(), tracker, swap, _head_marked(module, tracker):
         output = module(*meta_inputs)
         if training:
             loss = loss_fn(output, meta_inputs)
