@@ -101,6 +101,20 @@ def test_transformers_config_without_a_cache_is_planned():
     assert check(positions).tolist() == [[0, 0, 0, 1, 1]]
 
 
+@pytest.mark.parametrize("blockwise_loss", [0, 256])
+def test_transformers_config_plans_the_same_step_with_or_without_use_cache(blockwise_loss):
+    # a training step keeps no K/V cache: use_cache (transformers' default True) changes nothing, also when the
+    # checkpointed layers are recomputed in backward
+    from ringfx.planner.models import resolve_model
+
+    for checkpointing in (True, False):
+        with_cache, without = (memory_model(resolve_model(HF_LLAMA + f",use_cache={flag}"), ring=False,
+                                            activation_checkpointing=checkpointing, blockwise_loss=blockwise_loss)
+                               for flag in ("true", "false"))
+        for s in (1 << 12, 1 << 14, 1 << 16):
+            assert with_cache.evaluate(s, 1) == without.evaluate(s, 1), (checkpointing, s)
+
+
 def test_module_factory_model(tmp_path, monkeypatch):
     (tmp_path / "my_models.py").write_text(
         "import torch\nfrom ringfx.demo import TinyLlama\n"

@@ -98,14 +98,19 @@ def unpacked_sequences_on_meta():
 
 
 class _CausalLMStep(torch.nn.Module):
-    """``ids -> loss``: a transformers causal LM with its own loss (labels = the ids)."""
+    """``ids -> loss``: a transformers causal LM with its own loss (labels = the ids).
+
+    No K/V cache, whatever the config's ``use_cache`` says: a training step never reads it
+    (transformers turns it off under gradient checkpointing), and a cache kept in the
+    simulation holds every layer's K/V through the forward and, when checkpointed layers
+    are recomputed in backward, appends their K/V to it again (keys of twice the length)."""
 
     def __init__(self, model):
         super().__init__()
         self.model = model
 
     def forward(self, ids):
-        return self.model(input_ids=ids, labels=ids).loss  # the cache holds the same K/V tensors backward saves
+        return self.model(input_ids=ids, labels=ids, use_cache=False).loss
 
 
 class _CausalLMBlockwiseStep(torch.nn.Module):
@@ -120,7 +125,7 @@ class _CausalLMBlockwiseStep(torch.nn.Module):
     def forward(self, ids):
         from ..blockwise import chunked_linear_cross_entropy
 
-        hidden = self.model.base_model(input_ids=ids)[0]
+        hidden = self.model.base_model(input_ids=ids, use_cache=False)[0]  # no cache: see _CausalLMStep
         head = self.model.get_output_embeddings()
         labels = torch.nn.functional.pad(ids, (0, 1), value=-100)[..., 1:]  # ForCausalLMLoss's shift
         return chunked_linear_cross_entropy(hidden, head.weight, head.bias, labels, chunk=self.chunk,
