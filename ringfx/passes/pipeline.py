@@ -54,9 +54,10 @@ def run_passes(gm: fx.GraphModule, *, options: Optional[PassOptions] = None,
 
 # The attention passes and their guards also run on the subgraphs that checkpointed regions
 # call (``tag_activation_checkpoint(wrap_body_0, ...)``): their sites join this graph's report.
-# (The sequence-mixing guard walks into the bodies itself, as the sharding pass does.)
+# (The positions and sequence-mixing guards read the sharding pass's analysis, which walks
+# into the bodies itself.)
 SUBGRAPH_PASSES = (remove_dead_code_pass, decompose_mha_pass, find_attention_pass, classify_masks_pass,
-                   check_sequence_axis_pass, rewrite_attention_pass, check_positions_pass)
+                   check_sequence_axis_pass, rewrite_attention_pass)
 
 
 def _with_subgraphs(p, gm: fx.GraphModule, options: PassOptions, done=None) -> tuple[fx.GraphModule, PassReport]:

@@ -48,7 +48,7 @@ from ..errors import UnsupportedError
 from ..runtime import collectives, token_moves
 from ..runtime.layout import chunks_per_rank
 from . import ring_glue
-from .node_facts import (VALUE_KEY, CASTS, SHAPE_ONLY, called_subgraph, hop_subgraphs, index_axis, is_model_state,
+from .node_facts import (VALUE_KEY, CASTS, SHAPE_ONLY, arange_length, called_subgraph, hop_subgraphs, index_axis, is_model_state,
                          normalize_dim, op_name, placeholder_source, shape_of, source_line, source_location,
                          value_of)
 from .options import PassOptions
@@ -149,25 +149,45 @@ def shard_sequence_pass(gm: fx.GraphModule, *, options: Optional[PassOptions] = 
     return gm, report
 
 
-def mixing_ops(gm: fx.GraphModule, options: PassOptions) -> list[tuple[str, Optional[tuple[str, int]]]]:
-    """The ops of ``gm`` that combine tokens across the sequence, as the sharding pass sees
-    them (one engine for both: the ops it would give a distributed form or gather for),
-    each with its user source location; ``gm`` is not changed (the walk runs on a copy).
-    This is the guard for graphs fed with the caller's shards (``inputs="sharded"``):
-    there those ops see one rank's tokens only."""
+@dataclasses.dataclass
+class SequenceAnalysis:
+    """What the sharding pass's walk finds in a graph fed with the caller's shards
+    (``inputs="sharded"``), where nothing is rewritten: each op that combines tokens across
+    the sequence (``mixing``) and each ``arange`` over the sequence's (local) length whose
+    values meet the sequence (``local_positions``: positions of the shard, not the tokens'
+    global ones), each with its user source line and location."""
+
+    mixing: list = dataclasses.field(default_factory=list)  # (what, location)
+    local_positions: list = dataclasses.field(default_factory=list)  # (arange node, what, location)
+
+
+def sequence_analysis(gm: fx.GraphModule, options: PassOptions) -> SequenceAnalysis:
+    """The sharding pass's analysis of ``gm`` (one engine for sharding and for the guards),
+    run on a copy: ``gm`` is not changed. Cached on ``gm`` for the guards that read it in a row."""
+    key = (id(gm.graph), len(gm.graph.nodes), options.ring_size, options.group_name)
+    cached = getattr(gm, "meta", {}).get("ringfx_sequence_analysis")
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    result = SequenceAnalysis()
     copied = copy.deepcopy(gm)
     copied.graph.eliminate_dead_code()  # mask code the rewrite left dead says nothing about the model
     ring_ops = _all_ring_ops(copied)
-    if not ring_ops:
-        return []
-    report = ShardingReport("sequence_mixing")
-    sharder = _Analysis(copied, dataclasses.replace(options, inputs="full", gather_outputs=False,
-                                                    fallbacks="gather"), report)
-    try:
-        sharder.run(ring_ops)
-    except UnsupportedError as e:
-        sharder.mixing.append((f"an op ringfx cannot follow along the sequence ({e})", None))
-    return sharder.mixing
+    if ring_ops:
+        sharder = _Analysis(copied, dataclasses.replace(options, inputs="full", gather_outputs=False,
+                                                        fallbacks="gather"), ShardingReport("sequence_analysis"))
+        sharder.mixing, sharder.positions = result.mixing, result.local_positions
+        try:
+            sharder.run(ring_ops)
+        except UnsupportedError as e:
+            result.mixing.append((f"an op ringfx cannot follow along the sequence ({e})", None))
+    if hasattr(gm, "meta"):
+        gm.meta["ringfx_sequence_analysis"] = (key, result)
+    return result
+
+
+def mixing_ops(gm: fx.GraphModule, options: PassOptions) -> list[tuple[str, Optional[tuple[str, int]]]]:
+    """The ops of ``gm`` that combine tokens across the sequence (``sequence_analysis``)."""
+    return sequence_analysis(gm, options).mixing
 
 
 def _all_ring_ops(gm: fx.GraphModule) -> list[fx.Node]:
@@ -1388,15 +1408,46 @@ class _Sharder:
 
 
 class _Analysis(_Sharder):
-    """The sharding walk for the guard (``mixing_ops``), on a copy: symbolic sizes (a graph
-    captured with dynamic shapes) are read at their example values, size queries are left
-    as they are."""
+    """The sharding walk for the guards (``sequence_analysis``), on a copy: symbolic sizes (a
+    graph captured with dynamic shapes) are read at their example values, size queries are
+    left as they are, and every value the model made that would be sliced to the rank's
+    tokens is traced back to the ``arange`` over the sequence length it came from."""
+
+    positions: list
 
     def shape(self, node) -> Optional[tuple]:
         return _hinted(super().shape(node))
 
     def _constant_size(self, node: fx.Node) -> None:
         return None
+
+    def shard(self, node: fx.Node, s: Sharded, before: fx.Node, fill=0) -> fx.Node:
+        self._trace_positions(node, s.length)
+        return super().shard(node, s, before, fill)
+
+    def _shard_in_place(self, node: fx.Node, axis: int) -> fx.Node:
+        self._trace_positions(node, self.shape(node)[axis])
+        return super()._shard_in_place(node, axis)
+
+    def _trace_positions(self, node: fx.Node, length: int) -> None:
+        seen, todo = set(), [node]
+        while todo:
+            n = todo.pop()
+            if n in seen or n.op == "placeholder":
+                continue
+            seen.add(n)
+            end = arange_length(n)
+            if end is not None and _hinted(end) == length:
+                if all(n is not p[0] for p in self.positions):
+                    self.positions.append((n, f"torch.arange({end}) at {source_line(n)}", source_location(n)))
+                continue
+            if getattr(n.target, "__module__", None) == ring_glue.__name__:
+                continue  # the rewrite reads only the key padding of a mask (its causal part is the op's)
+            if op_name(n) == "getitem" and isinstance(n.args[0], fx.Node) and \
+                    n.args[0].target is collectives.gather_sequence:
+                todo.append(n.args[0])  # an index into the rank's own tokens: local positions are right there
+                continue
+            todo.extend(n.all_input_nodes)
 
 
 def _hinted(shape):
@@ -1609,4 +1660,4 @@ def _class_loss_over_sequence(name, x, target, axis, length, outer, inner, group
     return total / count
 
 
-__all__ = ["Sharded", "ShardingReport", "mixing_ops", "shard_sequence_pass"]
+__all__ = ["SequenceAnalysis", "Sharded", "ShardingReport", "mixing_ops", "sequence_analysis", "shard_sequence_pass"]
