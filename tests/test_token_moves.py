@@ -78,3 +78,48 @@ def test_pad_tokens_of_a_move_hold_the_fill_and_take_no_gradient():
     assert y.flatten().tolist() == [-5.0, 0, 1, 2, 3, 4, 5, 6, -5.0]
     (gx,) = torch.autograd.grad(y.sum(), x)
     assert gx.flatten().tolist() == [1.0] * 7
+
+
+class _Edges(torch.nn.Module):
+    """Hostile slices and pads along the sequence after attention: a crop by negative pads,
+    a strided slice, an empty slice, a roll by more than S, a slice past the end."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = torch.nn.Linear(8, 24, dtype=torch.float64)
+
+    def forward(self, x):
+        b, s, _ = x.shape
+        q, k, v = self.qkv(x).view(b, s, 3, 2, 4).permute(2, 0, 3, 1, 4)
+        h = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, s, 8)
+        cropped = F.pad(h, (0, 0, -2, 1))             # drop 2 tokens in front, one zero token at the end
+        strided = h[:, ::2].sum(1)                    # step 2: all-gathered (exact)
+        empty = h[:, 3:3].sum(1)                      # no token at all
+        rolled = torch.roll(h, s + 2, dims=1)         # more than S
+        past = h[:, -3:100]                           # a stop past the end
+        return cropped.sum(1) + strided + empty + rolled.mean(1) + past.mean(1)
+
+
+@pytest.mark.parametrize("world,layout,s", [(3, "zigzag", 13), (2, "contiguous", 7)])
+def test_hostile_slices_and_pads_are_exact(world, layout, s):
+    import copy
+    import warnings
+
+    torch.manual_seed(0)
+    torch.compiler.reset()
+    model = _Edges()
+    ref = copy.deepcopy(model)
+    x = torch.randn(2, s, 8, dtype=torch.float64)
+    w = torch.randn(2, 8, dtype=torch.float64)
+    (ref(x) * w).sum().backward()
+    ring = ringfx.transform(model, mesh=ringfx.LoopbackRing(world), layout=layout)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ringfx.RingfxWarning)  # the strided slice gathers (exact, warned)
+        out = ring(x)
+    (out * w).sum().backward()
+    torch.testing.assert_close(out, ref(x), atol=1e-10, rtol=0)
+    for p, q in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, atol=1e-10, rtol=0)
+    (report,) = ring.reports
+    forms = " | ".join(report.sharding.distributed)
+    assert "pad by (-2, 1) tokens" in forms and "roll by" in forms and "slice [" in forms, forms
