@@ -128,3 +128,9 @@ def process_group_timeout(group, device: torch.device) -> Optional[datetime.time
         if isinstance(t, datetime.timedelta):
             return t
     return None
+
+
+def assert_on_device(condition: torch.Tensor, message: str) -> None:
+    """Raise ``message`` where ``condition`` (a bool tensor) is False, without a host sync on
+    CUDA and traceable by the compilers (``torch._assert_async``)."""
+    torch._assert_async(condition, message)

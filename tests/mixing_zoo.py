@@ -169,6 +169,19 @@ class TiedMax(nn.Module):  # max and argmax with ties across ranks: the first po
         return values + where.to(values.dtype) + coarse.argmax(1).to(values.dtype)
 
 
+class LastNonPaddingToken(nn.Module):  # sequence classification: each row's last real token
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(VOCAB, E, dtype=DTYPE)
+        self.attn, self.head = Attention(), nn.Linear(E, CLASSES, dtype=DTYPE)
+
+    def forward(self, ids, labels):
+        logits = self.head(self.attn(self.emb(ids)))
+        real = labels != -100
+        last = (torch.arange(ids.shape[1]) * real).argmax(-1)  # transformers' last_non_pad_token
+        return logits[torch.arange(ids.shape[0]), last]
+
+
 class CumprodGate(nn.Module):  # a decaying gate: the running product of sigmoids over tokens
     def __init__(self):
         super().__init__()
@@ -298,6 +311,7 @@ CASES = [
     MixingCase("max_with_index", MaxWithIndex, _x),
     MixingCase("tied_max", TiedMax, _x),
     MixingCase("cumprod_gate", CumprodGate, _x),
+    MixingCase("last_non_padding_token", LastNonPaddingToken, _ids_labels),
     MixingCase("arange_rope", ArangeRope, _x),
     MixingCase("alibi_bias", AlibiBias, _x),
     MixingCase("mse_loss", MseLoss, _x_target),

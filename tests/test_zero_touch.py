@@ -372,3 +372,21 @@ def test_dynamic_shapes_with_full_length_inputs_are_refused_with_what_to_do():
     ring = ringfx.transform(PerToken(), mesh=ringfx.LoopbackRing(2), dynamic=True)
     with pytest.raises(ringfx.UnsupportedError, match="static sequence lengths"):
         ring(torch.randn(2, 12, E, dtype=DTYPE))
+
+
+def test_per_row_token_index_out_of_bounds_raises_not_zeros():
+    class PickPast(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = Attention()
+
+        def forward(self, x, where):
+            return self.attn(x)[torch.arange(x.shape[0]), where]
+
+    torch.compiler.reset()
+    model = PickPast()
+    x = torch.randn(2, 12, E, dtype=DTYPE)
+    ring = ringfx.transform(model, mesh=ringfx.LoopbackRing(3))
+    torch.testing.assert_close(ring(x, torch.tensor([11, -12])), model(x, torch.tensor([11, -12])))
+    with pytest.raises(RuntimeError, match="out of bounds for a sequence of 12 tokens"):
+        ring(x, torch.tensor([3, 12]))

@@ -44,6 +44,7 @@ from typing import Any, Optional
 import torch
 import torch.fx as fx
 
+from .._compat import assert_on_device
 from ..errors import UnsupportedError
 from ..runtime import collectives, token_moves
 from ..runtime.layout import chunks_per_rank
@@ -221,8 +222,9 @@ class _Sharder:
         """Global shapes of the nodes the attention rewrite inserted (they carry no value)."""
         name = op_name(node)
         if node.op == "call_function" and node.target == ring_attention_target():
-            q = self.shape(node.args[0])
-            return None if q is None else (q, q[:-1])
+            q, v = self.shape(node.args[0]), self.shape(node.args[2])
+            # (out, lse): out has v's head dim (MLA: it may differ from q's)
+            return None if q is None or v is None else (q[:-1] + v[-1:], q[:-1])
         if node.target is ring_glue.combine_biases:
             shapes = [self.shape(b) for b in node.args[1:]]
             return None if None in shapes else tuple(torch.broadcast_shapes(*shapes))
@@ -1098,7 +1100,7 @@ class _Sharder:
         if not isinstance(s, Sharded) or shape is None:
             raise _Fallback()
         if any(isinstance(i, fx.Node) for i in (index if isinstance(index, tuple) else (index,))):
-            raise _Fallback()
+            return self._pick_per_row(node, x, s, index, shape)
         result = _through_index(s, index, shape)
         if isinstance(result, Sharded):
             self.placed[node] = result
@@ -1121,6 +1123,22 @@ class _Sharder:
                 self._distributed(picked, "token select along the sequence (from the rank that holds it)")
                 return
         raise _Fallback()
+
+    def _pick_per_row(self, node: fx.Node, x: fx.Node, s: Sharded, index, shape) -> None:
+        """``x[rows, tokens]`` with one token per row (a sequence classifier's last
+        non-padding token: ``logits[arange(B), last]``): each rank contributes the rows whose
+        token it holds, the ring sums them."""
+        items = index if isinstance(index, tuple) else (index,)
+        if s.axis != 1 or s.outer != 1 or s.inner != 1 or len(items) < 2:
+            raise _Fallback()
+        rows, tokens = items[0], items[1]
+        if not all(isinstance(t, fx.Node) and t not in self.placed and self.shape(t) is not None
+                   and len(self.shape(t)) == 1 for t in (rows, tokens)) or self.shape(rows) != self.shape(tokens):
+            raise _Fallback()
+        if any(not (i is Ellipsis or (isinstance(i, slice) and i == slice(None))) for i in items[2:]):
+            raise _Fallback()
+        self._replace(node, _pick_per_row, (x, rows, tokens, s.length, self.group, self.layout),
+                      "token select per row along the sequence (from the ranks that hold them)")
 
     # ---- tokens that cross shard boundaries (runtime.token_moves) -----------------------------------
     def _moved(self, x: fx.Node, s: Sharded, spec: str, length: int, fill, before: fx.Node) -> fx.Node:
@@ -1480,6 +1498,19 @@ def _through_index(s: Sharded, index, in_shape):
     if kind == "axis":
         return s.at(value)
     return kind if kind in ("select", "slice") else "unknown"
+
+def _pick_per_row(x, rows, tokens, length, group_name, layout):
+    """``x[rows, tokens]`` of the full sequence (axis 1 sharded; ``rows`` and ``tokens`` of
+    shape (N,)): the ranks' rows holding each token, summed over the ring."""
+    assert_on_device(((tokens < length) & (tokens >= -length)).all(),
+                     f"a token index is out of bounds for a sequence of {length} tokens")
+    positions = collectives.token_positions(group_name, layout, length, x.device)
+    hit = positions[None, :] == (tokens % length)[:, None]  # (N, S_local)
+    picked = x[rows]  # (N, S_local, ...)
+    hit = hit.view(*hit.shape, *(1,) * (picked.dim() - 2))
+    return collectives.all_reduce_sum(torch.where(hit, picked, torch.zeros((), dtype=picked.dtype,
+                                                                           device=picked.device)).sum(1), group_name)
+
 
 def _item_on_axis(axis: int, items: list, nd: int) -> Optional[int]:
     """Which item of a basic index (ints, slices, None, Ellipsis) applies to ``axis``."""
