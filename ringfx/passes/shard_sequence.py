@@ -1556,8 +1556,7 @@ def _writes_into(node: fx.Node) -> Optional[fx.Node]:
 def _extreme_over_sequence(x, name, dims, keepdim, axis, length, group_name, layout):
     """``amax`` / ``amin`` over ``dims`` (which hold the sequence ``axis``) of the whole ring:
     each rank's extreme, all-gathered (P values), and the extreme of those."""
-    fill = float("-inf") if name == "amax" else float("inf")
-    x = collectives.mask_padding(x, axis, length, group_name, layout, fill=fill)
+    x = collectives.mask_padding(x, axis, length, group_name, layout, fill=_extreme_fill(x.dtype, low=name == "amax"))
     reduce = torch.amax if name == "amax" else torch.amin
     local = reduce(x, dim=dims, keepdim=True)
     world = collectives.ring_world(group_name)
@@ -1565,6 +1564,16 @@ def _extreme_over_sequence(x, name, dims, keepdim, axis, length, group_name, lay
         local = reduce(collectives.gather_sequence(local, axis, world, group_name, "contiguous"), dim=axis,
                        keepdim=True)
     return local if keepdim else local.squeeze(dims)
+
+
+def _extreme_fill(dtype: torch.dtype, low: bool):
+    """What a pad token holds so that it never wins a max (``low``) or a min."""
+    if dtype == torch.bool:
+        return not low
+    if dtype.is_floating_point:
+        return float("-inf") if low else float("inf")
+    info = torch.iinfo(dtype)
+    return info.min if low else info.max
 
 
 def _cumsum_over_sequence(x, axis, length, group_name, layout, dtype, name="cumsum"):
@@ -1631,7 +1640,7 @@ def _extreme_index_over_sequence(x, name, keepdim, axis, length, group_name, lay
             return getattr(full, name)(axis, keepdim=keepdim)
         return tuple(getattr(full, name)(axis, keepdim=keepdim))
     world = collectives.ring_world(group_name)
-    x = collectives.mask_padding(x, axis, length, group_name, layout, fill=float("-inf") if largest else float("inf"))
+    x = collectives.mask_padding(x, axis, length, group_name, layout, fill=_extreme_fill(x.dtype, low=largest))
     values, local = (torch.max if largest else torch.min)(x, axis, keepdim=True)
     where = collectives.token_positions(group_name, layout, length, x.device)[local]
     all_values = collectives.gather_sequence(values, axis, world, group_name, "contiguous")
