@@ -1,9 +1,9 @@
-"""Attention variants computed natively by the ring op: logit soft-capping (Gemma 2) and
-attention sinks (GPT-OSS). Forward and backward (q, k, v and the sinks) against a plain
-single-process reference written here, on loopback rings P = 1..4 and one real gloo
-ring of 2; the spellings found, rewritten and exact under ``ringfx.transform`` (and two
-look-alikes not rewritten); then the whole pipeline on transformers' own Gemma 2 and
-GPT-OSS eager attention.
+"""Attention variants computed natively by the ring op: logit soft-capping (Gemma 2),
+attention sinks (GPT-OSS), chunked local attention (Llama 4) and ALiBi (BLOOM / MPT).
+Forward and backward (q, k, v and the sinks) against a plain single-process reference
+written here, on loopback rings P = 1..4 and one real gloo ring of 2; the spellings found,
+rewritten and exact under ``ringfx.transform`` (and look-alikes not rewritten); then the
+whole pipeline on transformers' own Gemma 2, GPT-OSS and Llama 4.
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ SCALE = 0.3
 SOFTCAP = 2.0  # small against the scores (|q kᵀ| * SCALE reaches ~10): tanh saturates
 
 
-def reference(q, k, v, *, causal=False, softcap=0.0, sinks=None, window=0, pad=None):
-    """Attention as the models write it, on the full sequence: scores, soft-cap, mask,
-    the sink column joined to the softmax and dropped after it."""
+def reference(q, k, v, *, causal=False, softcap=0.0, sinks=None, window=0, pad=None, chunk=0, slopes=None):
+    """Attention as the models write it, on the full sequence: scores, soft-cap, ALiBi
+    bias, mask, the sink column joined to the softmax and dropped after it."""
     g = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
     s = q @ k.transpose(-2, -1) * SCALE
@@ -34,11 +34,15 @@ def reference(q, k, v, *, causal=False, softcap=0.0, sinks=None, window=0, pad=N
         s = softcap * torch.tanh(s / softcap)
     n = q.shape[2]
     i = torch.arange(n)
+    if slopes is not None:
+        s = s + slopes[:, None, None] * (i[None, :] - i[:, None]).to(s.dtype)
     keep = torch.ones(n, n, dtype=torch.bool)
     if causal:
         keep &= i[:, None] >= i[None, :]
     if window:
         keep &= i[:, None] - i[None, :] < window
+    if chunk:
+        keep &= i[:, None] // chunk == i[None, :] // chunk
     keep = keep[None, None]
     if pad is not None:
         keep = keep & pad[:, None, None, :]
@@ -51,9 +55,9 @@ def reference(q, k, v, *, causal=False, softcap=0.0, sinks=None, window=0, pad=N
     return p @ v
 
 
-def _inputs(world, layout, *, hq=4, hkv=2, seed=0, with_sinks=True, padding=False):
+def _inputs(world, layout, *, hq=4, hkv=2, seed=0, with_sinks=True, padding=False, per_rank=3):
     g = torch.Generator().manual_seed(seed)
-    s = 3 * world * (2 if layout == "zigzag" else 1)
+    s = per_rank * world * (2 if layout == "zigzag" else 1)
     q = 3 * torch.randn(2, hq, s, 8, generator=g, dtype=torch.float64)
     k = 3 * torch.randn(2, hkv, s, 8, generator=g, dtype=torch.float64)
     v = torch.randn(2, hkv, s, 8, generator=g, dtype=torch.float64)
@@ -66,15 +70,22 @@ def _inputs(world, layout, *, hq=4, hkv=2, seed=0, with_sinks=True, padding=Fals
     return q, k, v, sinks, pad, dout
 
 
-def check_variant(group, layout, causal, softcap, with_sinks, *, seed=0, window=0, padding=False, hq=4, hkv=2):
+def _slopes(hq):
+    """ALiBi's slopes for ``hq`` heads (BLOOM's geometric sequence, 2^(-8 h / H))."""
+    return torch.tensor([2.0 ** (-8.0 * (h + 1) / hq) for h in range(hq)], dtype=torch.float64)
+
+
+def check_variant(group, layout, causal, softcap, with_sinks, *, seed=0, window=0, padding=False, hq=4, hkv=2,
+                  chunk=0, alibi=False, per_rank=3):
     """Max abs error of this rank's out, dq, dk, dv (shards) and of the sinks' gradient.
     On a real ring the sinks' gradient is this rank's part: summed over the ring here."""
     world = ringfx.runtime.ring_size(group)
     q, k, v, sinks, pad, dout = _inputs(world, layout, hq=hq, hkv=hkv, seed=seed, with_sinks=with_sinks,
-                                        padding=padding)
+                                        padding=padding, per_rank=per_rank)
+    slopes = _slopes(hq) if alibi else None
     leaves = [t.clone().requires_grad_() for t in (q, k, v)] + ([sinks.clone().requires_grad_()] if with_sinks else [])
     ref = reference(*leaves[:3], causal=causal, softcap=softcap, sinks=leaves[3] if with_sinks else None,
-                    window=window, pad=pad)
+                    window=window, pad=pad, chunk=chunk, slopes=slopes)
     ref_grads = torch.autograd.grad(ref, leaves, dout)
 
     def shard(x, dim=2):
@@ -84,7 +95,8 @@ def check_variant(group, layout, causal, softcap, with_sinks, *, seed=0, window=
     local_sinks = sinks.clone().requires_grad_() if with_sinks else None
     out = ringfx.ring_attention(*local, group=group, causal=causal, layout=layout, scale=SCALE,
                                 softcap=softcap or None, sinks=local_sinks, window=window or None,
-                                key_padding_mask=shard(pad, 1) if padding else None)
+                                key_padding_mask=shard(pad, 1) if padding else None, chunk=chunk or None,
+                                alibi_slopes=slopes)
     grads = torch.autograd.grad(out, local + ([local_sinks] if with_sinks else []), shard(dout))
     errors = [(out - shard(ref)).abs().max().item()]
     errors += [(a - shard(b)).abs().max().item() for a, b in zip(grads[:3], ref_grads[:3])]
@@ -115,6 +127,66 @@ def test_variants_with_window_padding_and_mqa(world):
         assert max(errors) < TOL, (layout, softcap, sinks, errors)
 
 
+POSITIONAL = [(4, False), (0, True), (4, True)]  # chunk, ALiBi: masks and biases from global positions
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+@pytest.mark.parametrize("layout,causal", list(itertools.product(("contiguous", "zigzag"), (False, True))))
+@pytest.mark.parametrize("chunk,alibi", POSITIONAL, ids=["chunk", "alibi", "chunk+alibi"])
+def test_chunk_and_alibi_match_reference_float64(chunk, alibi, layout, causal, world):
+    # 5 tokens a rank (10 in zigzag): chunks of 4 straddle the ranks' boundaries
+    errors = check_variant(ringfx.LoopbackRing(world), layout, causal, 0.0, False, seed=world, chunk=chunk,
+                           alibi=alibi, per_rank=5)
+    assert max(errors) < TOL, errors
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_chunk_and_alibi_with_the_other_variants(world):
+    """With a window, key padding, MQA, soft-capping and sinks at once."""
+    for layout, (softcap, sinks), (chunk, alibi) in itertools.product(("contiguous", "zigzag"), VARIANTS[1:],
+                                                                      POSITIONAL[1:]):
+        errors = check_variant(ringfx.LoopbackRing(world), layout, True, softcap, sinks, seed=7, window=3,
+                               padding=True, hq=4, hkv=1, chunk=chunk, alibi=alibi, per_rank=4)
+        assert max(errors) < TOL, (layout, softcap, sinks, chunk, alibi, errors)
+
+
+def test_blocks_outside_every_chunk_are_skipped():
+    from ringfx.runtime.blocks import MaskSpec, plan_step, step_count
+
+    # chunks of one rank's tokens: every rank sees only its own block, the ring stops after one step
+    assert step_count("contiguous", 8, 16, MaskSpec(False, 0, False, chunk=16)) == 1
+    assert step_count("contiguous", 8, 16, MaskSpec(True, 0, False, chunk=32)) == 2
+    # not causal: rank 0 meets rank 1's keys only at the last step (t = 7), every other block is skipped
+    assert step_count("contiguous", 8, 16, MaskSpec(False, 0, False, chunk=32)) == 8
+    assert [plan_step("contiguous", 0, src, 8, 16, MaskSpec(False, 0, False, chunk=32)) != ()
+            for src in range(8)] == [True, True] + [False] * 6
+    # a rank's own block under causal: one is_causal call unless a chunk boundary crosses it
+    (call,) = plan_step("contiguous", 1, 1, 4, 8, MaskSpec(True, 0, False, chunk=8))
+    assert call.is_causal and not call.masked
+    (call,) = plan_step("contiguous", 1, 1, 4, 8, MaskSpec(True, 0, False, chunk=4))
+    assert call.masked and not call.is_causal
+    # zigzag rank 0 holds chunks 0 and 7 of 8: with chunks of one layout chunk, it only meets itself
+    assert [plan_step("zigzag", 0, src, 4, 8, MaskSpec(True, 0, False, chunk=4)) != () for src in range(4)] == \
+        [True, False, False, False]
+
+
+def test_alibi_slopes_that_require_grad_are_refused():
+    q, k, v, _, _, _ = _inputs(2, "contiguous")
+    ring = ringfx.LoopbackRing(2)
+    slopes = _slopes(4).requires_grad_()
+    with pytest.raises(ValueError, match="alibi slopes require grad"):
+        ringfx.ring_attention(q, k, v, group=ring, alibi_slopes=slopes)
+    with pytest.raises(ValueError, match="alibi slopes require grad"):  # the op itself, as a graph calls it
+        torch.ops.ringfx.ring_attention(q, k, v, None, None, None, ring.group_name, "contiguous", False, SCALE, 0,
+                                        "auto", None, 0.0, 0, slopes)
+    with torch.no_grad():  # no gradient asked for: a constant
+        ringfx.ring_attention(q, k, v, group=ring, alibi_slopes=slopes)
+    with pytest.raises(ValueError, match=r"one slope per query head, shape \(4,\)"):
+        ringfx.ring_attention(q, k, v, group=ring, alibi_slopes=_slopes(2))
+    with pytest.raises(ValueError, match="chunk=-2"):
+        ringfx.ring_attention(q, k, v, group=ring, chunk=-2)
+
+
 def test_sinks_row_that_sees_no_key():
     """A query row with every key padded out: all its weight is on the sink (output 0),
     and the gradients stay finite."""
@@ -135,7 +207,7 @@ def test_opcheck_with_variants():
     torch.library.opcheck(
         torch.ops.ringfx.ring_attention.default,
         (q, k, v, None, None, None, ring.group_name, "zigzag", True, SCALE, 0, "auto"),
-        {"sinks": sinks.requires_grad_(), "softcap": SOFTCAP},
+        {"sinks": sinks.requires_grad_(), "softcap": SOFTCAP, "chunk": 2, "alibi": _slopes(4)},
     )
 
 
@@ -157,6 +229,9 @@ def _variants_on_gloo_ring(rank, world):
     for layout, causal, (softcap, sinks) in itertools.product(("contiguous", "zigzag"), (False, True), VARIANTS):
         results.append(((layout, causal, softcap, sinks),
                         check_variant(None, layout, causal, softcap, sinks, seed=11)))
+    for layout, causal, (chunk, alibi) in itertools.product(("contiguous", "zigzag"), (False, True), POSITIONAL):
+        results.append(((layout, causal, chunk, alibi),
+                        check_variant(None, layout, causal, 0.0, False, seed=12, chunk=chunk, alibi=alibi, per_rank=5)))
     # zero-touch on the real ring: the sinks' gradient, a per-rank part, averaged by the hooks
     torch.manual_seed(0)
     _, ref, got = _zero_touch(SinkColumn(), world, "zigzag", 13)
@@ -334,6 +409,99 @@ def test_look_alikes_are_not_rewritten(spelling, reason):
         assert report.left_alone and all(reason in s.reason for s in report.left_alone), str(report)
 
 
+class ChunkedCausal(_Attn):
+    """Llama 4's chunked attention written by hand: a key in the query's chunk of 4, not in
+    its future (transformers' ``chunked_overlay``: ``kv_idx // chunk == q_idx // chunk``)."""
+
+    chunk = 4
+
+    def attend(self, q, k, v, mask):
+        i = torch.arange(q.shape[-2])
+        keep = (i[None, :] // self.chunk == i[:, None] // self.chunk) & (i[None, :] <= i[:, None])
+        w = (torch.matmul(q, k.transpose(2, 3)) * D ** -0.5).masked_fill(~keep, float("-inf"))
+        return torch.matmul(F.softmax(w, dim=-1), v)
+
+
+class AlibiInSdpaMask(_Attn):
+    """ALiBi folded into SDPA's float mask (MPT / Falcon style): per-head slopes times
+    ``j - i``, plus the causal mask."""
+
+    def attend(self, q, k, v, mask):
+        i = torch.arange(q.shape[-2])
+        bias = _slopes(H).to(q.dtype)[:, None, None] * (i[None, :] - i[:, None])
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias + mask)
+
+
+class ChunkedAlibiNoncausal(_Attn):
+    """Both, non-causal: ALiBi slopes as a buffer, a bool chunk mask (chunks of 3)."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("slopes", _slopes(H), persistent=False)
+
+    def attend(self, q, k, v, mask):
+        i = torch.arange(q.shape[-2])
+        bias = self.slopes[:, None, None] * (i[None, :] - i[:, None]).to(q.dtype)
+        keep = (i[:, None] // 3) == (i[None, :] // 3)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.masked_fill(~keep, float("-inf")))
+
+
+class SquaredDistanceBias(AlibiInSdpaMask):
+    """Not ALiBi: a bias in (j - i)²; passed whole as a dense bias (exact, not native)."""
+
+    def attend(self, q, k, v, mask):
+        i = torch.arange(q.shape[-2])
+        bias = -_slopes(H).to(q.dtype)[:, None, None] * (i[None, :] - i[:, None]) ** 2
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias + mask)
+
+
+class ShiftedChunks(ChunkedCausal):
+    """Not chunked attention from position 0: chunks start at position 1; a dense mask."""
+
+    def attend(self, q, k, v, mask):
+        i = torch.arange(q.shape[-2]) + 1
+        keep = (i[None, :] // self.chunk == i[:, None] // self.chunk) & (i[None, :] <= i[:, None])
+        w = (torch.matmul(q, k.transpose(2, 3)) * D ** -0.5).masked_fill(~keep, float("-inf"))
+        return torch.matmul(F.softmax(w, dim=-1), v)
+
+
+def _alibi_zoo():
+    """tests/mixing_zoo.py's AlibiBias: a buffer of slopes, the distances from aranges, the causal
+    triu filled with -inf, through SDPA's attn_mask."""
+    import mixing_zoo
+
+    return mixing_zoo.AlibiBias()
+
+
+@pytest.mark.parametrize("make,world,layout,seq_len,mask_kind", [
+    (ChunkedCausal, 2, "zigzag", 13, "causal+chunk(4)"),
+    (AlibiInSdpaMask, 3, "contiguous", 13, "causal+alibi"),
+    (ChunkedAlibiNoncausal, 2, "contiguous", 11, "chunk(3)+alibi"),
+    (_alibi_zoo, 2, "zigzag", 11, "causal+alibi"),
+    (SquaredDistanceBias, 2, "zigzag", 11, "causal+dense"),
+    (ShiftedChunks, 2, "contiguous", 11, "causal+dense"),
+], ids=["chunked-causal", "alibi-sdpa-mask", "chunked-alibi-noncausal", "mixing-zoo-alibi", "not-alibi-dense",
+        "shifted-chunks-dense"])
+def test_positional_spelling_rewritten_and_exact(make, world, layout, seq_len, mask_kind):
+    torch.manual_seed(0)
+    model = make()
+    ring, ref, got = _zero_touch(model, world, layout, seq_len)
+    (site,) = ring.sites
+    assert site.decision == "rewritten" and site.mask_kind == mask_kind, site
+    _assert_same(ref, got, TOL)
+    (gm,) = [g.graph_module for g in ring.reports]
+    (op,) = [n for n in gm.graph.nodes if n.target == torch.ops.ringfx.ring_attention.default]
+    chunk, slopes = (op.args[14:16] + (0, None))[:2]
+    assert chunk == (int(mask_kind.split("chunk(")[1][0]) if "chunk(" in mask_kind else 0)
+    if "alibi" in mask_kind:  # the slopes, read off the model's mask; the bias gone from the graph
+        assert op.args[5] is None and op.args[0:3]
+        held = getattr(gm, slopes.target)
+        want = model.slopes if hasattr(model, "slopes") else _slopes(H)
+        assert torch.equal(held, want.to(held.dtype)), (held, want)
+    else:
+        assert slopes is None
+
+
 # ------------------------------------------- transformers' Gemma 2 and GPT-OSS, zero-touch
 
 def _tiny_lm(name):
@@ -406,3 +574,63 @@ def test_transformers_model_rewritten_and_exact(name):
         torch.testing.assert_close(grads[n], g, atol=tol, rtol=tol, msg=lambda m: f"{n}: {m}")
     if name == "gpt_oss":
         assert ref_grads["model.layers.0.self_attn.sinks"].abs().max() > 1e-4
+
+
+def test_transformers_llama4_chunked_attention_rewritten_and_exact():
+    """transformers' Llama 4 text model (a chunked-attention layer and a full one, no MoE
+    layer): the chunked mask (``masking_utils.chunked_overlay`` and causal) becomes the
+    op's ``chunk``. Called without an attention mask: with one, transformers offsets the
+    chunks by each row's left padding (data, not sizes), and the mask is passed whole as a
+    dense bias instead (exact too, not native)."""
+    transformers = pytest.importorskip("transformers", reason="needs transformers")
+    if not hasattr(transformers, "Llama4ForCausalLM"):
+        pytest.skip("transformers has no Llama 4")
+    torch._dynamo.reset()
+    cfg = transformers.Llama4TextConfig(
+        vocab_size=96, hidden_size=32, intermediate_size=64, intermediate_size_mlp=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=128, attention_chunk_size=4,
+        num_local_experts=1, interleave_moe_layer_step=3, no_rope_layers=[1, 0], pad_token_id=0,
+        attn_implementation="sdpa")
+    torch.manual_seed(0)
+    model = transformers.Llama4ForCausalLM(cfg).double().eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(30.0)
+    ids = torch.randint(3, 96, (2, 13), generator=torch.Generator().manual_seed(1))
+    inputs = dict(input_ids=ids, labels=ids, use_cache=False)
+    params = list(model.named_parameters())
+    ref_logits, ref_loss, ref_grads = _lm_run(model, params, inputs)
+    ring = ringfx.transform(model, mesh=ringfx.LoopbackRing(2), layout="zigzag")
+    with warnings.catch_warnings():
+        # its complex RoPE (torch.polar, view_as_complex) has no sharded form yet: all-gathered, warned
+        warnings.simplefilter("ignore", ringfx.RingfxWarning)
+        logits, loss, grads = _lm_run(ring, params, inputs)
+    assert [(s.decision, s.mask_kind) for s in ring.sites] == [("rewritten", "causal+chunk(4)"),
+                                                                ("rewritten", "causal")]
+    torch.testing.assert_close(logits, ref_logits, atol=TOL, rtol=TOL)
+    torch.testing.assert_close(loss, ref_loss, atol=TOL, rtol=TOL)
+    for n, g in ref_grads.items():
+        torch.testing.assert_close(grads[n], g, atol=TOL, rtol=TOL, msg=lambda m: f"{n}: {m}")
+
+
+def test_transformers_mpt_alibi_rewritten_natively():
+    """transformers' MPT adds its ALiBi bias (``slopes[h] * (j - (S - 1))``: a constant per
+    query row away from ``slopes[h] * (j - i)``) to the eager scores: the op's slopes."""
+    transformers = pytest.importorskip("transformers", reason="needs transformers")
+    torch._dynamo.reset()
+    cfg = transformers.MptConfig(vocab_size=96, d_model=32, n_heads=4, n_layers=2, max_seq_len=64,
+                                 attn_implementation="eager")
+    torch.manual_seed(0)
+    model = transformers.MptForCausalLM(cfg).double().eval()
+    ids = torch.randint(3, 96, (2, 13), generator=torch.Generator().manual_seed(1))
+    inputs = dict(input_ids=ids, labels=ids, use_cache=False)
+    params = list(model.named_parameters())
+    ref_logits, ref_loss, ref_grads = _lm_run(model, params, inputs)
+    ring = ringfx.transform(model, mesh=ringfx.LoopbackRing(3), layout="contiguous")
+    logits, loss, grads = _lm_run(ring, params, inputs)
+    assert [(s.decision, s.mask_kind) for s in ring.sites] == [("rewritten", "causal+alibi")] * 2
+    tol = 1e-6  # MPT takes its softmax in float32 (a rounding for this float64 model); the op keeps float64
+    torch.testing.assert_close(logits, ref_logits, atol=tol, rtol=tol)
+    torch.testing.assert_close(loss, ref_loss, atol=tol, rtol=tol)
+    for n, g in ref_grads.items():
+        torch.testing.assert_close(grads[n], g, atol=tol, rtol=tol, msg=lambda m: f"{n}: {m}")

@@ -11,7 +11,10 @@ For every ``MaskTerm`` of every site recorded by ``find_attention_pass``::
 A mask built only from sizes, parameters and buffers is evaluated at the traced length
 n and, with every literal n replaced, at larger lengths (and at lengths past any other
 integer constant in its subgraph, so that a sliding window wider than n is seen); it
-must come out the same causal / window / all-attend pattern at every size that evaluates.
+must come out the same causal / window / chunked (Llama 4: ``kv_idx // C == q_idx // C``)
+/ all-attend pattern at every size that evaluates. A float one that is, per head,
+``slope_h * (j - i)`` where it is finite (ALiBi, folded into SDPA's mask) is passed to the
+ring op as its slopes, which computes the bias per block from global positions.
 A per-key mask is recognised by shape (its query axis has size 1): it is O(S), so it is
 passed as key padding or gathered along the ring. A dense mask is passed block-wise as
 ``attn_bias`` — on a real ring only if its key columns already span the whole sequence.
@@ -76,13 +79,30 @@ def classify_site(gm, site: AttentionSite, options: PassOptions, values: dict, c
         site.mask = MaskKind(unsupported=True)
         site.skip(f"mask not proven safe on shards: {bad[0].detail}")
         return
-    windows = {t.window for t in site.terms if t.kind == "window"}
+    windows = {t.window for t in site.terms if t.window}
     if len(windows) > 1:
         site.skip(f"several sliding windows {sorted(windows)} on one attention")
         return
     if windows:
         site.window = windows.pop()
-    if any(t.kind == "causal" or (t.kind == "window" and t.causal) for t in site.terms):
+    chunks = {t.chunk for t in site.terms if t.chunk}
+    if len(chunks) > 1:
+        site.skip(f"several attention chunk sizes {sorted(chunks)} on one attention")
+        return
+    if chunks:
+        site.chunk = chunks.pop()
+    alibis = [t for t in site.terms if t.kind == "alibi"]
+    if len(alibis) > 1:
+        site.skip("more than one ALiBi bias on one attention")
+        return
+    if alibis:
+        heads = _canonical_heads(site)
+        slopes = alibis[0].slopes
+        if slopes.numel() not in (1, heads):
+            site.skip(f"ALiBi bias {alibis[0].node.name} has {slopes.numel()} slopes for {heads} query heads")
+            return
+        site.alibi = slopes.expand(heads).clone()
+    if any(t.kind == "causal" or (t.kind in ("window", "chunk", "alibi") and t.causal) for t in site.terms):
         site.causal = True
     if sum(k == "segment_ids" for k in kinds) > 1:
         site.skip("more than one segment-id mask")
@@ -94,8 +114,8 @@ def classify_site(gm, site: AttentionSite, options: PassOptions, values: dict, c
         site.skip(f"dense mask {dense.node.name} holds {cols} key columns, this rank's only: on a ring "
                   f"of {options.ring_size} it must span all keys (pass key padding / segment ids instead)")
         return
-    others = tuple(sorted({k for k in kinds if k not in ("none", "causal", "window")}))
-    site.mask = MaskKind(causal=site.causal, window=site.window, others=others)
+    others = tuple(sorted({k for k in kinds if k not in ("none", "causal", "window", "chunk")}))
+    site.mask = MaskKind(causal=site.causal, window=site.window, others=others, chunk=site.chunk)
 
 
 def _region_input(node: fx.Node) -> fx.Node:
@@ -133,16 +153,30 @@ def _classify_outer(term: MaskTerm, n: int, options: PassOptions, cache) -> list
     whole = MaskTerm(term.node, term.form)
     if isinstance(outer.meta.get(OUTER_KEY), fx.Node):
         inner = _classify_outer(MaskTerm(outer, term.form), n, options, cache)
-        kind = inner[0].kind if len(inner) == 1 else "unsupported"
-        whole.kind, whole.window, whole.causal, whole.detail = kind, inner[0].window, inner[0].causal, inner[0].detail
+        _copy_kind(whole, inner[0])
+        if len(inner) != 1:
+            whole.kind = "unsupported"
     else:
         probe = MaskTerm(outer, term.form)
         classify_term(owner, probe, n, values, options, cache)
-        whole.kind, whole.window, whole.causal, whole.detail = probe.kind, probe.window, probe.causal, probe.detail
+        _copy_kind(whole, probe)
     if whole.kind == "segment_ids":
         whole.kind, whole.detail = "unsupported", (f"segment ids of mask {outer.name} are computed outside the "
                                                    "checkpointed region that holds the attention")
     return [whole]
+
+
+def _canonical_heads(site: AttentionSite) -> int:
+    """The query heads of the ring op's canonical (B, H, S, D) q (B*H for 3-D spellings)."""
+    s = shape_of(site.q.node)
+    if site.q.permute is not None:
+        s = tuple(s[i] for i in site.q.permute)
+    return _hint(s[0] if site.q.unsqueeze0 else s[1])
+
+
+def _copy_kind(dst: MaskTerm, src: MaskTerm) -> None:
+    dst.kind, dst.window, dst.causal, dst.chunk, dst.slopes, dst.detail = (
+        src.kind, src.window, src.causal, src.chunk, src.slopes, src.detail)
 
 
 def _canonical_len(site: AttentionSite) -> int:
@@ -179,6 +213,10 @@ def _split(term: MaskTerm) -> list[MaskTerm]:
             and _masked(args[2]) and op_name(args[0]) in ("zeros", "zeros_like", "new_zeros") \
             and isinstance(args[1], fx.Node) and len(args[0].users) == 1:
         return _split(MaskTerm(args[1], "drop"))
+    if term.form == "additive" and name == "masked_fill" and len(args) >= 3 and _masked(args[2]) \
+            and all(isinstance(a, fx.Node) for a in args[:2]) and dtype_of(args[1]) == torch.bool:
+        # bias.masked_fill(drop, -inf) (ALiBi's causal triu): the bias plus a drop mask
+        return _split(MaskTerm(args[0], "additive")) + _split(MaskTerm(args[1], "drop"))
     if term.form in ("keep", "drop") and name == "logical_not" and isinstance(args[0], fx.Node):
         return _split(MaskTerm(args[0], "drop" if term.form == "keep" else "keep"))
     if name in ("expand", "expand_as") and isinstance(args[0], fx.Node):
@@ -466,6 +504,50 @@ def _keep_matrix(value: torch.Tensor, form: str, m: int) -> tuple[Optional[torch
     return (v if form == "keep" else ~v), ""
 
 
+def _alibi_of(value: torch.Tensor, form: str, m: int) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+    """ALiBi folded into a float mask: (slopes (H,), keep (m, m)) when the evaluated mask,
+    the same across the batch, is ``slopes[h] * (j - i)`` plus a constant per query row
+    (softmax ignores it: MPT's ``slopes[h] * (j - (S - 1))``) wherever it is not masked
+    (-inf), with one masked pattern for every head; else None. The slope is read off row 1
+    (``v[h, 1, 1] - v[h, 1, 0]``: exact for the direct spelling) or, failing that, off the
+    widest span of the last row; every entry must then match to the mask dtype's rounding
+    of its own magnitude (the model's own rounding of the bias)."""
+    if form not in ("additive", "subtracted") or not value.dtype.is_floating_point or m < 2 or value.dim() > 4:
+        return None
+    v = -value if form == "subtracted" else value
+    while v.dim() < 4:
+        v = v.unsqueeze(0)
+    if v.shape[-1] not in (1, m) or v.shape[-2] not in (1, m):
+        return None
+    v = v.expand(*v.shape[:-2], m, m)
+    if not bool((v == v[:1]).all()):
+        return None  # differs across the batch
+    v = v[0]  # (H, m, m)
+    keep = v > MASKED_FILL_LIMIT
+    if not bool((keep == keep[:1]).all()):
+        return None
+    keep = keep[0]
+    if not bool(keep.diagonal().all()):
+        return None  # every query sees itself under every pattern ALiBi is combined with
+    i = torch.arange(m, device=v.device)
+    dist = (i[None, :] - i[:, None]).to(v.dtype)
+    row = v.diagonal(dim1=-2, dim2=-1)[..., None]  # the constant of each query row
+    candidates = []
+    if bool(keep[1, 0]):
+        candidates.append(v[:, 1, 1] - v[:, 1, 0])
+    elif bool(keep[0, 1]):
+        candidates.append(v[:, 0, 1] - v[:, 0, 0])
+    far = int(keep[m - 1].nonzero()[0])  # the last row's first key seen
+    if far < m - 1:
+        candidates.append((v[:, m - 1, m - 1] - v[:, m - 1, far]) / (m - 1 - far))
+    eps = torch.finfo(v.dtype).eps
+    for slopes in candidates:
+        err = (v - row - slopes[:, None, None] * dist).abs()
+        if bool((err <= 8 * eps * (v.abs() + row.abs()))[:, keep].all()):
+            return slopes.clone(), keep
+    return None
+
+
 def _pattern_of(keep: torch.Tensor) -> Optional[tuple[str, int]]:
     m = keep.shape[0]
     i = torch.arange(m, device=keep.device).unsqueeze(1)  # the mask's device: a CUDA buffer's mask is on CUDA
@@ -480,6 +562,13 @@ def _pattern_of(keep: torch.Tensor) -> Optional[tuple[str, int]]:
             return "window", w
         if torch.equal(keep, j > i - w):
             return "window_noncausal", w
+    c = int(keep[:, 0].sum())  # the first chunk's queries all see key 0
+    if 0 < c < m:
+        same = (i // c) == (j // c)
+        if torch.equal(keep, same & (j <= i)):
+            return "chunk", c
+        if torch.equal(keep, same):
+            return "chunk_noncausal", c
     return None
 
 
@@ -511,11 +600,11 @@ def _classify_static(gm, term: MaskTerm, n: int, nodes, values, options: PassOpt
         except TypeError:
             key = None
         if key is not None and key in cache:
-            term.kind, term.window, term.causal, term.detail = cache[key]
+            _copy_kind(term, cache[key])
             return
     _classify_static_uncached(gm, term, n, nodes, values, options)
     if key is not None:
-        cache[key] = (term.kind, term.window, term.causal, term.detail)
+        cache[key] = dataclasses.replace(term)
 
 
 def _classify_static_uncached(gm, term: MaskTerm, n: int, nodes, values, options: PassOptions) -> None:
@@ -530,11 +619,17 @@ def _classify_static_uncached(gm, term: MaskTerm, n: int, nodes, values, options
     sizes = ([n] if n <= _MAX_EVAL else []) + [m for m in _EVAL_SIZES if m != n]
     sizes += sorted({c + 7 for c in constants if c + 7 > _EVAL_SIZES[0] and c + 7 not in sizes})
     seen: list[tuple[int, tuple[str, int]]] = []
+    slopes_seen = []  # ALiBi: the slopes read at each length
     for m in sizes:
         value = _evaluate(gm, nodes, term.node, values, n, m)
         if value is None:
             continue
         keep, why = _keep_matrix(value, term.form, m)
+        if keep is None and why != "size":
+            alibi = _alibi_of(value, term.form, m)
+            if alibi is not None:
+                slopes, keep = alibi
+                slopes_seen.append(slopes)
         if keep is None:
             if why == "size":
                 continue
@@ -544,32 +639,41 @@ def _classify_static_uncached(gm, term: MaskTerm, n: int, nodes, values, options
         if pattern is None:
             term.kind = "unsupported"
             term.detail = (f"mask {term.node.name} is built from sizes/buffers but is not causal, "
-                           f"a sliding window or all-attend (checked at length {m})")
+                           f"a sliding window, chunked or all-attend (checked at length {m})")
             return
         seen.append((m, pattern))
     if not seen or (n <= _MAX_EVAL and seen[0][0] != n):
         term.kind, term.detail = "unsupported", f"mask {term.node.name} could not be evaluated"
         return
-    windows = {p[1] for _, p in seen if p[0].startswith("window")}
+    if slopes_seen and (len(slopes_seen) != len(seen) or
+                        not all(torch.equal(x, slopes_seen[0]) for x in slopes_seen)):
+        term.kind, term.detail = "unsupported", f"mask {term.node.name} changes its ALiBi slopes with length"
+        return
     kinds = {p[0] for _, p in seen}
-    if len(windows) > 1 or len(kinds - {"causal", "none"}) > 1:
+    families = {f for f in ("window", "chunk") if any(k.startswith(f) for k in kinds)}
+    widths = {p[1] for _, p in seen if p[0].startswith(("window", "chunk"))}
+    if len(families) > 1 or len(widths) > 1 or len(kinds - {"causal", "none"}) > 1:
         term.kind, term.detail = "unsupported", f"mask {term.node.name} changes pattern with length: {seen}"
         return
-    if windows:
-        w = windows.pop()
-        causal_form = "window" in kinds
-        # smaller lengths may show the window as causal (or all-attend) when w >= m
-        consistent = all(p == (("window" if causal_form else "window_noncausal"), w) or
+    checked = f"checked at lengths {[m for m, _ in seen]}"
+    if families:
+        family, w = families.pop(), widths.pop()
+        causal_form = family in kinds
+        # smaller lengths may show the window / chunk as causal (or all-attend) when w >= m
+        consistent = all(p == ((family if causal_form else family + "_noncausal"), w) or
                          (m <= w and p[0] == ("causal" if causal_form else "none")) for m, p in seen)
         if not consistent:
             term.kind, term.detail = "unsupported", f"mask {term.node.name} changes pattern with length: {seen}"
             return
-        term.kind, term.window, term.causal = "window", w, causal_form
-        term.detail = f"checked at lengths {[m for m, _ in seen]}"
-        return
-    if len(kinds) != 1:
-        term.kind, term.detail = "unsupported", f"mask {term.node.name} changes pattern with length: {seen}"
-        return
-    term.kind = kinds.pop()
-    checked = [m for m, _ in seen]
-    term.detail = f"checked at lengths {checked}"
+        term.kind, term.causal = family, causal_form
+        term.window, term.chunk = (w, 0) if family == "window" else (0, w)
+    else:
+        if len(kinds) != 1:
+            term.kind, term.detail = "unsupported", f"mask {term.node.name} changes pattern with length: {seen}"
+            return
+        term.kind = kinds.pop()
+        term.causal = term.kind == "causal" and bool(slopes_seen)
+    term.detail = checked
+    if slopes_seen:
+        term.kind, term.slopes = "alibi", slopes_seen[0]
+        term.detail = f"ALiBi slopes {[round(x, 6) for x in term.slopes.tolist()]}; {checked}"

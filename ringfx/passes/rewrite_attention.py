@@ -12,7 +12,13 @@ classify_masks_pass) and changes nothing else in the graph::
 
 A soft-capped site (``cap * tanh(s / cap)``) and a site with sinks (``cat([s, sinks
 column], -1)``, softmax, ``p[..., :-1]``) pass ``sinks`` (the ``(H,)`` parameter itself)
-and ``softcap`` as two more arguments of the op.
+and ``softcap`` as two more arguments of the op; a chunked site (Llama 4) adds ``chunk``
+and an ALiBi site its slopes ``(H,)``, read off the model's mask when it was classified and
+held by the graph module as a buffer (``_ringfx_alibi_<n>``)::
+
+    bias = slopes[:, None, None] * (j - i)      out, lse = torch.ops.ringfx.ring_attention(
+    s = s + bias.masked_fill(triu, -inf)            q, k, v, ..., "auto", None, 0.0, 0,
+                                                    self._ringfx_alibi_0)
 
 Layout fixes (permute / unsqueeze for ``(B*H, S, D)`` spellings) are inserted before the
 op and undone after it; the replaced chain and the nodes that only fed it (the key
@@ -117,10 +123,12 @@ def _rewrite(gm: fx.GraphModule, site: AttentionSite, options: PassOptions, repl
         scale = float(site.scale)
         for node, power in site.scale_nodes:
             scale = graph.call_function(operator.mul if power > 0 else operator.truediv, (scale, now(node)))
-        variants = ()  # soft-capping and sinks: per head, the same on every rank
-        if site.softcap or site.sinks is not None:
+        variants = ()  # soft-capping, sinks, chunks, ALiBi: per head, the same on every rank
+        if site.softcap or site.sinks is not None or site.chunk or site.alibi is not None:
             sinks = now(site.sinks) if site.sinks is not None else None
             variants = (sinks, float(site.softcap))
+        if site.chunk or site.alibi is not None:
+            variants += (int(site.chunk), _slopes_buffer(gm, site.alibi) if site.alibi is not None else None)
         ring = graph.call_function(ring_attention_target(), (
             q, k, v, kpm, seg, bias, options.group_name, options.layout, bool(site.causal),
             scale, int(site.window or 0), options.kernel, *variants))
@@ -133,6 +141,18 @@ def _rewrite(gm: fx.GraphModule, site: AttentionSite, options: PassOptions, repl
     out_node.replace_all_uses_with(out)
     replaced[out_node] = out
     _erase_unused(graph, list(site.chain) + [out_node])
+
+
+def _slopes_buffer(gm: fx.GraphModule, slopes: torch.Tensor) -> fx.Node:
+    """The ALiBi slopes as a (non-persistent) buffer of ``gm`` and its ``get_attr`` node."""
+    i = 0
+    while hasattr(gm, f"_ringfx_alibi_{i}"):
+        i += 1
+    name = f"_ringfx_alibi_{i}"
+    gm.register_buffer(name, slopes.detach().clone(), persistent=False)
+    node = gm.graph.get_attr(name)
+    node.meta["example_value"] = getattr(gm, name)
+    return node
 
 
 def _passed_in(gm: fx.GraphModule, node: fx.Node, passed: dict) -> fx.Node:

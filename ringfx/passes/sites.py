@@ -12,6 +12,7 @@ import enum
 from dataclasses import dataclass, field
 from typing import Optional
 
+import torch
 import torch.fx as fx
 
 META_KEY = "ringfx"
@@ -50,9 +51,12 @@ class MaskTerm:
     (bool, True = masked out). kind (set by classify_masks_pass): ``none`` (all-attend),
     ``causal``, ``window``, ``key_padding`` (per key; a float one is gathered along the
     ring as an O(S) bias), ``segment_ids``, ``dense`` (passed block-wise as
-    ``attn_bias``) or ``unsupported`` (site is left alone; ``detail`` says why). A
-    ``window`` term is ``causal`` when it also hides future keys (``i - W < j <= i``);
-    otherwise it hides only keys more than W behind (``j > i - W``)."""
+    ``attn_bias``), ``chunk`` (Llama 4's chunked attention: key j seen only if ``j // chunk
+    == i // chunk``), ``alibi`` (a per-head bias ``slopes[h] * (j - i)``, possibly with a
+    causal / window / chunk pattern of -inf) or ``unsupported`` (site is left alone;
+    ``detail`` says why). A ``window`` or ``chunk`` term is ``causal`` when it also hides
+    future keys (``i - W < j <= i``); otherwise it hides only keys more than W behind
+    (``j > i - W``) or in other chunks."""
 
     node: fx.Node
     form: str
@@ -60,6 +64,8 @@ class MaskTerm:
     window: int = 0
     causal: bool = False
     segment_node: Optional[fx.Node] = None
+    chunk: int = 0
+    slopes: Optional[torch.Tensor] = None  # an ``alibi`` term's slopes (H,) or (1,), as the model's values
     detail: str = ""  # for the reader: why unsupported, or how it was proven
 
 
@@ -70,13 +76,15 @@ class MaskKind:
 
     causal: bool = False
     window: int = 0
-    others: tuple[str, ...] = ()  # sorted kinds of the other terms: dense, key_padding, segment_ids
+    others: tuple[str, ...] = ()  # sorted kinds of the other terms: alibi, dense, key_padding, segment_ids
     unsupported: bool = False
+    chunk: int = 0
 
     def __str__(self) -> str:
         if self.unsupported:
             return "unsupported"
-        parts = (["causal"] if self.causal else []) + ([f"window({self.window})"] if self.window else [])
+        parts = (["causal"] if self.causal else []) + ([f"window({self.window})"] if self.window else []) + \
+            ([f"chunk({self.chunk})"] if self.chunk else [])
         return "+".join(parts + list(self.others)) or "none"
 
 
@@ -100,6 +108,8 @@ class AttentionSite:
     gqa: str = "none"
     softcap: float = 0.0  # logit soft-capping: scores = softcap * tanh(scores / softcap) before the masks
     sinks: Optional[fx.Node] = None  # (H,) per-head sink logits joined to the softmax (GPT-OSS)
+    chunk: int = 0  # chunked local attention (Llama 4): key j seen only if j // chunk == i // chunk
+    alibi: Optional[torch.Tensor] = None  # ALiBi slopes (H,) or (1,): slopes[h] * (j - i) added to the scores
     terms: list[MaskTerm] = field(default_factory=list)
     chain: list[fx.Node] = field(default_factory=list)  # nodes the rewrite replaces
     anchor: Optional[fx.Node] = None  # the softmax or SDPA node: the user's source line

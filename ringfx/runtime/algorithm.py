@@ -42,6 +42,8 @@ class RingConfig:
     kernel: str
     softcap: float = 0.0  # 0: none; else scores = softcap * tanh(scores / softcap) (math kernel)
     sinks: bool = False  # a per-head sink logit joins each row's softmax (applied by the op)
+    chunk: int = 0  # 0: none; C: query i sees keys j with j // C == i // C (Llama 4)
+    alibi: bool = False  # per-head slopes: slope_h * (j - i) added to the scores of every block
 
 
 @dataclasses.dataclass
@@ -86,15 +88,17 @@ class _Rank:
                                            self.cfg.softcap)
 
 
-def _prologue(q, k, v, pad, seg, bias, cfg: RingConfig, rank: int, world: int, refused=None):
+def _prologue(q, k, v, pad, seg, bias, cfg: RingConfig, rank: int, world: int, refused=None, alibi=None):
     """The ranks' agreement, then the call's fixed state: a generator returning a
-    ``_Rank``, or None when there is nothing to attend (S, B or H is 0)."""
+    ``_Rank``, or None when there is nothing to attend (S, B or H is 0). ``alibi``: the
+    per-head slopes (Hq,) in the accumulation dtype, or None."""
     seg_ranges = agree((yield metadata(q, k, pad, seg, bias, cfg, refused)), cfg, seg is not None, refused)
     if q.numel() == 0:
         return None
     tuning = Tuning.from_environment()
     s_local = q.shape[2]
-    spec = MaskSpec(cfg.causal, cfg.window, pad is not None or seg is not None or bias is not None)
+    spec = MaskSpec(cfg.causal, cfg.window, pad is not None or seg is not None or bias is not None or cfg.alibi,
+                    cfg.chunk)
     tok = None
     if pad is not None or seg is not None:
         b = q.shape[0]
@@ -104,7 +108,7 @@ def _prologue(q, k, v, pad, seg, bias, cfg: RingConfig, rank: int, world: int, r
         ])
     q_pos = local_positions(cfg.layout, rank, world, s_local, q.device)
     n_steps = step_count(cfg.layout, world, s_local, spec, seg_ranges)
-    source = BlockSource(cfg.layout, world, s_local, spec, q_pos, pad is not None, seg, bias, q.dtype)
+    source = BlockSource(cfg.layout, world, s_local, spec, q_pos, pad is not None, seg, bias, q.dtype, alibi)
     step_work = q.shape[0] * q.shape[1] * s_local * s_local
     side = Streams(q.device, side=tuning.side_stream,
                    two=tuning.two_streams and step_work >= TWO_STREAMS_MIN_WORK)
@@ -130,10 +134,11 @@ def _single_block(ring: "_Rank"):
     return calls[0] if (blk.rows.start, blk.rows.stop) == (0, s_local) and call.k == (0, s_local) else None
 
 
-def forward_program(q, k, v, pad, seg, bias, cfg: RingConfig, rank: int, world: int, into=None, refused=None):
+def forward_program(q, k, v, pad, seg, bias, cfg: RingConfig, rank: int, world: int, into=None, refused=None,
+                    alibi=None):
     """``refused``: the error this rank's inputs were refused with (it is raised on every
-    rank after the agreement, before any transfer)."""
-    ring = yield from _prologue(q, k, v, pad, seg, bias, cfg, rank, world, refused)
+    rank after the agreement, before any transfer); ``alibi``: see ``_prologue``."""
+    ring = yield from _prologue(q, k, v, pad, seg, bias, cfg, rank, world, refused, alibi)
     if ring is None:  # empty results, no kernel runs
         return into if into is not None else (torch.empty_like(q), q.new_empty(q.shape[:-1], dtype=acc_dtype(q.dtype)))
     acc = acc_dtype(q.dtype)
@@ -167,8 +172,8 @@ def forward_program(q, k, v, pad, seg, bias, cfg: RingConfig, rank: int, world: 
 
 
 def backward_program(dout, q, k, v, out, lse, pad, seg, bias, cfg: RingConfig, rank: int, world: int,
-                     into=None):
-    ring = yield from _prologue(q, k, v, pad, seg, bias, cfg, rank, world)
+                     into=None, alibi=None):
+    ring = yield from _prologue(q, k, v, pad, seg, bias, cfg, rank, world, alibi=alibi)
     if ring is None:  # no query: no gradient flows to any key
         grads = into if into is not None else (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v))
         grads[1].zero_()

@@ -35,6 +35,7 @@ class BlockSource:
     seg_q: torch.Tensor | None  # this rank's segment ids (B, S_local); the keys' travel in row 1
     bias: torch.Tensor | None  # (b, h, S_local or 1, S_total or 1), key columns in global order
     dtype: torch.dtype  # of the mask the kernels take
+    alibi: torch.Tensor | None = None  # per-head ALiBi slopes (Hq,): slope_h * (j - i) joins every mask
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,5 +66,6 @@ class Block:
                 bias_blk = bias[..., a:b, :] if bias.shape[-2] > 1 else bias
                 if bias.shape[-1] > 1:
                     bias_blk = bias_blk.index_select(-1, k_pos)
-            mask = build_mask(source.q_pos[a:b], k_pos, source.spec, source.dtype, pad_k, seg_q, seg_k, bias_blk)
+            mask = build_mask(source.q_pos[a:b], k_pos, source.spec, source.dtype, pad_k, seg_q, seg_k, bias_blk,
+                              source.alibi)
         return cls(slice(a, b), k, v, mask)

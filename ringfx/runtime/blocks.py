@@ -5,8 +5,8 @@ tokens are one or two chunks of global positions (see ``layout.py``); every
 (query chunk, key chunk) pair is classified from positions alone:
 
 * EMPTY   - no query sees any key (a future block under causal, a block wholly behind
-            a sliding window, two chunks with no document in common): skipped, never
-            computed and masked;
+            a sliding window, two chunks with no document in common, query and key
+            positions in no common attention chunk): skipped, never computed and masked;
 * FULL    - every query sees every key: a plain kernel call, no mask;
 * PARTIAL - a mask is needed.
 
@@ -31,7 +31,8 @@ EMPTY, FULL, PARTIAL = 0, 1, 2
 class MaskSpec:
     causal: bool
     window: int  # 0: no sliding window; W: query i sees keys j > i - W
-    token_masks: bool  # key padding, segment ids or a bias: every call takes a mask
+    token_masks: bool  # key padding, segment ids or a bias (ALiBi too): every call takes a mask
+    chunk: int = 0  # 0: none; C: query i sees keys j with j // C == i // C (Llama 4's chunked attention)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,13 +44,22 @@ class BlockCall:
 
 
 def classify(q: tuple[int, int], k: tuple[int, int], spec: MaskSpec) -> int:
-    """Classify the global position rectangle ``q x k`` under causal / window."""
+    """Classify the global position rectangle ``q x k`` under causal / window / chunks."""
     dmin = q[0] - (k[1] - 1)  # smallest i - j in the rectangle
     dmax = (q[1] - 1) - k[0]  # largest
     if (spec.causal and dmax < 0) or (spec.window and dmin >= spec.window):
         return EMPTY
-    full = (not spec.causal or dmin >= 0) and (not spec.window or dmax < spec.window)
+    if spec.chunk and _disjoint((q[0] // spec.chunk, (q[1] - 1) // spec.chunk),
+                                (k[0] // spec.chunk, (k[1] - 1) // spec.chunk)):
+        return EMPTY  # no chunk holds both a query and a key of the rectangle
+    full = (not spec.causal or dmin >= 0) and (not spec.window or dmax < spec.window) and not _chunk_bites(q, k, spec)
     return FULL if full else PARTIAL
+
+
+def _chunk_bites(q: tuple[int, int], k: tuple[int, int], spec: MaskSpec) -> bool:
+    """Whether the chunks hide a key from a query of the rectangle (it spans two chunks)."""
+    c = spec.chunk
+    return bool(c) and len({q[0] // c, (q[1] - 1) // c, k[0] // c, (k[1] - 1) // c}) > 1
 
 
 def _disjoint(a: tuple[int, int], b: tuple[int, int]) -> bool:
@@ -83,13 +93,13 @@ def plan_step(
     if all(x == EMPTY for row in cls for x in row):
         return ()
     if rank == src and spec.causal:
-        # one is_causal call unless a token mask or the window bites inside the block
+        # one is_causal call unless a token mask, the window or the chunks bite inside the block
         causal_only = MaskSpec(True, 0, False)
-        window_bites = spec.window and any(
-            (qc[1] - 1) - kc[0] >= spec.window
+        bites = any(
+            (spec.window and (qc[1] - 1) - kc[0] >= spec.window) or _chunk_bites(qc, kc, spec)
             for qc in qch for kc in kch if classify(qc, kc, causal_only) != EMPTY
         )
-        plain_causal = not spec.token_masks and not window_bites
+        plain_causal = not spec.token_masks and not bites
         return (BlockCall((0, s_local), (0, s_local), plain_causal, not plain_causal),)
     calls = []
     i = 0
@@ -118,11 +128,14 @@ def step_count(layout: str, world: int, s_local: int, spec: MaskSpec, segment_ra
     return last + 1
 
 
-def build_mask(qpos, kpos, spec: MaskSpec, dtype, pad_k=None, seg_q=None, seg_k=None, bias=None):
-    """Additive mask (0 / -inf, plus ``bias``) of shape (b, h, Sq, Sk), b and h possibly 1.
+def build_mask(qpos, kpos, spec: MaskSpec, dtype, pad_k=None, seg_q=None, seg_k=None, bias=None, alibi=None):
+    """Additive mask (0 / -inf, plus ``bias`` and the ALiBi bias) of shape (b, h, Sq, Sk),
+    b and h possibly 1.
 
     qpos, kpos: global positions; pad_k (B, Sk) bool; seg_q (B, Sq), seg_k (B, Sk);
-    bias: float (additive) or bool (True = attend), broadcastable to (B, H, Sq, Sk).
+    bias: float (additive) or bool (True = attend), broadcastable to (B, H, Sq, Sk);
+    alibi: per-head slopes (H,): ``slopes[h] * (j - i)`` from the global positions, computed
+    in the slopes' dtype (float64 for float64 inputs, else float32) and rounded once.
     """
     d = qpos[:, None] - kpos[None, :]
     allowed = torch.ones_like(d, dtype=torch.bool)
@@ -130,6 +143,9 @@ def build_mask(qpos, kpos, spec: MaskSpec, dtype, pad_k=None, seg_q=None, seg_k=
         allowed &= d >= 0
     if spec.window:
         allowed &= d < spec.window
+    if spec.chunk:
+        allowed &= torch.div(qpos, spec.chunk, rounding_mode="floor")[:, None] == \
+            torch.div(kpos, spec.chunk, rounding_mode="floor")[None, :]
     allowed = allowed[None, None]
     if pad_k is not None:
         allowed = allowed & pad_k[:, None, None, :]
@@ -141,4 +157,6 @@ def build_mask(qpos, kpos, spec: MaskSpec, dtype, pad_k=None, seg_q=None, seg_k=
     mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
     if bias is not None:
         mask = mask + bias.to(dtype)
+    if alibi is not None:
+        mask = mask + (alibi[None, :, None, None] * (-d).to(alibi.dtype)).to(dtype)
     return mask

@@ -51,6 +51,23 @@ def check_window(window, *, none_value=None) -> None:
     )
 
 
+LEARNED_ALIBI = (
+    "alibi slopes require grad, but ringfx computes no gradient for ALiBi slopes (the ring op treats them "
+    "as constants, as BLOOM / MPT / Falcon do): detach them (slopes.detach()), make them a buffer instead "
+    "of a parameter, or leave this attention unrewritten"
+)
+
+
+def check_chunk(chunk, *, none_value=0) -> None:
+    """``chunk``: an int in [1, 2**63 - 1] (the attention chunk size), or ``none_value`` / 0."""
+    if chunk is None and none_value is None:
+        return
+    if not isinstance(chunk, bool) and isinstance(chunk, int) and 0 <= chunk <= MAX_WINDOW:
+        return
+    raise ValueError(f"chunk={chunk!r} must be an int >= 1 (query i sees key j only if j // chunk == i // chunk), "
+                     "or None / 0 for no chunked attention")
+
+
 def check_softcap(softcap, kernel: str) -> None:
     """``softcap``: a finite number >= 0 (0: no soft-capping), with a kernel that computes it."""
     if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not 0 <= softcap < math.inf:
@@ -62,7 +79,7 @@ def check_softcap(softcap, kernel: str) -> None:
 
 
 def check_inputs(q, k, v, pad, seg, bias, *, layout: str, window: int, kernel: str, world: int,
-                 loopback: bool, sinks=None, softcap: float = 0.0) -> None:
+                 loopback: bool, sinks=None, softcap: float = 0.0, chunk: int = 0, alibi=None) -> None:
     """Raise ``ValueError``/``TypeError`` naming the argument and the fix, or return.
     ``window``: 0 for none. Shapes are this rank's (for a loopback ring, all ranks')."""
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -131,6 +148,18 @@ def check_inputs(q, k, v, pad, seg, bias, *, layout: str, window: int, kernel: s
             raise TypeError(f"sinks has dtype {sinks.dtype}; pass a floating tensor (sinks.float())")
         if sinks.device != q.device:
             raise ValueError(f"sinks is on {sinks.device} but q is on {q.device}; move it to {q.device}")
+    check_chunk(chunk)
+    if alibi is not None:
+        if not isinstance(alibi, Tensor):
+            raise TypeError(f"alibi slopes must be a tensor (H,) or None, got {type(alibi).__name__}")
+        _dense("alibi slopes", alibi)
+        if tuple(alibi.shape) != (hq,):
+            raise ValueError(f"alibi slopes must hold one slope per query head, shape ({hq},), got "
+                             f"{tuple(alibi.shape)}")
+        if not alibi.dtype.is_floating_point:
+            raise TypeError(f"alibi slopes have dtype {alibi.dtype}; pass a floating tensor (slopes.float())")
+        if alibi.device != q.device:
+            raise ValueError(f"alibi slopes are on {alibi.device} but q is on {q.device}; move them to {q.device}")
 
 
 def _check_bias(bias: Tensor, target: tuple[int, int, int, int]) -> None:
