@@ -3,6 +3,7 @@
 device.py    device facts (memory, FLOP/s, link bandwidth, world size), read or given
 memory.py    the symbolic per-device memory model in S and P, and the runtime contract's buffers
 simulate.py  a training step run on the meta device, live bytes tracked, attention modelled
+layer_extrapolation.py  a stack of L identical layers simulated with 3 and 4 of them, extrapolated in L
 timing.py    the time model: per-step FLOPs vs link bytes, c >= F/B (Ring Attention paper §3)
 presets.py   model configs given as numbers (llama-8b-like, ...) and a reference LLaMA-like module
 models.py    models from where users have them: presets, transformers configs (meta device), module:factory
@@ -10,9 +11,9 @@ capture.py   a module captured with dynamo and rewritten by ringfx's passes: the
 plan.py      ``plan(...) -> Plan``: the smallest ring that fits, with its numbers and reasons
 cli.py       ``python -m ringfx plan ...``
 
-Not yet done: planning a large preset takes 7-14 s of CPU (the whole model is simulated at four
-lengths); simulating 2-4 layers and extrapolating each peak candidate affinely in the layer count
-would bring it under a second.
+Not yet done: planning a preset still takes ~2 s of CPU beyond importing torch and ringfx (the
+3- and 4-layer simulations at four lengths, ~0.2 s each); a transformers config (or a module) is
+still simulated whole, layer by layer.
 """
 
 from .device import DeviceSpec, device_spec, parse_bytes, parse_seq_len

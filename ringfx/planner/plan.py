@@ -20,6 +20,7 @@ import torch
 
 from . import presets as _presets
 from .device import DeviceSpec, device_spec, parse_seq_len
+from .layer_extrapolation import EXTRAPOLATE_FROM, NotExtrapolable, extrapolated_run
 from .memory import MemoryModel, P, S, TrainingOptions, s_local, static_terms
 from .simulate import GRADIENTS, LOGITS, _layer_list, fit_peak_envelope, simulate_step
 from .timing import attention_time, other_matmul_time
@@ -64,6 +65,9 @@ class _Target:
     # a module's own program, where the capture fuses what transform would (``fused_losses``)
     blockwise: Optional[Callable[[int], torch.nn.Module]] = None
     fused_losses: Optional[int] = None
+    # layer count -> (the same model with that many layers, its ``blockwise``): the simulation
+    # extrapolates in the layer count (``layer_extrapolation.py``); None: the whole model is simulated
+    with_layers: Optional[Callable[[int], tuple]] = None
 
 
 # configs build the same reference module every time: their fits are kept for the process
@@ -84,7 +88,8 @@ def _resolve(model, *, example_inputs, seq_dim, loss_fn, batch_size, blockwise_l
         return _Target(cfg.name, module, lambda n: _presets.example_ids(cfg, n, batch_size), CONFIG_FIT_POINTS,
                        loss_fn or _presets.lm_loss, _presets.flops_per_token(cfg) * batch_size, cfg.causal, fits,
                        layers=cfg.layers,
-                       blockwise=None if loss_fn else lambda chunk: _presets.BlockwiseLossStep(module, chunk))
+                       blockwise=None if loss_fn else lambda chunk: _presets.BlockwiseLossStep(module, chunk),
+                       with_layers=None if loss_fn else _preset_with_layers(cfg))
     if _is_transformers_config(model):
         from .models import transformers_target_parts
 
@@ -113,6 +118,18 @@ def _resolve(model, *, example_inputs, seq_dim, loss_fn, batch_size, blockwise_l
         return target
     raise TypeError(f"model: expected an nn.Module, an fx.GraphModule, a ModelConfig, a transformers config or a "
                     f"preset name ({', '.join(_presets.PRESETS)}); got {type(model).__name__}")
+
+
+def _preset_with_layers(cfg: _presets.ModelConfig) -> Callable[[int], tuple]:
+    built = {}
+
+    def with_layers(count: int) -> tuple:
+        if count not in built:
+            module = _presets.build_reference_model(dataclasses.replace(cfg, layers=count))
+            built[count] = (module, lambda chunk: _presets.BlockwiseLossStep(module, chunk))
+        return built[count]
+
+    return with_layers
 
 
 def _is_transformers_config(model) -> bool:
@@ -179,12 +196,27 @@ def _build_model(target: _Target, options: TrainingOptions, ring: bool, fits: Op
 
     fused = target.blockwise(options.blockwise_loss) if options.blockwise_loss and target.blockwise else None
 
-    def run(n):
-        module = fused if fused is not None else target.steps.get(n, target.module)
+    def simulate(module, n, mark_layers=False):
         return simulate_step(module, target.make_inputs(n), training=options.training, ring=ring,
                              query_chunks=options.query_chunks, kernel=options.kernel,
                              activation_checkpointing=options.activation_checkpointing,
-                             loss_fn=_loss_itself if fused is not None else target.loss_fn)
+                             loss_fn=_loss_itself if fused is not None else target.loss_fn, mark_layers=mark_layers)
+
+    def run(n):
+        return simulate(fused if fused is not None else target.steps.get(n, target.module), n)
+
+    def run_with_layers(n, count):
+        module, blockwise = target.with_layers(count)
+        return simulate(blockwise(options.blockwise_loss) if fused is not None else module, n, mark_layers=True)
+
+    def fit():
+        if target.with_layers is not None and (target.layers or 0) >= EXTRAPOLATE_FROM:
+            try:
+                return fit_peak_envelope(extrapolated_run(run_with_layers, target.layers, target.points[0]),
+                                         target.points)
+            except NotExtrapolable as why:
+                log.info("memory model of %s: simulating every layer (%s)", target.name, why)
+        return fit_peak_envelope(run, target.points)
 
     # precision, optimizer and parameter sharding change only the static terms: one fit serves them all
     key = (options.training, options.activation_checkpointing, options.query_chunks, options.kernel, ring,
@@ -192,14 +224,14 @@ def _build_model(target: _Target, options: TrainingOptions, ring: bool, fits: Op
     if fits is not None and key in fits:
         envelope, attention, exact = fits[key]
     else:
-        # progress: a large preset's simulations take tens of seconds (the CLI shows these lines)
+        # progress: a large model simulated whole takes tens of seconds (the CLI shows these lines)
         what = ("training step" if options.training else "forward") + (" on a ring" if ring else " on one device") \
             + (", checkpointed" if options.activation_checkpointing else "") \
             + (f", {options.query_chunks} query chunks" if options.query_chunks > 1 else "")
         log.info("memory model of %s: simulating a %s (at %s tokens) ...", target.name, what,
                  ", ".join(map(str, target.points)))
         start = time.perf_counter()
-        envelope, attention, exact = fit_peak_envelope(run, target.points)
+        envelope, attention, exact = fit()
         log.info("memory model of %s: %s done (%.1f s)", target.name, what, time.perf_counter() - start)
         if fits is not None:
             fits[key] = (envelope, attention, exact)

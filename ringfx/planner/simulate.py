@@ -259,6 +259,57 @@ class StepPeak:
     split: dict
     attention: list
     trace: list = dataclasses.field(default_factory=list, repr=False)
+    # where each layer of the longest ModuleList runs in ``trace`` (``mark_layers=True``), or None
+    marks: Optional["LayerMarks"] = None
+
+
+@dataclasses.dataclass
+class LayerMarks:
+    """Trace indices of the layers: ``forward[k]`` where layer k's forward starts, ``forward_end``
+    where the last layer's ends; ``backward[k]`` where the gradient of layer k's output is
+    complete (its backward starts: recomputation included), ``backward_end`` where the gradient
+    of the first layer's input is (None without a backward)."""
+
+    forward: list
+    forward_end: Optional[int] = None
+    backward: list = dataclasses.field(default_factory=list)
+    backward_end: Optional[int] = None
+
+
+@contextlib.contextmanager
+def _layers_marked(module: torch.nn.Module, tracker: _LiveBytes, marks: Optional[LayerMarks]):
+    """Fill ``marks`` from hooks on the model's layers (a recomputation calls the layer's own
+    forward, not the module, so the hooks see the step's forward only)."""
+    layers = _layer_list(module) if marks is not None else None
+    if layers is None:
+        yield
+        return
+    marks.backward = [None] * len(layers)
+
+    def before(k):
+        def hook(_, args):
+            marks.forward.append(len(tracker.trace))
+            first = args[0] if args and isinstance(args[0], torch.Tensor) else None
+            if k == 0 and first is not None and first.requires_grad:
+                first.register_hook(lambda grad: setattr(marks, "backward_end", len(tracker.trace)))
+        return hook
+
+    def after(k):
+        def hook(_, __, output):
+            if k == len(layers) - 1:
+                marks.forward_end = len(tracker.trace)
+            first = next((t for t in tree_flatten(output)[0] if isinstance(t, torch.Tensor) and t.requires_grad), None)
+            if first is not None:
+                first.register_hook(lambda grad: marks.backward.__setitem__(k, len(tracker.trace)))
+        return hook
+
+    handles = [h for k, layer in enumerate(layers)
+               for h in (layer.register_forward_pre_hook(before(k)), layer.register_forward_hook(after(k)))]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def default_loss(output, inputs):
@@ -339,12 +390,14 @@ def simulate_step(
     kernel: str = "cudnn",
     activation_checkpointing: bool = False,
     loss_fn: Optional[Callable] = None,
+    mark_layers: bool = False,
 ) -> StepPeak:
     """Peak live bytes of one forward (+ loss + backward when ``training``) on meta tensors.
 
     ``inputs`` are the model's positional inputs at the *local* length; they are turned
     into meta tensors.  Parameters are excluded from the count (``memory.static_terms``
     counts them, divided by ``param_shards`` when sharded); their gradients are counted.
+    ``mark_layers``: record where each layer runs in the trace (``StepPeak.marks``).
     """
     tracker = _LiveBytes()
     params = {name: to_meta(p) for name, p in module.named_parameters()}
@@ -367,7 +420,9 @@ def simulate_step(
     grad = torch.enable_grad() if training else torch.no_grad()
     # the swap of parameters stays on through backward: checkpointed layers recompute there
     reparametrized = torch.nn.utils.stateless._reparametrize_module(module, state, tie_weights=True)
-    with reparametrized, ckpt, grad, unpacked_sequences_on_meta(), tracker, swap, _head_marked(module, tracker):
+    marks = LayerMarks(forward=[]) if mark_layers else None
+    with reparametrized, ckpt, grad, unpacked_sequences_on_meta(), tracker, swap, _head_marked(module, tracker), \
+            _layers_marked(module, tracker, marks):
         output = module(*meta_inputs)
         if training:
             loss = loss_fn(output, meta_inputs)
@@ -380,7 +435,8 @@ def simulate_step(
     trace = tracker.trace
     peak_at = max(range(len(trace)), key=lambda i: sum(trace[i])) if trace else 0
     split = {c: v for c, v in zip(CATEGORIES, trace[peak_at]) if v} if trace else {}
-    return StepPeak(peak=sum(split.values()), split=split, attention=swap.calls, trace=trace)
+    return StepPeak(peak=sum(split.values()), split=split, attention=swap.calls, trace=trace,
+                    marks=marks if marks is not None and marks.forward else None)
 
 
 # -- fitting: a polynomial in the local length, then s = S/P -------------------------------------
