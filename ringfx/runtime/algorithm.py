@@ -142,10 +142,14 @@ def forward_program(q, k, v, pad, seg, bias, cfg: RingConfig, rank: int, world: 
     if ring is None:  # empty results, no kernel runs
         return into if into is not None else (torch.empty_like(q), q.new_empty(q.shape[:-1], dtype=acc_dtype(q.dtype)))
     acc = acc_dtype(q.dtype)
-    single = _single_block(ring) if into is None else None
+    single = _single_block(ring)
     if single is not None:  # nothing to merge: the kernel's results are the results (no float32 pass)
         call, blk, kern = single
         out_b, lse_b = block_forward(kern, q, blk.k, blk.v, blk.mask, call.is_causal, cfg.scale)
+        if into is not None:  # a loopback ring's rank: its slice of the full results
+            into[0].copy_(out_b)
+            into[1].copy_(lse_b)
+            return into
         return out_b.contiguous(), lse_b.to(acc).contiguous()
     out = torch.empty(q.shape, dtype=acc, device=q.device)
     lse = torch.empty(q.shape[:-1], dtype=acc, device=q.device)
@@ -183,10 +187,14 @@ def backward_program(dout, q, k, v, out, lse, pad, seg, bias, cfg: RingConfig, r
     acc = acc_dtype(q.dtype)
     # rows that saw no key: exp(s - inf) = 0 instead of exp(-inf + inf) = NaN
     lse = lse.masked_fill(lse == float("-inf"), float("inf"))
-    single = _single_block(ring) if into is None else None
+    single = _single_block(ring)
     if single is not None:  # one block: the kernel's gradients are the gradients
         call, blk, kern = single
         grads = gqa_backward(kern, dout, q, blk.k, blk.v, out, lse, blk.mask, call.is_causal, cfg.scale)
+        if into is not None:
+            for dst, g in zip(into, grads):
+                dst.copy_(g)
+            return into
         return tuple(g.to(t.dtype).contiguous() for g, t in zip(grads, (q, k, v)))
     dq = torch.empty(q.shape, dtype=acc, device=q.device)
     dq_acc = Deferred(dq, None, _fold_groups(q, ring.tuning)[1], merge=False, tuning=ring.tuning)
