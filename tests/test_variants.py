@@ -601,10 +601,9 @@ def test_transformers_llama4_chunked_attention_rewritten_and_exact():
     params = list(model.named_parameters())
     ref_logits, ref_loss, ref_grads = _lm_run(model, params, inputs)
     ring = ringfx.transform(model, mesh=ringfx.LoopbackRing(2), layout="zigzag")
-    with warnings.catch_warnings():
-        # its complex RoPE (torch.polar, view_as_complex) has no sharded form yet: all-gathered, warned
-        warnings.simplefilter("ignore", ringfx.RingfxWarning)
-        logits, loss, grads = _lm_run(ring, params, inputs)
+    # its complex RoPE (torch.polar, view_as_complex) is per token: sharded, no all-gather, no warning
+    logits, loss, grads = _lm_run(ring, params, inputs)
+    assert not ring.reports[0].sharding.costly_fallbacks, ring.reports[0].sharding.costly_fallbacks
     assert [(s.decision, s.mask_kind) for s in ring.sites] == [("rewritten", "causal+chunk(4)"),
                                                                 ("rewritten", "causal")]
     torch.testing.assert_close(logits, ref_logits, atol=TOL, rtol=TOL)

@@ -108,7 +108,7 @@ _POINTWISE = frozenset({
     "dropout1d", "dropout2d", "threshold", "cos_", "sin_", "float_power", "true_divide", "mul_", "abs_",
     "log_sigmoid", "erfinv", "sinh", "cosh", "asin", "acos", "atan", "atan2", "_set_grad_enabled",
     "scaled_dot_product_attention_math_helper", "fill_", "zero_", "copy_", "type_as", "clone", "contiguous",
-    "iadd", "isub", "imul", "itruediv",
+    "iadd", "isub", "imul", "itruediv", "polar", "conj", "angle",
 })
 _SUMS = frozenset({"sum", "mean", "nansum"})
 _OTHER_REDUCTIONS = frozenset({"amax", "amin", "max", "min", "prod", "std", "var", "logsumexp", "norm", "all",
@@ -586,6 +586,11 @@ class _Sharder:
             raise _Fallback()
         if name in _POINTWISE or name in CASTS or name in SHAPE_ONLY:
             return self._pointwise(node, out)
+        if name == "getattr" and node.args[1] in ("real", "imag") and isinstance(self.placed.get(node.args[0]),
+                                                                                Sharded):
+            return self._keep_axis(node, node.args[0], self.placed[node.args[0]].axis)
+        if name in ("view_as_complex", "view_as_real"):
+            return self._complex_view(node, name)
         if name in ("linear",):
             return self._linear(node)
         if name in ("layer_norm", "rms_norm"):
@@ -687,6 +692,15 @@ class _Sharder:
         if not isinstance(s, Sharded) or any(a in self.placed for a in node.all_input_nodes if a is not src):
             raise _Fallback()
         self.placed[node] = s.at(axis)
+
+    def _complex_view(self, node: fx.Node, name: str) -> None:
+        """``view_as_complex`` drops the last axis (the pair), ``view_as_real`` adds one:
+        the sequence keeps its axis unless it is that pair (complex RoPE: Llama 4)."""
+        x = node.args[0]
+        s, shape = self.placed.get(x), self.shape(x)
+        if not isinstance(s, Sharded) or shape is None or (name == "view_as_complex" and s.axis == len(shape) - 1):
+            raise _Fallback()
+        self._keep_axis(node, x, s.axis)
 
     def _linear(self, node: fx.Node) -> None:
         x = node.args[0]
