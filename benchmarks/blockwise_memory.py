@@ -22,13 +22,9 @@ same precision (pure bf16), optimizer, checkpointing and blockwise option, and t
 predicted / measured.  On CPU nothing is
 measured ("n/a"); the predictions are still printed (a smoke test).
 
-The planner simulates the config on the ``meta`` device, where transformers (5.x) cannot run its
-packed-sequence check on ``position_ids`` when there is no cache (``use_cache=False``): it calls
-``.item()`` on a meta tensor.  The plan is therefore made with that check answered as the real
-model answers it for one unpacked sequence ("not packed"); the column ``pred cache`` is the plan of
-the same config with ``use_cache=True``, the only form the planner simulates unaided (it keeps a
-K/V cache the measured step does not have, and the planner's own checkpointing appends to it again
-when the layers are recomputed in backward).
+The column ``pred cache`` is the plan of the same config with ``use_cache=True``: the planner
+plans a training step without a cache either way, so the two columns agree (before the planner's
+fix they did not: the cache was appended to again when checkpointed layers were recomputed).
 
 The planner prices the AdamW state in float32 (``optimizer="adam"``); torch's AdamW keeps it in the
 parameters' dtype (bf16 here), so with ``--optimizer`` the prediction carries 4 bytes per parameter
@@ -38,7 +34,6 @@ that are not allocated.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import gc
 import json
@@ -71,24 +66,6 @@ def llama_config(args):
 # -- the planner's prediction ----------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _unpacked_sequences_on_meta():
-    """transformers' ``find_packed_sequence_indices`` answered on meta tensors as it answers for
-    one unpacked sequence of real ids (None: not packed); on real tensors it runs as written."""
-    import transformers.masking_utils as masking
-
-    original = masking.find_packed_sequence_indices
-
-    def find_packed_sequence_indices(position_ids):
-        return None if position_ids.device.type == "meta" else original(position_ids)
-
-    masking.find_packed_sequence_indices = find_packed_sequence_indices
-    try:
-        yield
-    finally:
-        masking.find_packed_sequence_indices = original
-
-
 def one_device_memory_model(config, blockwise: bool, optimizer: bool):
     """The planner's memory model of one device (no ring: what ``ringfx.plan(config, S, world_size=1,
     ...)`` evaluates for P = 1) with this step's options; one simulation serves every length."""
@@ -104,8 +81,7 @@ def predictions(args) -> dict:
     cached.use_cache = True
     out = {}
     for blockwise in (False, True):
-        with _unpacked_sequences_on_meta():
-            model = one_device_memory_model(config, blockwise, args.optimizer)
+        model = one_device_memory_model(config, blockwise, args.optimizer)
         with_cache = one_device_memory_model(cached, blockwise, args.optimizer)
         for seq in args.seq:
             out[seq, blockwise] = {"peak": model.peak_bytes(seq, 1), "breakdown": model.evaluate(seq, 1),
