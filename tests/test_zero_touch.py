@@ -390,3 +390,19 @@ def test_per_row_token_index_out_of_bounds_raises_not_zeros():
     torch.testing.assert_close(ring(x, torch.tensor([11, -12])), model(x, torch.tensor([11, -12])))
     with pytest.raises(RuntimeError, match="out of bounds for a sequence of 12 tokens"):
         ring(x, torch.tensor([3, 12]))
+
+
+def test_every_sharded_value_records_its_sequence_axis():
+    from ringfx.passes.rewrite_attention import ring_attention_nodes
+    from ringfx.passes.shard_sequence import SEQUENCE_KEY, Sharded
+
+    torch.compiler.reset()
+    ring = ringfx.transform(BY_CASE["mean_pool_classifier"].make(), mesh=ringfx.LoopbackRing(3), layout="zigzag")
+    ring(torch.randn(2, 13, E, dtype=DTYPE))
+    (report,) = ring.reports
+    gm = report.graph_module
+    (op,) = ring_attention_nodes(gm)
+    assert op.meta[SEQUENCE_KEY] == (Sharded(2, 13), Sharded(2, 13))  # (out, lse): tokens on axis 2
+    placed = {n.name: n.meta[SEQUENCE_KEY] for n in gm.graph.nodes if SEQUENCE_KEY in n.meta}
+    assert Sharded(1, 13) in placed.values()  # the input's tokens, where it enters
+    assert not any(SEQUENCE_KEY in n.meta for n in gm.graph.nodes if n.op == "output")  # gathered back

@@ -59,6 +59,11 @@ from .sites import PassReport
 log = logging.getLogger("ringfx.passes")
 
 
+# ``node.meta[SEQUENCE_KEY]`` after the pass: the node's ``Sharded`` placement (a tuple of them,
+# or None, for a tuple value); absent where the value is replicated.
+SEQUENCE_KEY = "ringfx_sequence"
+
+
 @dataclasses.dataclass(frozen=True)
 class Sharded:
     """This rank holds its tokens of a sequence of ``length`` along ``axis``; that axis
@@ -338,6 +343,9 @@ class _Sharder:
                 if not node._erased:
                     self._born(node)
         self._erase_dead_moves()
+        for node, placement in self.placed.items():  # readable after the pass: which axis holds the sequence
+            if not node._erased:
+                node.meta[SEQUENCE_KEY] = placement
         self.gm.recompile()
 
     def _feeding_attention(self) -> set:
@@ -1714,4 +1722,4 @@ def _class_loss_over_sequence(name, x, target, axis, length, outer, inner, group
     return total / count
 
 
-__all__ = ["SequenceAnalysis", "Sharded", "ShardingReport", "mixing_ops", "sequence_analysis", "shard_sequence_pass"]
+__all__ = ["SEQUENCE_KEY", "SequenceAnalysis", "Sharded", "ShardingReport", "mixing_ops", "sequence_analysis", "shard_sequence_pass"]
