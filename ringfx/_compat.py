@@ -5,10 +5,9 @@ public spelling (``torch.compiler.reset``, ``torch.library.custom_op``,
 ``torch.utils.checkpoint``) ringfx uses that instead. Dynamo modules are imported inside
 the functions that need them, so that ``import ringfx`` does not load dynamo.
 
-Two uses stay where they are: the block kernels call aten's own SDPA ops
-(``torch.ops.aten._scaled_dot_product_*``, ``runtime/kernels.py``: the kernel table is
-their one place), and the planner's simulator (``planner/simulate.py``) reads
-``torch._C`` and ``torch.utils._pytree`` directly.
+The block kernels call aten's own fused attention ops, which return the log-sum-exp the
+ring merges with (``SDPA_KERNELS``: private ``torch.ops.aten._scaled_dot_product_*``
+overloads; ``runtime/kernels.py`` wraps each in a kernel class).
 """
 
 from __future__ import annotations
@@ -22,15 +21,33 @@ import torch
 import torch.utils._pytree as _pytree
 from torch._ops import HigherOrderOperator, OpOverload
 
-__all__ = ["HigherOrderOperator", "OpOverload", "SDPA_BINDING", "backend_compiler_failed", "dynamo_code_cache",
+__all__ = ["HigherOrderOperator", "OpOverload", "SDPA_BINDING", "SDPA_KERNELS", "backend_compiler_failed", "dynamo_code_cache",
            "dynamo_input_example", "dynamo_input_source", "fail_past_recompile_limit", "inductor_compile",
-           "lookup_backend", "process_group_timeout", "recompile_limit_hit", "resolve_process_group", "tree_map"]
+           "lookup_backend", "process_group_timeout", "recompile_limit_hit", "resolve_process_group", "tree_flatten",
+           "tree_map", "TorchDispatchMode"]
 
 # The C binding behind F.scaled_dot_product_attention: dynamo records calls with this target.
 SDPA_BINDING = torch._C._nn.scaled_dot_product_attention
 
+# torch's fused attention kernels, forward (out, log-sum-exp, ...) and backward, by name.
+_ATEN = torch.ops.aten
+SDPA_KERNELS = SimpleNamespace(
+    cpu_flash=_ATEN._scaled_dot_product_flash_attention_for_cpu,
+    cpu_flash_backward=_ATEN._scaled_dot_product_flash_attention_for_cpu_backward,
+    cudnn=_ATEN._scaled_dot_product_cudnn_attention,
+    cudnn_backward=_ATEN._scaled_dot_product_cudnn_attention_backward,
+    flash=_ATEN._scaled_dot_product_flash_attention,
+    flash_backward=_ATEN._scaled_dot_product_flash_attention_backward,
+    efficient=_ATEN._scaled_dot_product_efficient_attention,
+    efficient_backward=_ATEN._scaled_dot_product_efficient_attention_backward,
+)
+
 # torch 2.13 has no public pytree module.
 tree_map = _pytree.tree_map
+tree_flatten = _pytree.tree_flatten
+
+# The dispatch-level mode the planner's simulator records every op with.
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 
 def dynamo_input_source(placeholder: torch.fx.Node) -> Optional[str]:

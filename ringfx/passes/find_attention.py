@@ -181,7 +181,7 @@ def match_softmax_chain(softmax: fx.Node) -> Optional[AttentionSite]:
                          anchor=softmax, softcap=softcap, sinks=sinks)
     site.chain = chain_back + [softmax] + chain_fwd
     site.terms, site.scale = terms, 1.0
-    _fold(site, scale)
+    _absorb_scale(site, scale)
     if arg(softmax, 2, "dtype", None) is not None and "upcast" not in features:
         features.insert(len(features) - 1, "upcast")  # softmax(..., dtype=torch.float32)
     features = features + fwd_features
@@ -341,7 +341,7 @@ def _scalar_factor(node: fx.Node, inplace_ok: bool = False):
     return None
 
 
-def _fold(site: AttentionSite, factors) -> None:
+def _absorb_scale(site: AttentionSite, factors) -> None:
     for f in factors:
         if isinstance(f, tuple):
             site.scale_nodes.append(f)
@@ -749,7 +749,7 @@ def _decode_products(site: AttentionSite, scores: fx.Node, pv: fx.Node, split: O
         k_op = Operand(k) if swapped else Operand(k, permute=tuple(range(nd - 2)) + (nd - 1, nd - 2))
         if fq or fk or fk2:
             site.pattern = site.pattern.replace("/", "/scale(q,k)/", 1)
-        _fold(site, fq + fk + fk2)
+        _absorb_scale(site, fq + fk + fk2)
         if nd not in (3, 4):
             return f"scores are {nd}-D; expected (B, H, S, S) or (B*H, S, S)"
         site.q, site.k = Operand(q, None, nd == 3), k_op
@@ -778,7 +778,7 @@ def _decode_products(site: AttentionSite, scores: fx.Node, pv: fx.Node, split: O
         return f"einsum {eq!r} has batch axes missing from an operand"
     q, fq = _strip_scale(ops[0])
     k, fk = _strip_scale(ops[1])
-    _fold(site, fq + fk)
+    _absorb_scale(site, fq + fk)
     if fq or fk:
         site.pattern = site.pattern.replace("/", "/scale(q,k)/", 1)
     perm_q = tuple(x.index(c) for c in batch + z[-2] + d)

@@ -10,7 +10,7 @@ numerically exact. ``explain`` uses the table to name what it found.
 
 ``example_inputs(S)`` builds inputs at sequence length S (float64, B=2, H=4, D=8);
 ``check(site) -> bool`` is the semantic condition the match must meet (the mask kind, the
-GQA look-through, the scale folded into a number) beyond being found.
+GQA look-through, the scale absorbed into one number) beyond being found.
 """
 
 from __future__ import annotations

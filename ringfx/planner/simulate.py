@@ -31,9 +31,8 @@ import sympy
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten, tree_map
 
+from .._compat import SDPA_BINDING, TorchDispatchMode, tree_flatten, tree_map
 from .memory import AttentionShape, blockwise_loss_buffers, ring_attention_buffers, s_local, sdpa_buffers
 from .models import unpacked_sequences_on_meta
 
@@ -227,7 +226,7 @@ class _AttentionSwap(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is F.scaled_dot_product_attention or func is torch._C._nn.scaled_dot_product_attention:
+        if func is F.scaled_dot_product_attention or func is SDPA_BINDING:
             q, k, v = args[:3]
             causal = bool(kwargs.get("is_causal", args[5] if len(args) > 5 else False))
             self.calls.append(_shape_of(q, k, causal))

@@ -17,7 +17,7 @@ soft-capping (``cap * tanh(s / cap)`` of the scaled scores, before the mask: Gem
 only the math kernel computes: the fused kernels take no score function, and torch's
 ``flex_attention`` (which does) cannot run its backward from a merged log-sum-exp.
 GQA is handled in ``gqa_forward``/``gqa_backward`` without expanding K and V when no
-causal flag is needed: the G query heads of a KV head are folded into the query rows.
+causal flag is needed: the G query heads of a KV head are laid out as more query rows.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import logging
 
 import torch
 
-aten = torch.ops.aten
+from .._compat import SDPA_KERNELS
 log = logging.getLogger("ringfx.runtime.kernels")
 
 KERNELS = ("auto", "flash", "cudnn", "efficient", "math")
@@ -97,7 +97,7 @@ class MathKernel:
 
 
 class CpuFlashKernel:
-    """``aten._scaled_dot_product_flash_attention_for_cpu``: any float dtype, takes a mask
+    """aten's CPU flash attention (``SDPA_KERNELS.cpu_flash``): any float dtype, takes a mask
     of the query's dtype."""
 
     name = "flash"
@@ -105,7 +105,7 @@ class CpuFlashKernel:
     def forward(self, q, k, v, mask, is_causal, scale):
         if mask is not None:
             mask = mask.to(q.dtype)
-        out, lse = aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, is_causal, attn_mask=mask,
+        out, lse = SDPA_KERNELS.cpu_flash(q, k, v, 0.0, is_causal, attn_mask=mask,
                                                                     scale=scale)
         # it returns out 0, lse 0 for a query row holding NaN; SDPA returns NaN
         nan_rows = q.isnan().any(-1)
@@ -114,7 +114,7 @@ class CpuFlashKernel:
     def backward(self, dout, q, k, v, out, lse, mask, is_causal, scale):
         if mask is not None:
             mask = mask.to(q.dtype)
-        return aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        return SDPA_KERNELS.cpu_flash_backward(
             dout, q, k, v, out, lse, 0.0, is_causal, attn_mask=mask, scale=scale
         )
 
@@ -126,7 +126,7 @@ class CudnnKernel:
 
     def forward(self, q, k, v, mask, is_causal, scale):
         mask = _finite_floor(mask)
-        res = aten._scaled_dot_product_cudnn_attention(q, k, v, mask, True, 0.0, is_causal, False, scale=scale)
+        res = SDPA_KERNELS.cudnn(q, k, v, mask, True, 0.0, is_causal, False, scale=scale)
         out, lse = res[0], res[1]
         return out, lse.reshape(q.shape[:-1])
 
@@ -134,7 +134,7 @@ class CudnnKernel:
         # None stands for the undefined tensors autograd's own formula passes (no bias,
         # no nested sequences, no dropout)
         mask = _finite_floor(mask)
-        dq, dk, dv = aten._scaled_dot_product_cudnn_attention_backward(
+        dq, dk, dv = SDPA_KERNELS.cudnn_backward(
             dout, q, k, v, out, lse.unsqueeze(-1).contiguous(), None, None, mask, None, None,
             q.shape[-2], k.shape[-2], 0.0, is_causal, scale=scale,
         )
@@ -148,12 +148,12 @@ class CudaFlashKernel:
 
     def forward(self, q, k, v, mask, is_causal, scale):
         assert mask is None, "the CUDA flash kernel takes no mask"
-        res = aten._scaled_dot_product_flash_attention(q, k, v, 0.0, is_causal, False, scale=scale)
+        res = SDPA_KERNELS.flash(q, k, v, 0.0, is_causal, False, scale=scale)
         return res[0], res[1]
 
     def backward(self, dout, q, k, v, out, lse, mask, is_causal, scale):
         seed = torch.zeros(2, dtype=torch.int64, device=q.device)
-        dq, dk, dv = aten._scaled_dot_product_flash_attention_backward(
+        dq, dk, dv = SDPA_KERNELS.flash_backward(
             dout, q, k, v, out, lse.contiguous(), None, None, q.shape[-2], k.shape[-2], 0.0, is_causal,
             seed, seed, scale=scale,
         )
@@ -169,7 +169,7 @@ class EfficientKernel:
     def forward(self, q, k, v, mask, is_causal, scale):
         if mask is not None:
             mask = _aligned_bias(_finite_floor(mask.to(q.dtype)), q, k)
-        out, lse, _, _ = aten._scaled_dot_product_efficient_attention(q, k, v, mask, True, 0.0, is_causal, scale=scale)
+        out, lse, _, _ = SDPA_KERNELS.efficient(q, k, v, mask, True, 0.0, is_causal, scale=scale)
         return out, lse[..., : q.shape[-2]]
 
     def backward(self, dout, q, k, v, out, lse, mask, is_causal, scale):
@@ -179,7 +179,7 @@ class EfficientKernel:
         padded = lse.new_full((*lse.shape[:-1], (sq + 31) // 32 * 32), float("inf"))
         padded[..., :sq] = lse
         seed = torch.zeros((), dtype=torch.int64, device=q.device)
-        dq, dk, dv, _ = aten._scaled_dot_product_efficient_attention_backward(
+        dq, dk, dv, _ = SDPA_KERNELS.efficient_backward(
             dout, q, k, v, mask, out, padded, seed, seed, 0.0, [True, True, True, False], is_causal, scale=scale
         )
         return dq, dk, dv
@@ -261,15 +261,15 @@ def _cudnn_ok(device) -> bool:
     return torch.backends.cuda.cudnn_sdp_enabled() and torch.cuda.get_device_capability(device)[0] >= 9
 
 
-# -- GQA: fold the G query heads of each KV head into the query rows -----------------
+# -- GQA: the G query heads of each KV head laid out as more query rows -----------------
 
 
-def _fold(x, hkv):
+def _heads_into_rows(x, hkv):
     b, h, s, d = x.shape
     return x.reshape(b, hkv, (h // hkv) * s, d)
 
 
-def _fold_mask(mask, hq, hkv):
+def _mask_heads_into_rows(mask, hq, hkv):
     if mask is None:
         return None
     g = hq // hkv
@@ -280,7 +280,7 @@ def _fold_mask(mask, hq, hkv):
 
 
 def block_forward(kern, q, k, v, mask, is_causal, scale):
-    """A kernel's forward on one block (GQA folded), with rows that the mask hides
+    """A kernel's forward on one block (GQA heads as rows), with rows that the mask hides
     entirely set to lse = -inf, out = 0: kernels disagree there (the CPU flash kernel
     reports lse 0, others NaN), and the merge must ignore such rows."""
     out, lse = gqa_forward(kern, q, k, v, mask, is_causal, scale)
@@ -298,7 +298,7 @@ def gqa_forward(kern, q, k, v, mask, is_causal, scale):
     if is_causal:  # a causal flag needs aligned rows: expand this one block's K/V
         g = hq // hkv
         return kern.forward(q, k.repeat_interleave(g, 1), v.repeat_interleave(g, 1), mask, True, scale)
-    out, lse = kern.forward(_fold(q, hkv), k, v, _fold_mask(mask, hq, hkv), False, scale)
+    out, lse = kern.forward(_heads_into_rows(q, hkv), k, v, _mask_heads_into_rows(mask, hq, hkv), False, scale)
     return out.reshape(q.shape), lse.reshape(q.shape[:-1])
 
 
@@ -314,7 +314,7 @@ def gqa_backward(kern, dout, q, k, v, out, lse, mask, is_causal, scale):
         return dq, dk.view(b, hkv, g, s, d).sum(2), dv.view(b, hkv, g, s, d).sum(2)
     b, _, sq, d = q.shape
     dq, dk, dv = kern.backward(
-        _fold(dout, hkv), _fold(q, hkv), k, v, _fold(out, hkv), lse.reshape(b, hkv, g * sq),
-        _fold_mask(mask, hq, hkv), False, scale,
+        _heads_into_rows(dout, hkv), _heads_into_rows(q, hkv), k, v, _heads_into_rows(out, hkv), lse.reshape(b, hkv, g * sq),
+        _mask_heads_into_rows(mask, hq, hkv), False, scale,
     )
     return dq.reshape(q.shape), dk, dv
