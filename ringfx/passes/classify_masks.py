@@ -79,18 +79,13 @@ def classify_site(gm, site: AttentionSite, options: PassOptions, values: dict, c
         site.mask = MaskKind(unsupported=True)
         site.skip(f"mask not proven safe on shards: {bad[0].detail}")
         return
-    windows = {t.window for t in site.terms if t.window}
-    if len(windows) > 1:
-        site.skip(f"several sliding windows {sorted(windows)} on one attention")
-        return
-    if windows:
-        site.window = windows.pop()
-    chunks = {t.chunk for t in site.terms if t.chunk}
-    if len(chunks) > 1:
-        site.skip(f"several attention chunk sizes {sorted(chunks)} on one attention")
-        return
-    if chunks:
-        site.chunk = chunks.pop()
+    for attr, what in (("window", "sliding windows"), ("chunk", "attention chunk sizes")):
+        sizes = {getattr(t, attr) for t in site.terms if getattr(t, attr)}
+        if len(sizes) > 1:
+            site.skip(f"several {what} {sorted(sizes)} on one attention")
+            return
+        if sizes:
+            setattr(site, attr, sizes.pop())
     alibis = [t for t in site.terms if t.kind == "alibi"]
     if len(alibis) > 1:
         site.skip("more than one ALiBi bias on one attention")
