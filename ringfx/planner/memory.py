@@ -130,7 +130,7 @@ def static_terms(param_count: int, options: TrainingOptions) -> dict:
 # -- the runtime contract -----------------------------------------------------------------------
 #
 # The buffers of ``ringfx.ring_attention`` on one rank, from the runtime contract
-# (DESIGN.md §3 and the lead's brief for issue 4): local shards q (B,Hq,s,D),
+# (DESIGN.md §3; ringfx/runtime/algorithm.py allocates them): local shards q (B,Hq,s,D),
 # k,v (B,Hkv,s,D), s = S/P, input dtype of `a` bytes.
 #   forward : K and V travel packed as one (2,B,Hkv,s,D) buffer, double-buffered: 2 receive
 #             buffers live plus the local one; output accumulated in float32 (B,Hq,s,D) plus
