@@ -28,6 +28,7 @@ import logging
 import torch
 
 from .._compat import SDPA_KERNELS
+from .fold import acc_dtype
 log = logging.getLogger("ringfx.runtime.kernels")
 
 KERNELS = ("auto", "flash", "cudnn", "efficient", "math")
@@ -50,10 +51,6 @@ def _math_scores(q, k, mask, is_causal, scale, acc, softcap=0.0):
     return s, capped
 
 
-def _acc_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 class MathKernel:
     """Reference kernel in float32 (float64 for float64 inputs); any device, any mask;
     with ``softcap`` > 0 the scores are ``softcap * tanh(scale * q kᵀ / softcap)`` (Gemma 2's
@@ -70,7 +67,7 @@ class MathKernel:
         # not: lse carries an absolute rounding error of eps * |lse|, which a large
         # common offset in K makes large, and the backward's delta = dout . out then
         # misses sum(dS) = 0 by that error times |V| (dQ lost 3 digits at offset 1e4).
-        acc = _acc_dtype(q.dtype)
+        acc = acc_dtype(q.dtype)
         s, _ = _math_scores(q, k, mask, is_causal, scale, acc, self.softcap)
         m = s.amax(-1, keepdim=True)
         m = m.masked_fill(m == float("-inf"), 0.0)  # a row that sees no key: e = 0, out 0, lse -inf
@@ -80,7 +77,7 @@ class MathKernel:
         return out.to(q.dtype), (m + total.log()).squeeze(-1)
 
     def backward(self, dout, q, k, v, out, lse, mask, is_causal, scale):
-        acc = _acc_dtype(q.dtype)
+        acc = acc_dtype(q.dtype)
         s, capped = _math_scores(q, k, mask, is_causal, scale, acc, self.softcap)
         p = torch.exp(s - lse.to(acc)[..., None])
         dout_, v_ = dout.to(acc), v.to(acc)
