@@ -633,3 +633,50 @@ def test_transformers_mpt_alibi_rewritten_natively():
     torch.testing.assert_close(loss, ref_loss, atol=tol, rtol=tol)
     for n, g in ref_grads.items():
         torch.testing.assert_close(grads[n], g, atol=tol, rtol=tol, msg=lambda m: f"{n}: {m}")
+
+
+# -- MLA: a value head dim unlike the query/key head dim (DeepSeek-V2/V3) ---------------------------
+
+
+class _Mla(torch.nn.Module):
+    def __init__(self, d_qk, d_v, heads=4, kv_heads=2, e=16):
+        super().__init__()
+        f64 = dict(dtype=torch.float64)
+        self.q = torch.nn.Linear(e, heads * d_qk, **f64)
+        self.k = torch.nn.Linear(e, kv_heads * d_qk, **f64)
+        self.v = torch.nn.Linear(e, kv_heads * d_v, **f64)
+        self.o = torch.nn.Linear(heads * d_v, e, **f64)
+        self.shape = (heads, kv_heads, d_qk, d_v)
+
+    def forward(self, x):
+        b, s, _ = x.shape
+        h, hkv, d_qk, d_v = self.shape
+        q = self.q(x).view(b, s, h, d_qk).transpose(1, 2)
+        k = self.k(x).view(b, s, hkv, d_qk).transpose(1, 2)
+        v = self.v(x).view(b, s, hkv, d_v).transpose(1, 2)
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        return self.o(o.transpose(1, 2).reshape(b, s, h * d_v))
+
+
+@pytest.mark.parametrize("d_qk,d_v", [(12, 8), (8, 12)], ids=["v-narrower", "v-wider"])
+@pytest.mark.parametrize("world,layout", [(1, "contiguous"), (2, "contiguous"), (3, "zigzag"), (4, "zigzag")])
+def test_mla_value_head_dim_differs(d_qk, d_v, world, layout):
+    """The value head dim differs from the query/key one: the narrower side is zero-padded
+    for the block kernels and the output cut back (exact, forward and backward; an odd
+    length, padded inside)."""
+    import copy
+
+    torch.compiler.reset()
+    torch.manual_seed(0)
+    model = _Mla(d_qk, d_v)
+    ref = copy.deepcopy(model)
+    x = torch.randn(2, 13, 16, dtype=torch.float64)
+    w = torch.randn(2, 13, 16, dtype=torch.float64)
+    (ref(x) * w).sum().backward()
+    ring = ringfx.transform(model, mesh=ringfx.LoopbackRing(world), layout=layout)
+    out = ring(x)
+    (out * w).sum().backward()
+    assert [s.decision for s in ring.sites] == ["rewritten"]
+    torch.testing.assert_close(out, ref(x), atol=1e-10, rtol=0)
+    for p, r in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, r.grad, atol=1e-10, rtol=0)

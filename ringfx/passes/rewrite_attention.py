@@ -99,6 +99,16 @@ def _rewrite(gm: fx.GraphModule, site: AttentionSite, options: PassOptions, repl
     now = lambda n: _passed_in(gm, n, replaced) if n.graph is not graph else replaced.get(n, n)
     with graph.inserting_before(out_node):
         q, k, v = (_canonical(graph, o, replaced) for o in (site.q, site.k, site.v))
+        # MLA (DeepSeek): a value head dim unlike the query/key one. The block kernels take one
+        # head dim, so the narrower side is padded with zeros (scores and lse unchanged: the
+        # scale is explicit; the output is cut back to v's width)
+        d_qk, d_v = _head_dim(site.q), _head_dim(site.v)
+        width = max(d_qk or 0, d_v or 0)
+        if d_qk is not None and d_v is not None and d_qk != d_v:
+            if d_qk < width:
+                q, k = (_padded(graph, t, o, width) for t, o in ((q, site.q), (k, site.k)))
+            else:
+                v = _padded(graph, v, site.v, width)
         kpms, biases, seg = [], [], None
         for term in site.terms:
             mask = now(term.node)
@@ -133,6 +143,9 @@ def _rewrite(gm: fx.GraphModule, site: AttentionSite, options: PassOptions, repl
             q, k, v, kpm, seg, bias, options.group_name, options.layout, bool(site.causal),
             scale, int(site.window or 0), options.kernel, *variants))
         out = graph.call_function(operator.getitem, (ring, 0))
+        if d_qk is not None and d_v is not None and d_v < width:
+            out = graph.call_function(operator.getitem, (out, (Ellipsis, slice(None, d_v))))
+            out.meta[VALUE_KEY] = _meta_like(site.v, d_v, shape_from=site.q)
         if site.out_squeeze0:
             out = graph.call_method("squeeze", (out, 0))
         if site.out_permute is not None:
@@ -141,6 +154,32 @@ def _rewrite(gm: fx.GraphModule, site: AttentionSite, options: PassOptions, repl
     out_node.replace_all_uses_with(out)
     replaced[out_node] = out
     _erase_unused(graph, list(site.chain) + [out_node])
+
+
+def _operand_shape(o: Operand):
+    shape = shape_of(o.node)
+    if shape is not None and o.permute is not None:
+        shape = [shape[i] for i in o.permute]
+    return None if shape is None else tuple(shape)
+
+
+def _meta_like(o: Operand, last: int, shape_from: Optional[Operand] = None) -> torch.Tensor:
+    """A meta tensor of ``shape_from``'s shape (default ``o``'s) with last dim ``last`` and ``o``'s dtype."""
+    shape = _operand_shape(shape_from or o)
+    return torch.empty((*shape[:-1], last), dtype=dtype_of(o.node), device="meta")
+
+
+def _padded(graph: fx.Graph, node: fx.Node, o: Operand, width: int) -> fx.Node:
+    """``node`` (the operand ``o`` as the site reads it) zero-padded to ``width`` in its last dim."""
+    padded = graph.call_function(torch.nn.functional.pad, (node, (0, width - _operand_shape(o)[-1])))
+    padded.meta[VALUE_KEY] = _meta_like(o, width)
+    return padded
+
+
+def _head_dim(o: Operand):
+    """The last dim of an operand as the site reads it (after its permute), or None."""
+    shape = _operand_shape(o)
+    return shape[-1] if shape is not None and isinstance(shape[-1], int) else None
 
 
 def _slopes_buffer(gm: fx.GraphModule, slopes: torch.Tensor) -> fx.Node:
