@@ -406,3 +406,41 @@ def test_every_sharded_value_records_its_sequence_axis():
     placed = {n.name: n.meta[SEQUENCE_KEY] for n in gm.graph.nodes if SEQUENCE_KEY in n.meta}
     assert Sharded(1, 13) in placed.values()  # the input's tokens, where it enters
     assert not any(SEQUENCE_KEY in n.meta for n in gm.graph.nodes if n.op == "output")  # gathered back
+
+
+def test_moe_routing_scatter_is_per_token():
+    """Llama 4's router: per-token expert scores, top-k, then ``full_like(-inf).scatter_(1, idx,
+    top)``: an in-place scatter along the experts of a tensor sharded along the tokens, which
+    was refused (in-place write ringfx could not follow); it is per token."""
+
+    class Router(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn, self.router = Attention(), nn.Linear(E, 4, dtype=DTYPE)
+            self.experts = nn.Linear(E, 4 * E, dtype=DTYPE)
+
+        def forward(self, x):
+            h = self.attn(x)
+            b, s, _ = h.shape
+            flat = h.reshape(b * s, E)
+            logits = self.router(flat)
+            top, idx = torch.topk(logits, 2, dim=1)
+            scores = torch.full_like(logits, float("-inf")).scatter_(1, idx, top).softmax(1)
+            picked = torch.gather(scores, 1, idx)
+            mixed = (self.experts(flat).view(b * s, 4, E) * scores[..., None]).sum(1)
+            return (mixed + picked.sum(1, keepdim=True)).view(b, s, E)
+
+    torch.compiler.reset()
+    torch.manual_seed(0)
+    model = Router()
+    ref = copy.deepcopy(model)
+    x = torch.randn(2, 13, E, dtype=DTYPE)
+    w = torch.randn(2, 13, E, dtype=DTYPE)
+    (ref(x) * w).sum().backward()
+    ring = ringfx.transform(model, mesh=ringfx.LoopbackRing(3), layout="zigzag")
+    out = ring(x)
+    (out * w).sum().backward()
+    torch.testing.assert_close(out, ref(x), atol=1e-10, rtol=0)
+    for p, q in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, atol=1e-10, rtol=0)
+    assert not ring.reports[0].sharding.costly_fallbacks, ring.reports[0].sharding.costly_fallbacks

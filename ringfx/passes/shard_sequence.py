@@ -633,6 +633,10 @@ class _Sharder:
             return self._split(node, name)
         if name == "repeat":
             return self._repeat(node)
+        if name in ("topk", "sort", "argsort"):
+            return self._order_along_other_axis(node, name)
+        if name in ("scatter", "scatter_", "scatter_add", "scatter_add_", "gather", "take_along_dim"):
+            return self._index_along_other_axis(node)
         if name == "narrow":
             return self._narrow(node)
         if name == "pad":
@@ -700,6 +704,38 @@ class _Sharder:
         if not isinstance(s, Sharded) or any(a in self.placed for a in node.all_input_nodes if a is not src):
             raise _Fallback()
         self.placed[node] = s.at(axis)
+
+    def _order_along_other_axis(self, node: fx.Node, name: str) -> None:
+        """``topk`` / ``sort`` / ``argsort`` along a dim that is not the sequence (a router's
+        top experts per token): per token; (values, indices) keep the tokens' placement."""
+        x = node.args[0]
+        s, shape = self.placed.get(x), self.shape(x)
+        position = 2 if name == "topk" else 1
+        dim = node.kwargs.get("dim", node.args[position] if len(node.args) > position else -1)
+        if not isinstance(s, Sharded) or shape is None or not isinstance(dim, int) or \
+                normalize_dim(dim, len(shape)) == s.axis or any(a in self.placed for a in node.all_input_nodes
+                                                               if a is not x):
+            raise _Fallback()
+        self.placed[node] = s if name == "argsort" else (s, s)
+
+    def _index_along_other_axis(self, node: fx.Node) -> None:
+        """``scatter`` / ``gather`` along a dim that is not the sequence, every tensor operand
+        holding the same tokens along the same axis (MoE routing: per-token expert scores
+        scattered into a (tokens, experts) table): per token."""
+        x, dim = node.args[0], node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        s, shape = self.placed.get(x), self.shape(x)
+        if not isinstance(s, Sharded) or shape is None or not isinstance(dim, int) or \
+                normalize_dim(dim, len(shape)) == s.axis:
+            raise _Fallback()
+        for a in node.all_input_nodes:
+            a_shape = self.shape(a)
+            if a_shape is None or len(a_shape) != len(shape) or a_shape[s.axis] != s.span:
+                raise _Fallback()
+            if self.placed.get(a) != s:
+                if a in self.placed:
+                    raise _Fallback()
+                node.replace_input_with(a, self.localize(a, s, node))
+        self.placed[node] = s
 
     def _complex_view(self, node: fx.Node, name: str) -> None:
         """``view_as_complex`` drops the last axis (the pair), ``view_as_real`` adds one:
