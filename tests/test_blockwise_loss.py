@@ -251,7 +251,7 @@ def test_no_logits_saved_for_backward():
 
 
 def test_transformers_llama_is_fused_and_exact_in_float32():
-    hf_zoo = pytest.importorskip("hf_zoo")
+    hf_zoo = pytest.importorskip("hf_zoo", reason="needs transformers (hf_zoo builds tiny transformers models)")
     model, inputs, _ = hf_zoo.build("llama", attn="sdpa", seq_len=18)
     ref = model(**inputs)
     ref.loss.backward()
@@ -329,7 +329,7 @@ def test_blockwise_loss_on_a_ring_is_exact_and_sharded(spelling, world, layout, 
 
 
 def test_transformers_llama_blockwise_loss_on_a_ring_of_3():
-    hf_zoo = pytest.importorskip("hf_zoo")
+    hf_zoo = pytest.importorskip("hf_zoo", reason="needs transformers (hf_zoo builds tiny transformers models)")
     torch.compiler.reset()
     model, inputs, _ = hf_zoo.build("llama", attn="sdpa", seq_len=19)
     ref = model(**inputs)

@@ -126,12 +126,13 @@ def _single_block(ring: "_Rank"):
     and every key, else None."""
     if ring.n_steps != 1:
         return None
-    calls = list(ring.blocks(0))
-    if len(calls) != 1:
-        return None
-    call, blk, kern = calls[0]
     s_local = ring.source.s_local
-    return calls[0] if (blk.rows.start, blk.rows.stop) == (0, s_local) and call.k == (0, s_local) else None
+    # the plan alone (no block masks are built for a call that is then not taken)
+    calls = list(plan_step(ring.cfg.layout, ring.rank, ring.rank, ring.world, s_local, ring.source.spec,
+                           ring.seg_ranges))
+    if len(calls) != 1 or calls[0].q != (0, s_local) or calls[0].k != (0, s_local):
+        return None
+    return next(ring.blocks(0))
 
 
 def forward_program(q, k, v, pad, seg, bias, cfg: RingConfig, rank: int, world: int, into=None, refused=None,
