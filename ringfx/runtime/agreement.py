@@ -18,7 +18,7 @@ from .ring import AllGather
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _META_FIELDS = ("refused", "local sequence length", "batch", "query heads", "kv heads", "head dim", "dtype",
                 "causal", "window", "layout", "kernel", "scale", "key padding mask", "segment ids", "attn bias",
-                "softcap", "sinks", "chunk", "alibi")
+                "softcap", "sinks", "chunk", "alibi", "relative bias")
 _N_SEG = 4  # segment-id (min, max) of each of up to two chunks
 
 
@@ -37,7 +37,7 @@ def metadata(q, k, pad, seg, bias, cfg, refused=None) -> AllGather:
     fields = [0, s_local, b, hq, k.shape[1], d, _DTYPES.index(q.dtype), int(cfg.causal), cfg.window,
               LAYOUTS.index(cfg.layout), KERNELS.index(cfg.kernel), _float_bits(cfg.scale),
               pad is not None, seg is not None, bias is not None, _float_bits(cfg.softcap), int(cfg.sinks),
-              cfg.chunk, int(cfg.alibi)]
+              cfg.chunk, int(cfg.alibi), int(cfg.rel_bias)]
     seg_ranges = [0] * _N_SEG
     if seg is not None and seg.numel():
         parts = seg.reshape(seg.shape[0], 1 if cfg.layout == "contiguous" else 2, -1)

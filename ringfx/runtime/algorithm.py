@@ -23,7 +23,7 @@ import torch
 
 from .agreement import agree, metadata
 from .block_inputs import Block, BlockSource, pack_kv
-from .blocks import MaskSpec, plan_step, step_count
+from .blocks import MaskSpec, plan_step, relative_index, step_count
 from .deferred import DQ_GROUP, MERGE_GROUP, Deferred, fold_groups  # noqa: F401  (MERGE_GROUP: the planner's)
 from .fold import _fused_fold, acc_dtype, fold, merge_partial  # noqa: F401  (re-exported for tests, benchmarks)
 from .kernels import block_forward, choose_kernel, gqa_backward
@@ -44,6 +44,7 @@ class RingConfig:
     sinks: bool = False  # a per-head sink logit joins each row's softmax (applied by the op)
     chunk: int = 0  # 0: none; C: query i sees keys j with j // C == i // C (Llama 4)
     alibi: bool = False  # per-head slopes: slope_h * (j - i) added to the scores of every block
+    rel_bias: bool = False  # a relative-position table (Hq, 2S - 1): rel[h, j - i + S - 1] added to the scores
 
 
 @dataclasses.dataclass
@@ -62,6 +63,7 @@ class _Rank:
     side: Streams
     kv: object  # the resident block's packed K/V (a (k, v) pair when it never travels)
     tok: torch.Tensor | None  # its key padding and segment ids, (2, B, S_local) int64
+    bias_grad: bool = False  # the backward also sums the mask's gradient (math kernel)
 
     def pass_on(self, t: int):
         """Post the resident block's transfer to the next rank (none after the last
@@ -84,21 +86,25 @@ class _Rank:
                               self.seg_ranges):
             blk = Block.of(call, src, self.kv, self.tok, self.source)
             q = self.q
-            yield call, blk, choose_kernel(self.cfg.kernel, q.device, q.dtype, q.shape[-1], blk.mask is not None,
+            # the gradient of a learned relative bias needs each block's dS: the math kernel gives it
+            kernel = "math" if self.bias_grad else self.cfg.kernel
+            yield call, blk, choose_kernel(kernel, q.device, q.dtype, q.shape[-1], blk.mask is not None,
                                            self.cfg.softcap)
 
 
-def _prologue(q, k, v, pad, seg, bias, cfg: RingConfig, rank: int, world: int, refused=None, alibi=None):
+def _prologue(q, k, v, pad, seg, bias, cfg: RingConfig, rank: int, world: int, refused=None, alibi=None,
+              rel=None, bias_grad=False):
     """The ranks' agreement, then the call's fixed state: a generator returning a
     ``_Rank``, or None when there is nothing to attend (S, B or H is 0). ``alibi``: the
-    per-head slopes (Hq,) in the accumulation dtype, or None."""
+    per-head slopes (Hq,) in the accumulation dtype, or None; ``rel``: the relative-position
+    table (Hq, 2S - 1), or None; ``bias_grad``: the backward sums the table's gradient."""
     seg_ranges = agree((yield metadata(q, k, pad, seg, bias, cfg, refused)), cfg, seg is not None, refused)
     if q.numel() == 0:
         return None
     tuning = Tuning.from_environment()
     s_local = q.shape[2]
-    spec = MaskSpec(cfg.causal, cfg.window, pad is not None or seg is not None or bias is not None or cfg.alibi,
-                    cfg.chunk)
+    spec = MaskSpec(cfg.causal, cfg.window,
+                    pad is not None or seg is not None or bias is not None or cfg.alibi or cfg.rel_bias, cfg.chunk)
     tok = None
     if pad is not None or seg is not None:
         b = q.shape[0]
@@ -108,12 +114,12 @@ def _prologue(q, k, v, pad, seg, bias, cfg: RingConfig, rank: int, world: int, r
         ])
     q_pos = local_positions(cfg.layout, rank, world, s_local, q.device)
     n_steps = step_count(cfg.layout, world, s_local, spec, seg_ranges)
-    source = BlockSource(cfg.layout, world, s_local, spec, q_pos, pad is not None, seg, bias, q.dtype, alibi)
+    source = BlockSource(cfg.layout, world, s_local, spec, q_pos, pad is not None, seg, bias, q.dtype, alibi, rel)
     step_work = q.shape[0] * q.shape[1] * s_local * s_local
     side = Streams(q.device, side=tuning.side_stream,
                    two=tuning.two_streams and step_work >= TWO_STREAMS_MIN_WORK)
     kv = pack_kv(k, v) if n_steps > 1 else (k, v)  # one buffer to send; none to send alone
-    return _Rank(q, cfg, rank, world, n_steps, seg_ranges, source, tuning, side, kv, tok)
+    return _Rank(q, cfg, rank, world, n_steps, seg_ranges, source, tuning, side, kv, tok, bias_grad)
 
 
 def _fold_groups(q, tuning: Tuning) -> tuple[int, int]:
@@ -136,10 +142,10 @@ def _single_block(ring: "_Rank"):
 
 
 def forward_program(q, k, v, pad, seg, bias, cfg: RingConfig, rank: int, world: int, into=None, refused=None,
-                    alibi=None):
+                    alibi=None, rel=None):
     """``refused``: the error this rank's inputs were refused with (it is raised on every
-    rank after the agreement, before any transfer); ``alibi``: see ``_prologue``."""
-    ring = yield from _prologue(q, k, v, pad, seg, bias, cfg, rank, world, refused, alibi)
+    rank after the agreement, before any transfer); ``alibi``, ``rel``: see ``_prologue``."""
+    ring = yield from _prologue(q, k, v, pad, seg, bias, cfg, rank, world, refused, alibi, rel)
     if ring is None:  # empty results, no kernel runs
         return into if into is not None else (torch.empty_like(q), q.new_empty(q.shape[:-1], dtype=acc_dtype(q.dtype)))
     acc = acc_dtype(q.dtype)
@@ -177,26 +183,36 @@ def forward_program(q, k, v, pad, seg, bias, cfg: RingConfig, rank: int, world: 
 
 
 def backward_program(dout, q, k, v, out, lse, pad, seg, bias, cfg: RingConfig, rank: int, world: int,
-                     into=None, alibi=None):
-    ring = yield from _prologue(q, k, v, pad, seg, bias, cfg, rank, world, alibi=alibi)
+                     into=None, alibi=None, rel=None, bias_grad=False):
+    """dQ, dK, dV of this rank's tokens (written into ``into`` when given); with
+    ``bias_grad``, also the gradient of the relative-position table ``rel`` from this rank's
+    queries (Hq, 2S - 1, accumulation dtype), returned after them: the block kernels' dS
+    summed by distance ``j - i``."""
+    acc = acc_dtype(q.dtype)
+    d_rel = torch.zeros(rel.shape, dtype=acc, device=q.device) if bias_grad else None
+    ring = yield from _prologue(q, k, v, pad, seg, bias, cfg, rank, world, alibi=alibi, rel=rel,
+                                bias_grad=bias_grad)
     if ring is None:  # no query: no gradient flows to any key
         grads = into if into is not None else (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v))
         grads[1].zero_()
         grads[2].zero_()
-        return grads
+        return (*grads, d_rel) if bias_grad else grads
     n_steps, s_local, side = ring.n_steps, ring.source.s_local, ring.side
-    acc = acc_dtype(q.dtype)
     # rows that saw no key: exp(s - inf) = 0 instead of exp(-inf + inf) = NaN
     lse = lse.masked_fill(lse == float("-inf"), float("inf"))
     single = _single_block(ring)
     if single is not None:  # one block: the kernel's gradients are the gradients
         call, blk, kern = single
-        grads = gqa_backward(kern, dout, q, blk.k, blk.v, out, lse, blk.mask, call.is_causal, cfg.scale)
+        grads = gqa_backward(kern, dout, q, blk.k, blk.v, out, lse, blk.mask, call.is_causal, cfg.scale, bias_grad)
+        if bias_grad:
+            _add_bias_grad(d_rel, grads[3], ring.source.q_pos, blk.k_pos)
+            grads = grads[:3]
         if into is not None:
             for dst, g in zip(into, grads):
                 dst.copy_(g)
-            return into
-        return tuple(g.to(t.dtype).contiguous() for g, t in zip(grads, (q, k, v)))
+            return (*into, d_rel) if bias_grad else into
+        grads = tuple(g.to(t.dtype).contiguous() for g, t in zip(grads, (q, k, v)))
+        return (*grads, d_rel) if bias_grad else grads
     dq = torch.empty(q.shape, dtype=acc, device=q.device)
     dq_acc = Deferred(dq, None, _fold_groups(q, ring.tuning)[1], merge=False, tuning=ring.tuning)
     dkv_pending = None
@@ -206,9 +222,13 @@ def backward_program(dout, q, k, v, out, lse, pad, seg, bias, cfg: RingConfig, r
         for call, blk, kern in ring.blocks(t):
             r = blk.rows
             with side.kernel(q, blk.k, blk.v, blk.mask, dout, out, lse):
-                dq_b, dk_b, dv_b = gqa_backward(kern, dout[:, :, r], q[:, :, r], blk.k, blk.v, out[:, :, r],
-                                                lse[:, :, r], blk.mask, call.is_causal, cfg.scale)
+                dq_b, dk_b, dv_b, *ds = gqa_backward(kern, dout[:, :, r], q[:, :, r], blk.k, blk.v, out[:, :, r],
+                                                     lse[:, :, r], blk.mask, call.is_causal, cfg.scale, bias_grad)
             block_grads.append((r, call.k, dq_b, dk_b, dv_b))
+            if ds:
+                with side:  # one stream adds into the table's gradient (the kernels' alternate)
+                    side.keep(ds[0])
+                    _add_bias_grad(d_rel, ds[0], ring.source.q_pos[r], blk.k_pos)
         # accumulate on the side stream: dQ here, dK/dV into the buffer that travelled
         # here with this block; then send it on (the side stream orders the send). The
         # last fold writes dK and dV in the input dtype for the hop home.
@@ -244,7 +264,14 @@ def backward_program(dout, q, k, v, out, lse, pad, seg, bias, cfg: RingConfig, r
     if not dq_direct:
         dq_out.copy_(dq)
     if into is None:
-        return dq_out, dk, dv
+        return (dq_out, dk, dv, d_rel) if bias_grad else (dq_out, dk, dv)
     into[1].copy_(dk)
     into[2].copy_(dv)
-    return into
+    return (*into, d_rel) if bias_grad else into
+
+
+def _add_bias_grad(d_rel, ds, q_pos, k_pos) -> None:
+    """Sum a block's dS (B, Hq, Sq, Sk) by relative distance into the table's gradient
+    (Hq, 2S - 1): the bias of (i, j) is the table's column ``j - i + S - 1``."""
+    idx = relative_index(q_pos, k_pos, d_rel.shape[-1])
+    d_rel.index_add_(1, idx.reshape(-1), ds.sum(0).reshape(ds.shape[1], -1).to(d_rel.dtype))

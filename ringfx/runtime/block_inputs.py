@@ -36,16 +36,19 @@ class BlockSource:
     bias: torch.Tensor | None  # (b, h, S_local or 1, S_total or 1), key columns in global order
     dtype: torch.dtype  # of the mask the kernels take
     alibi: torch.Tensor | None = None  # per-head ALiBi slopes (Hq,): slope_h * (j - i) joins every mask
+    rel: torch.Tensor | None = None  # relative-position table (Hq, 2S - 1): rel[h, j - i + S - 1] joins every mask
 
 
 @dataclasses.dataclass(frozen=True)
 class Block:
-    """One kernel call: this rank's query rows, the resident keys and values, the mask."""
+    """One kernel call: this rank's query rows, the resident keys and values, the mask
+    (and, when one was built, the keys' global positions)."""
 
     rows: slice
     k: torch.Tensor
     v: torch.Tensor
     mask: torch.Tensor | None
+    k_pos: torch.Tensor | None = None
 
     @classmethod
     def of(cls, call: BlockCall, src: int, kv, tok, source: BlockSource) -> "Block":
@@ -54,7 +57,7 @@ class Block:
         a, b = call.q
         c, d = call.k
         k, v = kv[0][:, :, c:d], kv[1][:, :, c:d]
-        mask = None
+        mask = k_pos = None
         if call.masked:
             k_pos = local_positions(source.layout, src, source.world, source.s_local, source.q_pos.device)[c:d]
             pad_k = tok[0, :, c:d].bool() if tok is not None and source.has_padding else None
@@ -67,5 +70,5 @@ class Block:
                 if bias.shape[-1] > 1:
                     bias_blk = bias_blk.index_select(-1, k_pos)
             mask = build_mask(source.q_pos[a:b], k_pos, source.spec, source.dtype, pad_k, seg_q, seg_k, bias_blk,
-                              source.alibi)
-        return cls(slice(a, b), k, v, mask)
+                              source.alibi, source.rel)
+        return cls(slice(a, b), k, v, mask, k_pos)

@@ -31,7 +31,7 @@ EMPTY, FULL, PARTIAL = 0, 1, 2
 class MaskSpec:
     causal: bool
     window: int  # 0: no sliding window; W: query i sees keys j > i - W
-    token_masks: bool  # key padding, segment ids or a bias (ALiBi too): every call takes a mask
+    token_masks: bool  # key padding, segment ids or a bias (ALiBi, relative bias too): every call takes a mask
     chunk: int = 0  # 0: none; C: query i sees keys j with j // C == i // C (Llama 4's chunked attention)
 
 
@@ -128,14 +128,17 @@ def step_count(layout: str, world: int, s_local: int, spec: MaskSpec, segment_ra
     return last + 1
 
 
-def build_mask(qpos, kpos, spec: MaskSpec, dtype, pad_k=None, seg_q=None, seg_k=None, bias=None, alibi=None):
-    """Additive mask (0 / -inf, plus ``bias`` and the ALiBi bias) of shape (b, h, Sq, Sk),
-    b and h possibly 1.
+def build_mask(qpos, kpos, spec: MaskSpec, dtype, pad_k=None, seg_q=None, seg_k=None, bias=None, alibi=None,
+               rel=None):
+    """Additive mask (0 / -inf, plus ``bias``, the ALiBi bias and the relative bias) of shape
+    (b, h, Sq, Sk), b and h possibly 1.
 
     qpos, kpos: global positions; pad_k (B, Sk) bool; seg_q (B, Sq), seg_k (B, Sk);
     bias: float (additive) or bool (True = attend), broadcastable to (B, H, Sq, Sk);
     alibi: per-head slopes (H,): ``slopes[h] * (j - i)`` from the global positions, computed
-    in the slopes' dtype (float64 for float64 inputs, else float32) and rounded once.
+    in the slopes' dtype (float64 for float64 inputs, else float32) and rounded once;
+    rel: a relative-position table (H, 2S - 1) over the whole sequence of S tokens:
+    ``rel[h, j - i + S - 1]`` is gathered from the global positions (``relative_index``).
     """
     d = qpos[:, None] - kpos[None, :]
     allowed = torch.ones_like(d, dtype=torch.bool)
@@ -159,4 +162,12 @@ def build_mask(qpos, kpos, spec: MaskSpec, dtype, pad_k=None, seg_q=None, seg_k=
         mask = mask + bias.to(dtype)
     if alibi is not None:
         mask = mask + (alibi[None, :, None, None] * (-d).to(alibi.dtype)).to(dtype)
+    if rel is not None:
+        mask = mask + rel[:, relative_index(qpos, kpos, rel.shape[-1])].to(dtype)[None]
     return mask
+
+
+def relative_index(qpos, kpos, table_len: int):
+    """(Sq, Sk) indices into a relative-position table of ``table_len = 2S - 1`` columns:
+    column ``j - i + S - 1`` holds the bias of query i against key j."""
+    return kpos[None, :] - qpos[:, None] + (table_len - 1) // 2

@@ -79,7 +79,8 @@ def check_softcap(softcap, kernel: str) -> None:
 
 
 def check_inputs(q, k, v, pad, seg, bias, *, layout: str, window: int, kernel: str, world: int,
-                 loopback: bool, sinks=None, softcap: float = 0.0, chunk: int = 0, alibi=None) -> None:
+                 loopback: bool, sinks=None, softcap: float = 0.0, chunk: int = 0, alibi=None,
+                 rel_bias=None) -> None:
     """Raise ``ValueError``/``TypeError`` naming the argument and the fix, or return.
     ``window``: 0 for none. Shapes are this rank's (for a loopback ring, all ranks')."""
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -160,6 +161,24 @@ def check_inputs(q, k, v, pad, seg, bias, *, layout: str, window: int, kernel: s
             raise TypeError(f"alibi slopes have dtype {alibi.dtype}; pass a floating tensor (slopes.float())")
         if alibi.device != q.device:
             raise ValueError(f"alibi slopes are on {alibi.device} but q is on {q.device}; move them to {q.device}")
+    if rel_bias is not None:
+        _check_relative_bias(rel_bias, hq, s if loopback else s * world, q.device)
+
+
+def _check_relative_bias(rel: Tensor, hq: int, s_total: int, device) -> None:
+    if not isinstance(rel, Tensor):
+        raise TypeError(f"relative_bias must be a tensor (Hq, 2S - 1) or None, got {type(rel).__name__}")
+    _dense("relative_bias", rel)
+    want = (hq, 2 * s_total - 1)
+    if tuple(rel.shape) != want:
+        raise ValueError(
+            f"relative_bias must hold one bias per query head and distance j - i in [-(S - 1), S - 1] over the "
+            f"whole sequence of S = {s_total} tokens, shape (Hq, 2S - 1) = {want}, got {tuple(rel.shape)} "
+            "(column j - i + S - 1 is the bias of query i against key j)")
+    if not rel.dtype.is_floating_point:
+        raise TypeError(f"relative_bias has dtype {rel.dtype}; pass a floating tensor (relative_bias.float())")
+    if rel.device != device:
+        raise ValueError(f"relative_bias is on {rel.device} but q is on {device}; move it to {device}")
 
 
 def _check_bias(bias: Tensor, target: tuple[int, int, int, int]) -> None:

@@ -76,7 +76,9 @@ class MathKernel:
         out = torch.matmul(e, v.to(acc)) / total.masked_fill(total == 0, 1.0)
         return out.to(q.dtype), (m + total.log()).squeeze(-1)
 
-    def backward(self, dout, q, k, v, out, lse, mask, is_causal, scale):
+    def backward(self, dout, q, k, v, out, lse, mask, is_causal, scale, bias_grad=False):
+        """``bias_grad``: also return the gradient of the additive mask, ``dS`` (B, H, Sq, Sk)
+        in the accumulation dtype (what a learned relative-position table's gradient is summed from)."""
         acc = acc_dtype(q.dtype)
         s, capped = _math_scores(q, k, mask, is_causal, scale, acc, self.softcap)
         p = torch.exp(s - lse.to(acc)[..., None])
@@ -84,13 +86,15 @@ class MathKernel:
         dv = torch.matmul(p.transpose(-2, -1), dout_)
         dp = torch.matmul(dout_, v_.transpose(-2, -1))
         delta = (dout_ * out.to(acc)).sum(-1, keepdim=True)
-        ds = p * (dp - delta)
+        dmask = p * (dp - delta)  # the mask is added after the scale and the soft-cap
+        ds = dmask
         if capped is not None:  # d(c tanh(x / c)) / dx = 1 - tanh²(x / c)
             ds = ds * (1.0 - capped * capped)
         ds = ds * scale
         dq = torch.matmul(ds, k.to(acc))
         dk = torch.matmul(ds.transpose(-2, -1), q.to(acc))
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+        grads = dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+        return (*grads, dmask) if bias_grad else grads
 
 
 class CpuFlashKernel:
@@ -299,19 +303,22 @@ def gqa_forward(kern, q, k, v, mask, is_causal, scale):
     return out.reshape(q.shape), lse.reshape(q.shape[:-1])
 
 
-def gqa_backward(kern, dout, q, k, v, out, lse, mask, is_causal, scale):
+def gqa_backward(kern, dout, q, k, v, out, lse, mask, is_causal, scale, bias_grad=False):
+    """The block's dq, dk, dv; with ``bias_grad`` (math kernel only) also the mask's gradient
+    ``dS`` (B, Hq, Sq, Sk) in the accumulation dtype."""
+    extra = {"bias_grad": True} if bias_grad else {}
     hq, hkv = q.shape[1], k.shape[1]
     if hq == hkv:
-        return kern.backward(dout, q, k, v, out, lse, mask, is_causal, scale)
+        return kern.backward(dout, q, k, v, out, lse, mask, is_causal, scale, **extra)
     g = hq // hkv
     if is_causal:
-        dq, dk, dv = kern.backward(dout, q, k.repeat_interleave(g, 1), v.repeat_interleave(g, 1), out, lse,
-                                   mask, True, scale)
+        dq, dk, dv, *ds = kern.backward(dout, q, k.repeat_interleave(g, 1), v.repeat_interleave(g, 1), out, lse,
+                                        mask, True, scale, **extra)
         b, _, s, d = dk.shape
-        return dq, dk.view(b, hkv, g, s, d).sum(2), dv.view(b, hkv, g, s, d).sum(2)
+        return dq, dk.view(b, hkv, g, s, d).sum(2), dv.view(b, hkv, g, s, d).sum(2), *ds
     b, _, sq, d = q.shape
-    dq, dk, dv = kern.backward(
+    dq, dk, dv, *ds = kern.backward(
         _heads_into_rows(dout, hkv), _heads_into_rows(q, hkv), k, v, _heads_into_rows(out, hkv), lse.reshape(b, hkv, g * sq),
-        _mask_heads_into_rows(mask, hq, hkv), False, scale,
+        _mask_heads_into_rows(mask, hq, hkv), False, scale, **extra
     )
-    return dq.reshape(q.shape), dk, dv
+    return dq.reshape(q.shape), dk, dv, *(x.reshape(b, hq, sq, x.shape[-1]) for x in ds)

@@ -7,7 +7,7 @@ a fake implementation gives shapes, the autograd formula calls the backward op
     out, lse = torch.ops.ringfx.ring_attention(
         q, k, v, key_padding_mask, segment_ids, attn_bias,
         group_name, layout, causal, scale, window, kernel, sinks=None, softcap=0.0,
-        chunk=0, alibi=None)
+        chunk=0, alibi=None, rel_bias=None)
 
 ``softcap`` > 0 soft-caps the scaled scores before the mask (``softcap * tanh(s /
 softcap)``, Gemma 2; computed by the math block kernel); ``sinks`` ``(Hq,)`` adds a learned
@@ -16,8 +16,22 @@ returned lse then includes it. ``chunk`` > 0 is chunked local attention (Llama 4
 sees key j only if ``j // chunk == i // chunk``, and ``j <= i`` under causal), computed from
 global positions, blocks in no common chunk skipped; ``alibi`` ``(Hq,)`` holds ALiBi slopes
 (BLOOM / MPT): ``slope_h * (j - i)`` is added to the scores of every block, built per block
-from global positions (a constant: slopes that require grad are refused). The variants are
-per-head / replicated: the same on every rank.
+from global positions (a constant: slopes that require grad are refused). ``rel_bias``
+``(Hq, 2S - 1)`` is a bias that depends only on the distance ``j - i`` (T5's bucketed
+relative-position bias, learned): ``rel_bias[h, j - i + S - 1]`` is added to the scores, each
+block gathering its (Sq, Sk) bias from global positions. The variants are per-head /
+replicated: the same on every rank.
+
+Why a table over distances and not T5's ``embedding(bucket(j - i))`` weight and bucket
+parameters: the bucketing is the model's code (T5, mT5, UMT5, LongT5 and Pop2Piano differ in
+it, and a model may add its own), so the graph rewrite builds the table by running the
+model's own chain on the 1-D distances ``arange(1 - S, S)`` — O(S) values instead of the
+(S, S) bias — and the op stays agnostic of how it was made. Its gradient is the blocks' dS
+(the gradient of the scores' additive mask) summed by distance, per head; ordinary autograd
+outside the op carries it on through the gather and the embedding to the learned weight. A
+block's dS comes from the math kernel's backward (the fused kernels do not return it), so
+a table that requires grad makes the backward blocks run the math kernel; the forward keeps
+the fastest kernel that takes a mask.
 
 The group travels as its name (process groups are not a schema type): a real group's
 ``group_name``, or ``"loopback:P"`` for P virtual ranks in this process, in which case
@@ -46,25 +60,34 @@ def _split(x, world, dim):
     return list(x.chunk(world, dim))
 
 
-def _run(program, tensors, dims, cfg, group, outputs, alibi=None):
+def _run(program, tensors, dims, cfg, group, outputs, summed=None, **replicated):
     """Run ``program`` on every rank this process plays: one for a real group, P for a
     loopback ring (inputs split along the sequence; each virtual rank writes its results
     straight into its slice of the full outputs, so the loopback adds no concatenation).
-    ``outputs``: (shape, dtype) of each result; ``alibi``: replicated slopes, or None."""
+    ``outputs``: (shape, dtype) of each per-token result; ``summed``: (shape, dtype) of one
+    more result that each rank returns from its own queries (a table's gradient): the
+    virtual ranks' are added up; ``replicated``: keyword arguments every rank takes whole
+    (ALiBi slopes, a relative-position table)."""
     if isinstance(group, LoopbackRing):
         world = group.size
         device = tensors[0].device
         if tensors[0].numel() == 0:  # nothing to attend (S, B or H is 0): no kernel runs
-            return tuple(torch.zeros(shape, dtype=dtype, device=device) for shape, dtype in outputs)
+            return tuple(torch.zeros(shape, dtype=dtype, device=device)
+                         for shape, dtype in outputs + ([summed] if summed else []))
         parts = [_split(t, world, d) for t, d in zip(tensors, dims)]
         full = [torch.empty(shape, dtype=dtype, device=device) for shape, dtype in outputs]
         slices = [t.chunk(world, 2) for t in full]
-        run_loopback([program(*(p[r] for p in parts), cfg, r, world, into=tuple(s[r] for s in slices),
-                              alibi=alibi) for r in range(world)])
+        results = run_loopback([program(*(p[r] for p in parts), cfg, r, world, into=tuple(s[r] for s in slices),
+                                        **replicated) for r in range(world)])
+        if summed:
+            full.append(sum(r[len(outputs)] for r in results).to(summed[1]))
         return tuple(full)
     check_backend(group, tensors[0].device)
-    return run_on_group(program(*tensors, cfg, torch.distributed.get_rank(group),
-                                torch.distributed.get_world_size(group), alibi=alibi), group, tensors[0].device)
+    results = run_on_group(program(*tensors, cfg, torch.distributed.get_rank(group),
+                                   torch.distributed.get_world_size(group), **replicated), group, tensors[0].device)
+    if summed:
+        results = (*results[:len(outputs)], results[len(outputs)].to(summed[1]))
+    return results
 
 
 @torch.library.custom_op("ringfx::ring_attention", mutates_args=())
@@ -73,15 +96,17 @@ def ring_attention_op(
     key_padding_mask: Optional[Tensor], segment_ids: Optional[Tensor], attn_bias: Optional[Tensor],
     group_name: str, layout: str, causal: bool, scale: float, window: int, kernel: str,
     sinks: Optional[Tensor] = None, softcap: float = 0.0, chunk: int = 0, alibi: Optional[Tensor] = None,
+    rel_bias: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor]:
-    cfg = RingConfig(layout, causal, scale, window, kernel, softcap, sinks is not None, chunk, alibi is not None)
+    cfg = RingConfig(layout, causal, scale, window, kernel, softcap, sinks is not None, chunk, alibi is not None,
+                     rel_bias is not None)
     group = resolve_group(group_name)
     loopback = isinstance(group, LoopbackRing)
     tensors = (q, k, v, key_padding_mask, segment_ids, attn_bias)
     try:
         check_inputs(*tensors, layout=layout, window=window, kernel=kernel, loopback=loopback,
                      world=group.size if loopback else torch.distributed.get_world_size(group),
-                     sinks=sinks, softcap=softcap, chunk=chunk, alibi=alibi)
+                     sinks=sinks, softcap=softcap, chunk=chunk, alibi=alibi, rel_bias=rel_bias)
     except (ValueError, TypeError) as refused:
         if loopback:
             raise
@@ -92,7 +117,8 @@ def ring_attention_op(
     tensors = (q.contiguous(), k.contiguous(), v.contiguous(), key_padding_mask, segment_ids,
                as_4d_bias(attn_bias))
     out, lse = _run(forward_program, tensors, (2, 2, 2, 1, 1, -2), cfg, group,
-                    [(q.shape, q.dtype), (q.shape[:-1], acc_dtype(q.dtype))], _slopes(alibi, q.dtype))
+                    [(q.shape, q.dtype), (q.shape[:-1], acc_dtype(q.dtype))], alibi=_slopes(alibi, q.dtype),
+                    rel=_table(rel_bias))
     if sinks is not None:
         out, lse = apply_sinks(out, lse, sinks)
     return out, lse
@@ -100,12 +126,17 @@ def ring_attention_op(
 
 def _slopes(alibi, dtype):
     """ALiBi slopes in the accumulation dtype (the block bias is computed there, rounded once)."""
-    return None if alibi is None else alibi.detach().to(acc_dtype(dtype)).contiguous()
+    return None if alibi is None else alibi.detach().contiguous().to(acc_dtype(dtype))
+
+
+def _table(rel_bias):
+    """The relative-position table as the block masks gather from it (its own dtype)."""
+    return None if rel_bias is None else rel_bias.detach().contiguous()
 
 
 @ring_attention_op.register_fake
 def _(q, k, v, key_padding_mask, segment_ids, attn_bias, group_name, layout, causal, scale, window, kernel,
-      sinks=None, softcap=0.0, chunk=0, alibi=None):
+      sinks=None, softcap=0.0, chunk=0, alibi=None, rel_bias=None):
     return (torch.empty(q.shape, dtype=q.dtype, device=q.device),
             torch.empty(q.shape[:-1], dtype=acc_dtype(q.dtype), device=q.device))
 
@@ -115,22 +146,32 @@ def ring_attention_backward_op(
     dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
     key_padding_mask: Optional[Tensor], segment_ids: Optional[Tensor], attn_bias: Optional[Tensor],
     group_name: str, layout: str, causal: bool, scale: float, window: int, kernel: str, softcap: float = 0.0,
-    chunk: int = 0, alibi: Optional[Tensor] = None,
-) -> tuple[Tensor, Tensor, Tensor]:
+    chunk: int = 0, alibi: Optional[Tensor] = None, rel_bias: Optional[Tensor] = None, rel_bias_grad: bool = False,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Fed the forward's (out, lse) (with the sinks, if any, already in them: see
-    ``sinks.py``), this is also the backward of attention with sinks."""
-    cfg = RingConfig(layout, causal, scale, window, kernel, softcap, False, chunk, alibi is not None)
+    ``sinks.py``), this is also the backward of attention with sinks. Returns dq, dk, dv and
+    the gradient of ``rel_bias`` from this process's queries when ``rel_bias_grad`` (else an
+    empty tensor)."""
+    cfg = RingConfig(layout, causal, scale, window, kernel, softcap, False, chunk, alibi is not None,
+                     rel_bias is not None)
     tensors = (dout.contiguous(), q.contiguous(), k.contiguous(), v.contiguous(), out.contiguous(), lse.contiguous(),
                key_padding_mask, segment_ids, as_4d_bias(attn_bias))
-    return _run(backward_program, tensors, (2, 2, 2, 2, 2, 2, 1, 1, -2), cfg, resolve_group(group_name),
-                [(t.shape, t.dtype) for t in (q, k, v)], _slopes(alibi, q.dtype))
+    grad_table = rel_bias is not None and rel_bias_grad
+    grads = _run(backward_program, tensors, (2, 2, 2, 2, 2, 2, 1, 1, -2), cfg, resolve_group(group_name),
+                 [(t.shape, t.dtype) for t in (q, k, v)],
+                 summed=(rel_bias.shape, rel_bias.dtype) if grad_table else None,
+                 alibi=_slopes(alibi, q.dtype), rel=_table(rel_bias), bias_grad=grad_table)
+    return (*grads, q.new_empty(0)) if not grad_table else tuple(grads)
 
 
 @ring_attention_backward_op.register_fake
 def _(dout, q, k, v, out, lse, key_padding_mask, segment_ids, attn_bias, group_name, layout, causal, scale, window,
-      kernel, softcap=0.0, chunk=0, alibi=None):
+      kernel, softcap=0.0, chunk=0, alibi=None, rel_bias=None, rel_bias_grad=False):
     # the real op returns contiguous gradients whatever the inputs' strides
-    return tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
+    grads = tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
+    table = rel_bias is not None and rel_bias_grad
+    return (*grads, torch.empty(rel_bias.shape if table else (0,), dtype=rel_bias.dtype if table else q.dtype,
+                                device=q.device))
 
 
 def _setup_context(ctx, inputs, output):
@@ -138,18 +179,20 @@ def _setup_context(ctx, inputs, output):
         raise ValueError(LEARNED_BIAS)
     if len(ctx.needs_input_grad) > 15 and ctx.needs_input_grad[15]:  # alibi slopes (when passed)
         raise ValueError(LEARNED_ALIBI)
-    q, k, v, pad, seg, bias, *options, sinks, softcap, chunk, alibi = inputs  # defaults filled in by the op
+    q, k, v, pad, seg, bias, *options, sinks, softcap, chunk, alibi, rel = inputs  # defaults filled in by the op
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, pad, seg, bias, sinks, alibi)
+    ctx.save_for_backward(q, k, v, out, lse, pad, seg, bias, sinks, alibi, rel)
     ctx.options = (*options, softcap, chunk)
+    ctx.rel_grad = rel is not None and len(ctx.needs_input_grad) > 16 and ctx.needs_input_grad[16]
 
 
 def _backward(ctx, dout, dlse):
-    q, k, v, out, lse, pad, seg, bias, sinks, alibi = ctx.saved_tensors
-    dq, dk, dv = torch.ops.ringfx.ring_attention_backward(dout, q, k, v, out, lse, pad, seg, bias, *ctx.options,
-                                                          alibi=alibi)
+    q, k, v, out, lse, pad, seg, bias, sinks, alibi, rel = ctx.saved_tensors
+    dq, dk, dv, drel = torch.ops.ringfx.ring_attention_backward(
+        dout, q, k, v, out, lse, pad, seg, bias, *ctx.options, alibi=alibi, rel_bias=rel, rel_bias_grad=ctx.rel_grad)
     dsinks = sinks_grad(dout, out, lse, sinks) if sinks is not None and ctx.needs_input_grad[12] else None
-    return dq, dk, dv, None, None, None, None, None, None, None, None, None, dsinks, None, None, None
+    return (dq, dk, dv, None, None, None, None, None, None, None, None, None, dsinks, None, None, None,
+            drel if ctx.rel_grad else None)
 
 
 ring_attention_op.register_autograd(_backward, setup_context=_setup_context)
@@ -174,6 +217,7 @@ def ring_attention(
     sinks: Tensor | None = None,
     chunk: int | None = None,
     alibi_slopes: Tensor | None = None,
+    relative_bias: Tensor | None = None,
 ) -> Tensor:
     """Exact attention over a sequence sharded across a ring; equals
     ``F.scaled_dot_product_attention`` on the full sequence.
@@ -211,6 +255,15 @@ def ring_attention(
         alibi_slopes: ALiBi (BLOOM, MPT): per-query-head slopes ``(Hq,)``, the same on every
             rank; ``slope_h * (j - i)`` is added to the scaled scores (after soft-capping).
             A constant: slopes that require grad are refused.
+        relative_bias: a bias that depends only on the distance ``j - i`` (T5's bucketed
+            relative-position bias): a table ``(Hq, 2S - 1)`` over the whole sequence of S
+            tokens (global: S_local * P on a real ring), the same on every rank; column
+            ``j - i + S - 1`` is added to the scaled scores of query i and key j (after
+            soft-capping). Each block gathers its bias from global positions (no S x S tensor);
+            a table that requires grad gets its gradient, the blocks' dS summed by distance
+            (from this rank's queries: on a real ring, sum it over the ring as any
+            parameter's). Build it by applying the model's own bucketing and embedding to the
+            distances ``arange(1 - S, S)``; its gradient then reaches the embedding's weight.
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor):
@@ -233,6 +286,6 @@ def ring_attention(
     out, _ = torch.ops.ringfx.ring_attention(
         q, k, v, key_padding_mask, segment_ids, attn_bias, group_name_of(group), layout, bool(causal),
         float(scale), int(window or 0), kernel, sinks=sinks, softcap=float(softcap or 0.0),
-        chunk=int(chunk or 0), alibi=alibi_slopes,
+        chunk=int(chunk or 0), alibi=alibi_slopes, rel_bias=relative_bias,
     )
     return out
