@@ -226,18 +226,19 @@ def test_layer_extrapolation_refuses_layers_that_differ():
     # a 5-layer simulation that is not what 3 and 4 layers predict: the whole model is simulated instead
     import dataclasses
 
-    from ringfx.planner.layer_extrapolation import NotExtrapolable, extrapolated_run
+    from ringfx.planner.layer_extrapolation import NotExtrapolable, extrapolated_runs
     from ringfx.planner.presets import build_reference_model, example_ids, lm_loss
     from ringfx.planner.simulate import simulate_step
 
-    def simulate(n, layers):
-        cfg = dataclasses.replace(SMALL, layers=layers, ffn=SMALL.ffn * (2 if layers == 5 else 1))
+    def simulate(n, layers, wider_fifth=True):
+        cfg = dataclasses.replace(SMALL, layers=layers, ffn=SMALL.ffn * (2 if layers == 5 and wider_fifth else 1))
         return simulate_step(build_reference_model(cfg), example_ids(cfg, n), loss_fn=lm_loss, mark_layers=True)
 
-    run = extrapolated_run(simulate, 12, check_at=64)
-    assert len(run(128).trace) < len(simulate(128, 12).trace)  # no check away from check_at
+    points = (64, 128, 192, 256)
+    runs = extrapolated_runs(lambda n, layers: simulate(n, layers, wider_fifth=False), 12, points)
+    assert len(runs) == 3 and len(runs[1].trace) < len(simulate(128, 12).trace)  # blocks 0, 1, L-2, L-1 only
     with pytest.raises(NotExtrapolable):
-        run(64)
+        extrapolated_runs(simulate, 12, points)
 
 
 @pytest.mark.parametrize("preset", ["llama-8b-like", "llama-1b-like"])

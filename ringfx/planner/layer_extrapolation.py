@@ -16,29 +16,34 @@ that reaches the last layer is the head's, counted with the logits, and the firs
 backward frees what the layers shared (RoPE's cos and sin). So the peak over k is at block
 0, 1, L-2 or L-1, and the trace of L layers is replaced by its events at those four blocks
 (plus prefix, middle and suffix), the laws read off the simulations with 3 layers (blocks
-0, 1, 2) and 4 layers (blocks 0..3), and checked against a direct simulation with 5 layers at
-the first length (every event of every block). The reduced trace is a subsequence of the
-trace of L layers with its exact values, so the envelope fitted on it (``fit_peak_envelope``)
-is the one the L-layer simulation gives. When a check fails (layers that differ, a trace not
-in blocks) the caller simulates the whole model.
+0, 1, 2) and 4 layers (blocks 0..3) at the three fitting lengths. The reduced trace is a
+subsequence of the trace of L layers with its exact values, so the envelope fitted on it
+(``fit_peak_envelope``) is the one the L-layer simulation gives.
 
-    before:  run(n) = simulate_step(model with L layers, n tokens)           # ~L x 60 ms per length
-    here:    run(n) = reduced_trace(simulate_step(3 layers, n), simulate_step(4 layers, n), L)
+One direct simulation checks both laws at once: with 5 layers at the fourth length, every
+event of every block (the middle one, which no law was read off, included) must be what the
+laws in L predict at the three fitting lengths, carried to the fourth by the quadratic in
+the length. When a check fails (layers that differ, a trace not in blocks, tensors that do
+not grow polynomially) the caller simulates the whole model, at four lengths.
+
+    before:  simulate_step(model with L layers, n) at 4 lengths                # ~4 L x 20 ms
+    here:    reduced_trace(simulate_step(3 layers, n), simulate_step(4 layers, n), L) at 3 lengths,
+             simulate_step(5 layers, 4th length) to check                      # ~(3 x 7 + 5) x 20 ms
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Callable, Optional
+from typing import Callable, Sequence
 
-from .simulate import CATEGORIES, StepPeak
+from .simulate import CATEGORIES, StepPeak, quadratic_predicts
 
 log = logging.getLogger("ringfx.planner")
 
 FIT_LAYERS = (3, 4)   # the layer counts the laws are read off
-CHECK_LAYERS = 5      # the layer count they are checked against, at the first length
-# below this many layers the whole model is simulated: 3 + 4 layers per length and 5 once cost
-# about as much as 8 layers at four lengths
+CHECK_LAYERS = 5      # the layer count they are checked against, at the fourth length
+# below this many layers the whole model is simulated: 3 + 4 layers at three lengths and 5 once
+# cost about as much as 8 layers at four lengths
 EXTRAPOLATE_FROM = 9
 
 
@@ -128,36 +133,34 @@ def _step(trace: list, attention: list) -> StepPeak:
     return StepPeak(peak=sum(split.values()), split=split, attention=attention, trace=trace)
 
 
-def extrapolated_run(simulate: Callable[[int, int], StepPeak], layers: int,
-                     check_at: Optional[int]) -> Callable[[int], StepPeak]:
-    """``run(n)`` for ``fit_peak_envelope``: the reduced trace of ``layers`` layers at n tokens
-    from ``simulate(n, layer_count)`` (with layer marks). At ``n == check_at`` the law is also
-    checked against a simulation with ``CHECK_LAYERS`` layers: every event of it, the middle
-    layers' included. Raises ``NotExtrapolable`` when a check fails."""
-
-    def run(n: int) -> StepPeak:
-        three, four = (simulate(n, k) for k in FIT_LAYERS)
-        if n == check_at:
-            five = simulate(n, CHECK_LAYERS)
-            direct = _pieces(five)
-            if _shape(direct) != _shape(_pieces(four)):
-                raise NotExtrapolable(f"the trace of {CHECK_LAYERS} layers is not the same blocks")
-            # every block of 5 layers as the laws predict it: the reduced trace at 5 holds blocks 0, 1, 3
-            # and 4, and block 2 lies on the line between 1 and 3
-            actual = list(direct["prefix"])
-            for name in ("forward", "middle", "backward"):
-                if name == "middle":
-                    actual += direct["middle"]
-                elif direct[name]:
-                    actual += [event for k in (0, 1, 3, 4) for event in direct[name][k]]
-            actual += direct["suffix"]
-            inner = all(2 * m == f + l
-                        for name in ("forward", "backward") if direct[name]
-                        for ef, em, el in zip(direct[name][1], direct[name][2], direct[name][3])
-                        for f, m, l in zip(ef, em, el))
-            if reduced_trace(three, four, CHECK_LAYERS) != actual or not inner or \
-                    _attention(three, four, CHECK_LAYERS) != five.attention:
-                raise NotExtrapolable(f"the simulation with {CHECK_LAYERS} layers differs from the extrapolation")
-        return _step(reduced_trace(three, four, layers), _attention(three, four, layers))
-
-    return run
+def extrapolated_runs(simulate: Callable[[int, int], StepPeak], layers: int, points: Sequence[int]) -> list:
+    """The steps of ``layers`` layers at the three lengths ``points[:3]`` for
+    ``fit_peak_envelope``, as reduced traces from ``simulate(n, layer_count)`` (with layer
+    marks) with 3 and 4 layers, checked at the fourth length ``points[3]`` against a direct
+    simulation with ``CHECK_LAYERS`` layers: every event of it, the middle layers' included,
+    must be the quadratic in n through the reduced traces of ``CHECK_LAYERS`` layers at the
+    three lengths. Raises ``NotExtrapolable`` when a check fails."""
+    fits = [tuple(simulate(int(n), k) for k in FIT_LAYERS) for n in points[:3]]
+    five = simulate(int(points[3]), CHECK_LAYERS)
+    direct = _pieces(five)
+    if _shape(direct) != _shape(_pieces(fits[0][1])):
+        raise NotExtrapolable(f"the trace of {CHECK_LAYERS} layers is not the same blocks")
+    # every block of 5 layers as the laws predict it: the reduced trace at 5 holds blocks 0, 1, 3
+    # and 4, and block 2 lies on the line between 1 and 3
+    actual = list(direct["prefix"])
+    for name in ("forward", "middle", "backward"):
+        if name == "middle":
+            actual += direct["middle"]
+        elif direct[name]:
+            actual += [event for k in (0, 1, 3, 4) for event in direct[name][k]]
+    actual += direct["suffix"]
+    inner = all(2 * m == f + l
+                for name in ("forward", "backward") if direct[name]
+                for ef, em, el in zip(direct[name][1], direct[name][2], direct[name][3])
+                for f, m, l in zip(ef, em, el))
+    predicted = [reduced_trace(three, four, CHECK_LAYERS) for three, four in fits]
+    if not inner or not quadratic_predicts(predicted, points[:3], int(points[3]), actual) or \
+            _attention(*fits[0], CHECK_LAYERS) != five.attention:
+        raise NotExtrapolable(f"the simulation with {CHECK_LAYERS} layers at {points[3]} tokens differs from the "
+                              "extrapolation")
+    return [_step(reduced_trace(three, four, layers), _attention(three, four, layers)) for three, four in fits]

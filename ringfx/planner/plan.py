@@ -20,14 +20,14 @@ import torch
 
 from . import presets as _presets
 from .device import DeviceSpec, device_spec, parse_seq_len
-from .layer_extrapolation import EXTRAPOLATE_FROM, NotExtrapolable, extrapolated_run
+from .layer_extrapolation import EXTRAPOLATE_FROM, NotExtrapolable, extrapolated_runs
 from .memory import MemoryModel, P, S, TrainingOptions, s_local, static_terms
 from .simulate import GRADIENTS, LOGITS, _layer_list, fit_peak_envelope, simulate_step
 from .timing import attention_time, other_matmul_time
 
 log = logging.getLogger("ringfx.planner")
 
-CONFIG_FIT_POINTS = (256, 512, 768, 1024)
+CONFIG_FIT_POINTS = (256, 512, 768, 1024)  # three to fit the polynomials, the fourth to check them
 MIN_QUERY_CHUNK = 256
 MAX_QUERY_CHUNKS = 64
 
@@ -210,13 +210,14 @@ def _build_model(target: _Target, options: TrainingOptions, ring: bool, fits: Op
         return simulate(blockwise(options.blockwise_loss) if fused is not None else module, n, mark_layers=True)
 
     def fit():
+        points = target.points
         if target.with_layers is not None and (target.layers or 0) >= EXTRAPOLATE_FROM:
             try:
-                return fit_peak_envelope(extrapolated_run(run_with_layers, target.layers, target.points[0]),
-                                         target.points)
+                return fit_peak_envelope(extrapolated_runs(run_with_layers, target.layers, points), points[:3])
             except NotExtrapolable as why:
                 log.info("memory model of %s: simulating every layer (%s)", target.name, why)
-        return fit_peak_envelope(run, target.points)
+        runs = [run(int(n)) for n in points]
+        return fit_peak_envelope(runs[:3], points[:3], check=(points[3], runs[3]))
 
     # precision, optimizer and parameter sharding change only the static terms: one fit serves them all
     key = (options.training, options.activation_checkpointing, options.query_chunks, options.kernel, ring,

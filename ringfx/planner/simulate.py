@@ -24,7 +24,7 @@ import logging
 import math
 import weakref
 from fractions import Fraction
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import numpy
 import sympy
@@ -441,27 +441,44 @@ def simulate_step(
 # -- fitting: a polynomial in the local length, then s = S/P -------------------------------------
 
 
-def fit_peak_envelope(run: Callable[[int], StepPeak], points) -> tuple:
+def quadratic_predicts(traces: Sequence[list], xs: Sequence[int], x: int, actual: list) -> bool:
+    """Whether ``actual`` (a trace at length ``x``) is, event by event and category by
+    category, the quadratic through the same events of ``traces`` at the three lengths
+    ``xs``: Lagrange's formula in integers, no rounding."""
+    x0, x1, x2 = (int(n) for n in xs)
+    d0, d1, d2 = (x0 - x1) * (x0 - x2), (x1 - x0) * (x1 - x2), (x2 - x0) * (x2 - x1)
+    big_d = d0 * d1 * d2
+    w0, w1, w2 = ((x - x1) * (x - x2) * d1 * d2, (x - x0) * (x - x2) * d0 * d2, (x - x0) * (x - x1) * d0 * d1)
+    if any(len(t) != len(actual) for t in traces):
+        return False
+    return all(big_d * a == y0 * w0 + y1 * w1 + y2 * w2
+               for e0, e1, e2, ea in zip(*traces, actual) for y0, y1, y2, a in zip(e0, e1, e2, ea))
+
+
+def fit_peak_envelope(runs: Sequence[StepPeak], points: Sequence[int],
+                      check: Optional[tuple[int, StepPeak]] = None) -> tuple:
     """The peak as a function of the local length s: ``max_i p_i(s)`` over the step's events.
 
     Live bytes after event i of the step are a polynomial p_i(s) in the local length (the
     same program runs at every length; tensors grow with s).  Each event's polynomial
-    (degree <= 2: 3 points) is read off the traces at ``points[:3]`` (exact rationals) and
-    checked against ``points[3]``; only events that are the peak at some s (sampled from 1
-    to 2^40 tokens) are kept.  Returns
+    (degree <= 2) is read off ``runs``, the traces at the three lengths ``points`` (exact
+    rationals), and checked against ``check = (length, run)`` when given (without one the
+    caller has checked the fit: ``layer_extrapolation.extrapolated_runs``); only events that
+    are the peak at some s (sampled from 1 to 2^40 tokens) are kept.  Returns
     ``(envelope, attention calls, exact)`` where ``envelope`` is a list of
     ``{category: polynomial in s}`` (one per surviving event) and ``exact`` says whether
-    all four traces agreed.
+    the check agreed.
     """
-    runs = [run(int(n)) for n in points]
-    lengths = {len(r.trace) for r in runs}
+    lengths = {len(r.trace) for r in runs} | ({len(check[1].trace)} if check is not None else set())
     if len(lengths) != 1:
         raise ValueError(f"the model runs a different program at different lengths ({sorted(lengths)} events); "
                          "its memory cannot be fitted symbolically")
-    xs = [int(n) for n in points[:3]]
+    xs = [int(n) for n in points]
+    if len(xs) != 3 or len(runs) != 3:
+        raise ValueError(f"fit_peak_envelope: three lengths and three runs, got {len(xs)} and {len(runs)}")
     # events with the same live bytes at the three fitting lengths are the same polynomial
     first = {}
-    for i, key in enumerate(zip(*(r.trace for r in runs[:3]))):
+    for i, key in enumerate(zip(*(r.trace for r in runs))):
         first.setdefault(key, i)
     events = sorted(first.values())
     (x0, x1, x2) = xs
@@ -478,20 +495,20 @@ def fit_peak_envelope(run: Callable[[int], StepPeak], points) -> tuple:
     # the per-category Fractions only for the events that are kept.
     d0, d1, d2 = (x0 - x1) * (x0 - x2), (x1 - x0) * (x1 - x2), (x2 - x0) * (x2 - x1)
     w0, w1, w2, big_d = d1 * d2, d0 * d2, d0 * d1, d0 * d1 * d2
-    t0, t1, t2 = (tuple(map(sum, r.trace)) for r in runs[:3])
+    t0, t1, t2 = (tuple(map(sum, r.trace)) for r in runs)
     numerators = [(y0 * x1 * x2 * w0 + y1 * x0 * x2 * w1 + y2 * x0 * x1 * w2,
                    -(y0 * (x1 + x2) * w0 + y1 * (x0 + x2) * w1 + y2 * (x0 + x1) * w2),
                    y0 * w0 + y1 * w1 + y2 * w2)
                   for y0, y1, y2 in ((t0[i], t1[i], t2[i]) for i in events)]
     totals = numpy.array([[n / big_d for n in line] for line in numerators], dtype=numpy.float64).reshape(-1, 3)
     exact = True
-    if len(points) > 3:
-        x3 = int(points[3])
-        t3 = runs[3].trace
+    if check is not None:
+        x3 = int(check[0])
+        t3 = check[1].trace
         exact = all(n0 + n1 * x3 + n2 * x3 * x3 == big_d * sum(t3[i]) for (n0, n1, n2), i in zip(numerators, events))
     # keep the events that are the peak somewhere: sampled at s = 2^(k/4) up to 2^40 tokens
     # (numpy evaluates t0 + t1 x + t2 x x in the same order as Python floats; argmax takes the first maximum)
-    samples = [2.0 ** (k / 4) for k in range(161)] + [float(n) for n in points]
+    samples = [2.0 ** (k / 4) for k in range(161)] + [float(n) for n in xs] + ([float(check[0])] if check else [])
     kept = sorted({int(numpy.argmax(totals[:, 0] + totals[:, 1] * x + totals[:, 2] * x * x)) for x in samples})
     coeffs = {i: [coefficients(*(runs[k].trace[events[i]][c] for k in range(3))) for c in range(len(CATEGORIES))]
               for i in kept}
@@ -505,5 +522,5 @@ def fit_peak_envelope(run: Callable[[int], StepPeak], points) -> tuple:
         envelope.append(terms)
     if not exact:
         log.warning("memory fit is not exact at s=%d: the model's tensors do not grow polynomially in the "
-                    "sequence; predictions between the fitted lengths are approximate", points[3])
+                    "sequence; predictions between the fitted lengths are approximate", check[0])
     return envelope, runs[0].attention, exact
