@@ -30,10 +30,12 @@ def build(args):
     return LlamaForCausalLM(cfg).to(device="cuda", dtype=torch.bfloat16)
 
 
-def step_time(model, ids, steps, warmup):
+def step_time(model, ids, steps, warmup, row):
     for _ in range(warmup):
+        t = time.perf_counter()
         model(input_ids=ids, labels=ids).loss.backward()
-    torch.cuda.synchronize()
+        torch.cuda.synchronize()
+        row.setdefault("warmup_s", []).append(time.perf_counter() - t)
     torch.cuda.reset_peak_memory_stats()
     times = []
     for _ in range(steps):
@@ -41,6 +43,7 @@ def step_time(model, ids, steps, warmup):
         model(input_ids=ids, labels=ids).loss.backward()
         torch.cuda.synchronize()
         times.append(time.perf_counter() - t)
+    row["times_s"] = times
     return sorted(times)[len(times) // 2], torch.cuda.max_memory_allocated() / 2**30
 
 
@@ -55,12 +58,21 @@ def run_row(args, seq, checkpointing, variant):
     ids = torch.randint(0, args.vocab, (1, seq), device="cuda")
     row = {"seq": seq, "checkpointing": checkpointing, "variant": variant}
     runner, sites = model, None
-    if variant != "untransformed":
+    if variant.startswith("ringfx:"):
         runner = ringfx.transform(model, inner=variant.split(":")[1])
+    elif variant.startswith("compile"):  # plain torch.compile of the untransformed model ("compile:<backend>")
+        runner = torch.compile(model, backend=variant.partition(":")[2] or "inductor")
+    counters = torch._dynamo.utils.counters
+    counters.clear()
     try:
-        row["step_s"], row["peak_gib"] = step_time(runner, ids, args.steps, args.warmup)
-        if variant != "untransformed":
+        row["step_s"], row["peak_gib"] = step_time(runner, ids, args.steps, args.warmup, row)
+        if variant.startswith("ringfx:"):
             sites = f"{sum(s.decision == 'rewritten' for s in runner.sites)}/{len(runner.sites)}"
+        # what dynamo did over warm-up and the timed steps: a recompile inside the timed steps
+        # would be counted as step time
+        row["graphs"] = counters["stats"]["unique_graphs"]
+        row["graph_breaks"] = sum(counters["graph_break"].values())
+        row["recompiles"] = sum(counters["recompiles"].values())
     except torch.OutOfMemoryError:
         row["step_s"], row["peak_gib"] = None, "OOM"
     row["sites"] = sites
@@ -80,7 +92,8 @@ def main():
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--variants", nargs="+", default=["untransformed", "ringfx:eager", "ringfx:inductor"])
+    p.add_argument("--variants", nargs="+", default=["untransformed", "ringfx:eager", "ringfx:inductor"],
+                   help="untransformed, ringfx:<inner compiler>, compile[:<backend>] (plain torch.compile)")
     p.add_argument("--no-checkpointing-above", type=int, default=16384,
                    help="run checkpointing off only up to this length (the untransformed model's memory)")
     p.add_argument("--json", default=None)
@@ -109,7 +122,8 @@ def main():
                 fmt = lambda v, spec: format(v, spec) if isinstance(v, float) else str(v)  # noqa: E731
                 print(f"{seq:>7} {str(checkpointing):>5} {variant:>16} {fmt(row['step_s'], '8.3f'):>8} "
                       f"{fmt(row.get('time_ratio'), '8.3f'):>8} {fmt(row['peak_gib'], '9.2f'):>9} "
-                      f"{fmt(row.get('memory_ratio'), '8.3f'):>8} {row['sites']}", flush=True)
+                      f"{fmt(row.get('memory_ratio'), '8.3f'):>8} {row['sites']} graphs={row.get('graphs')} "
+                      f"breaks={row.get('graph_breaks')} recompiles={row.get('recompiles')}", flush=True)
                 if args.json:  # after every row: a run cut short keeps what it measured
                     os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
                     with open(args.json, "w") as f:
