@@ -447,7 +447,8 @@ class ChunkedAlibiNoncausal(_Attn):
 
 
 class SquaredDistanceBias(AlibiInSdpaMask):
-    """Not ALiBi: a bias in (j - i)²; passed whole as a dense bias (exact, not native)."""
+    """Not ALiBi: a bias in (j - i)²; a function of j - i all the same, so passed as the op's
+    relative-position table (Hq, 2S - 1), not as a dense bias."""
 
     def attend(self, q, k, v, mask):
         i = torch.arange(q.shape[-2])
@@ -478,9 +479,9 @@ def _alibi_zoo():
     (AlibiInSdpaMask, 3, "contiguous", 13, "causal+alibi"),
     (ChunkedAlibiNoncausal, 2, "contiguous", 11, "chunk(3)+alibi"),
     (_alibi_zoo, 2, "zigzag", 11, "causal+alibi"),
-    (SquaredDistanceBias, 2, "zigzag", 11, "causal+dense"),
+    (SquaredDistanceBias, 2, "zigzag", 11, "causal+relative"),
     (ShiftedChunks, 2, "contiguous", 11, "causal+dense"),
-], ids=["chunked-causal", "alibi-sdpa-mask", "chunked-alibi-noncausal", "mixing-zoo-alibi", "not-alibi-dense",
+], ids=["chunked-causal", "alibi-sdpa-mask", "chunked-alibi-noncausal", "mixing-zoo-alibi", "not-alibi-relative",
         "shifted-chunks-dense"])
 def test_positional_spelling_rewritten_and_exact(make, world, layout, seq_len, mask_kind):
     torch.manual_seed(0)

@@ -10,6 +10,7 @@ decompose_mha.py      nn.MultiheadAttention's opaque call -> projections + SDPA
 patterns.py           the table of attention spellings, one plain PyTorch function each
 find_attention.py     analysis: SDPA calls and softmax(q @ kᵀ) @ v chains -> AttentionSite
 classify_masks.py     analysis: each mask's provenance -> causal / window / key padding / ...
+relative_bias.py      a bias proven a function of j - i (T5's) and the O(S) table the ring op takes for it
 sequence_axis.py      guard: attention that contracts over the sequence (channel attention) is left alone
 rewrite_attention.py  transformation: each accepted site -> one torch.ops.ringfx.ring_attention
 positions.py          guard: arange over the local sequence (a position generator) is noted, never changed

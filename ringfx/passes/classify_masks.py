@@ -36,6 +36,7 @@ from .find_attention import MASKED_FILL_LIMIT, sites_of
 from .node_facts import (OUTER_KEY, dtype_of, is_model_state, op_name, placeholder_source, real_value, scalar,
                          shape_of, value_of)
 from .options import PassOptions
+from .relative_bias import relative_bias_of
 from .sites import AttentionSite, Decision, MaskKind, MaskTerm, PassReport, SiteRecord
 
 log = logging.getLogger("ringfx.passes")
@@ -97,6 +98,11 @@ def classify_site(gm, site: AttentionSite, options: PassOptions, values: dict, c
             site.skip(f"ALiBi bias {alibis[0].node.name} has {slopes.numel()} slopes for {heads} query heads")
             return
         site.alibi = slopes.expand(heads).clone()
+    for t in site.terms:
+        if t.kind == "relative" and t.relative.heads not in (1, _canonical_heads(site)):
+            site.skip(f"relative bias {t.node.name} has {t.relative.heads} heads for {_canonical_heads(site)} "
+                      "query heads")
+            return
     if any(t.kind == "causal" or (t.kind in ("window", "chunk", "alibi") and t.causal) for t in site.terms):
         site.causal = True
     if sum(k == "segment_ids" for k in kinds) > 1:
@@ -137,6 +143,10 @@ def _classify_outer(term: MaskTerm, n: int, options: PassOptions, cache) -> list
         for p in parts:
             classify_term(owner, p, n, values, options, cache)
         classified = parts
+    for p in classified:
+        if p.kind == "relative":  # its table would be built inside the region, from nodes outside it
+            p.kind, p.detail = "unsupported", (f"relative bias {p.node.name} is computed outside the checkpointed "
+                                               "region that holds the attention")
     direct = not isinstance(outer.meta.get(OUTER_KEY), fx.Node)
     if direct or all(p.kind not in ("key_padding", "dense", "segment_ids") or p.node is outer for p in classified):
         # parts made in the calling graph stay nodes of it: the rewrite passes them into the region
@@ -204,6 +214,10 @@ def _split(term: MaskTerm) -> list[MaskTerm]:
             return _split(MaskTerm(args[0], "keep"))
         if _masked(args[1]) and zero(args[2]):
             return _split(MaskTerm(args[0], "drop"))
+        if dtype_of(args[0]) == torch.bool and isinstance(args[1], fx.Node) and _masked(args[2]) \
+                and (dtype_of(args[1]) or torch.bool).is_floating_point:
+            # where(keep, bias, min) (transformers' SDPA mask of a T5 position bias): the bias plus a keep mask
+            return _split(MaskTerm(args[1], "additive")) + _split(MaskTerm(args[0], "keep"))
     if term.form == "additive" and name in ("masked_fill", "masked_fill_") and len(args) >= 3 \
             and _masked(args[2]) and op_name(args[0]) in ("zeros", "zeros_like", "new_zeros") \
             and isinstance(args[1], fx.Node) and len(args[0].users) == 1:
@@ -214,6 +228,8 @@ def _split(term: MaskTerm) -> list[MaskTerm]:
         return _split(MaskTerm(args[0], "additive")) + _split(MaskTerm(args[1], "drop"))
     if term.form in ("keep", "drop") and name == "logical_not" and isinstance(args[0], fx.Node):
         return _split(MaskTerm(args[0], "drop" if term.form == "keep" else "keep"))
+    if name in ("contiguous", "clone") and args and isinstance(args[0], fx.Node):
+        return _split(MaskTerm(args[0], term.form))  # same values
     if name in ("expand", "expand_as") and isinstance(args[0], fx.Node):
         # an expand repeats values the scores would broadcast anyway (transformers 5 expands
         # its (B, 1, 1, S) padding & (1, 1, S, 1) query terms to (B, 1, S, S))
@@ -243,8 +259,16 @@ def classify_term(gm, term: MaskTerm, n: int, values: dict, options: PassOptions
     if _random(ancestors):
         term.kind, term.detail = "unsupported", f"mask {term.node.name} depends on a random op"
         return
+    written = _written_in_place(ancestors)
+    if written is not None:
+        # its values are not those of its own subgraph (``keep[1, :, -2:] = False`` after ``ones``)
+        term.kind, term.detail = "unsupported", (f"mask {term.node.name} is written in place by '{op_name(written)}' "
+                                                 f"at {written.name}; build it out of place")
+        return
     if _static(ancestors):
         _classify_static(gm, term, n, ancestors, values, options, cache)
+        if term.kind == "unsupported" and "built from sizes" in term.detail and _relative(term, n) is None:
+            return
         if term.kind == "unsupported" and options.inputs == "full" and "built from sizes" in term.detail:
             # with full-length inputs the model builds it over the whole sequence (an ALiBi
             # bias, say): the sharding pass hands the ring op its rows for this rank's queries
@@ -272,9 +296,26 @@ def classify_term(gm, term: MaskTerm, n: int, values: dict, options: PassOptions
         term.kind, term.segment_node = "segment_ids", seg
         return
     if term.form in ("additive", "subtracted") and _learned(ancestors):
-        term.kind, term.detail = "unsupported", f"mask {term.node.name} is computed from parameters (a learned bias)"
+        why = _relative(term, n)
+        if why is None:
+            return
+        term.kind, term.detail = "unsupported", (f"mask {term.node.name} is computed from parameters (a learned "
+                                                 f"bias) and not proven a function of j - i ({why})")
         return
     term.kind = "dense"
+
+
+def _relative(term: MaskTerm, n: int) -> Optional[str]:
+    """Classify a float additive term as ``relative`` when it is proven a function of the
+    distance ``j - i`` per head (``relative_bias.py``); else return why it is not."""
+    if term.form not in ("additive", "subtracted") or not (dtype_of(term.node) or torch.bool).is_floating_point:
+        return "not a float additive bias"
+    proof = relative_bias_of(term.node, n)
+    if isinstance(proof, str):
+        return proof
+    term.kind, term.relative = "relative", proof
+    term.detail = f"a function of j - i ({proof.heads} head(s)): passed as a table over the distances"
+    return None
 
 
 _SIZE_QUERIES = frozenset({"size", "sym_size", "dim", "numel", "sym_numel"})
@@ -304,6 +345,21 @@ def _ancestors(node: fx.Node) -> list[fx.Node]:
 def _learned(nodes) -> bool:
     """Depends on a parameter: the ring op treats attn_bias as a constant (no gradient)."""
     return any(n.op == "placeholder" and _is_parameter(n) for n in nodes)
+
+
+def _written_in_place(nodes) -> Optional[fx.Node]:
+    """An op outside ``nodes`` that writes into one of them (``setitem``, ``x.fill_()``, ``x += y``
+    whose result is not read back): the values read are then not those the subgraph computes."""
+    inside = set(nodes)
+    for node in nodes:
+        for user in node.users:
+            if user in inside or not user.args or user.args[0] is not node:
+                continue
+            name = op_name(user) or ""
+            if name in ("setitem", "iadd", "isub", "imul", "itruediv", "iand", "ior") or (
+                    user.op == "call_method" and name.endswith("_") and not name.startswith("_")):
+                return user
+    return None
 
 
 def _random(nodes) -> bool:

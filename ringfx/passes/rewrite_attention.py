@@ -37,7 +37,9 @@ import torch.fx as fx
 from . import ring_glue
 from .find_attention import sites_of
 from .node_facts import OUTER_KEY, VALUE_KEY, called_subgraph, dtype_of, hop_subgraphs, shape_of
+from ..runtime.collectives import padded_length
 from .options import PassOptions
+from .relative_bias import relative_table
 from .sites import AttentionSite, Decision, Operand, PassReport, SiteRecord
 
 log = logging.getLogger("ringfx.passes")
@@ -64,9 +66,10 @@ def rewrite_attention_pass(gm: fx.GraphModule, *, options: Optional[PassOptions]
     report = PassReport("rewrite_attention")
     sites = sites_of(gm)
     replaced: dict[fx.Node, fx.Node] = {}  # a rewritten site's output -> the node now holding its value
+    tables: dict = {}  # a relative bias -> its table (T5's layers share the first layer's bias)
     for site in sites:
         if site.decision is Decision.REWRITE:
-            _rewrite(gm, site, options, replaced)
+            _rewrite(gm, site, options, replaced, tables)
             report.rewritten += 1
         else:
             report.skipped += 1
@@ -89,7 +92,7 @@ def _canonical(graph: fx.Graph, o: Operand, replaced: dict) -> fx.Node:
     return x
 
 
-def _rewrite(gm: fx.GraphModule, site: AttentionSite, options: PassOptions, replaced: dict) -> None:
+def _rewrite(gm: fx.GraphModule, site: AttentionSite, options: PassOptions, replaced: dict, tables: dict) -> None:
     """Insert the ring op just before the site's output: every input of the site (q, k, v,
     masks, scale factors) is defined above it. A site fed by an earlier rewritten site
     (attention after attention) reads that site's new output through ``replaced``."""
@@ -109,7 +112,7 @@ def _rewrite(gm: fx.GraphModule, site: AttentionSite, options: PassOptions, repl
                 q, k = (_padded(graph, t, o, width) for t, o in ((q, site.q), (k, site.k)))
             else:
                 v = _padded(graph, v, site.v, width)
-        kpms, biases, seg = [], [], None
+        kpms, biases, seg, rel = [], [], None, None
         for term in site.terms:
             mask = now(term.node)
             if term.kind == "key_padding" and term.form in ("keep", "drop") and _kpm_ok(mask, scores_nd):
@@ -122,6 +125,9 @@ def _rewrite(gm: fx.GraphModule, site: AttentionSite, options: PassOptions, repl
                                                   (b, options.group_name, options.layout)))
             elif term.kind == "segment_ids":
                 seg = now(term.segment_node)
+            elif term.kind == "relative":
+                table = _relative_table(graph, term, site, options, tables)
+                rel = table if rel is None else graph.call_function(operator.add, (rel, table))
         kpm = kpms[0] if kpms else None
         for extra in kpms[1:]:
             kpm = graph.call_function(torch.logical_and, (kpm, extra))
@@ -133,12 +139,14 @@ def _rewrite(gm: fx.GraphModule, site: AttentionSite, options: PassOptions, repl
         scale = float(site.scale)
         for node, power in site.scale_nodes:
             scale = graph.call_function(operator.mul if power > 0 else operator.truediv, (scale, now(node)))
-        variants = ()  # soft-capping, sinks, chunks, ALiBi: per head, the same on every rank
-        if site.softcap or site.sinks is not None or site.chunk or site.alibi is not None:
+        variants = ()  # soft-capping, sinks, chunks, ALiBi, relative bias: per head, the same on every rank
+        if site.softcap or site.sinks is not None or site.chunk or site.alibi is not None or rel is not None:
             sinks = now(site.sinks) if site.sinks is not None else None
             variants = (sinks, float(site.softcap))
-        if site.chunk or site.alibi is not None:
+        if site.chunk or site.alibi is not None or rel is not None:
             variants += (int(site.chunk), _slopes_buffer(gm, site.alibi) if site.alibi is not None else None)
+        if rel is not None:
+            variants += (rel,)
         ring = graph.call_function(ring_attention_target(), (
             q, k, v, kpm, seg, bias, options.group_name, options.layout, bool(site.causal),
             scale, int(site.window or 0), options.kernel, *variants))
@@ -154,6 +162,23 @@ def _rewrite(gm: fx.GraphModule, site: AttentionSite, options: PassOptions, repl
     out_node.replace_all_uses_with(out)
     replaced[out_node] = out
     _erase_unused(graph, list(site.chain) + [out_node])
+
+
+def _relative_table(graph: fx.Graph, term, site: AttentionSite, options: PassOptions, tables: dict) -> fx.Node:
+    """The ring op's table ``(Hq, 2S - 1)`` for a ``relative`` term, S the sequence length the
+    op will see: the model's (or the caller's shards') length, padded as the sharding pass pads
+    it on a ring. Built once per bias (every layer of T5 adds the first layer's)."""
+    n = _operand_shape(site.q)[-2]
+    if options.inputs == "full":
+        total = padded_length(n, options.ring_size, options.layout) if options.ring_size > 1 else n
+    else:  # the caller's shards: this rank's tokens, all ranks' on a loopback ring
+        total = n if options.loopback else n * options.ring_size
+    heads = _operand_shape(site.q)[0 if site.q.unsqueeze0 else 1]
+    key = (term.node, term.form, total, heads)
+    if key not in tables:
+        table = relative_table(graph, term.relative, total, heads)
+        tables[key] = graph.call_function(operator.neg, (table,)) if term.form == "subtracted" else table
+    return tables[key]
 
 
 def _operand_shape(o: Operand):

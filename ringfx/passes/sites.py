@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.fx as fx
@@ -53,7 +53,8 @@ class MaskTerm:
     ring as an O(S) bias), ``segment_ids``, ``dense`` (passed block-wise as
     ``attn_bias``), ``chunk`` (Llama 4's chunked attention: key j seen only if ``j // chunk
     == i // chunk``), ``alibi`` (a per-head bias ``slopes[h] * (j - i)``, possibly with a
-    causal / window / chunk pattern of -inf) or ``unsupported`` (site is left alone;
+    causal / window / chunk pattern of -inf), ``relative`` (a bias proven a function of ``j - i``
+    per head, learned or not: T5's; ``relative`` holds the proof) or ``unsupported`` (site is left alone;
     ``detail`` says why). A ``window`` or ``chunk`` term is ``causal`` when it also hides
     future keys (``i - W < j <= i``); otherwise it hides only keys more than W behind
     (``j > i - W``) or in other chunks."""
@@ -66,6 +67,7 @@ class MaskTerm:
     segment_node: Optional[fx.Node] = None
     chunk: int = 0
     slopes: Optional[torch.Tensor] = None  # an ``alibi`` term's slopes (H,) or (1,), as the model's values
+    relative: Optional[Any] = None  # a ``relative`` term's proof (``relative_bias.RelativeBias``)
     detail: str = ""  # for the reader: why unsupported, or how it was proven
 
 
@@ -76,7 +78,7 @@ class MaskKind:
 
     causal: bool = False
     window: int = 0
-    others: tuple[str, ...] = ()  # sorted kinds of the other terms: alibi, dense, key_padding, segment_ids
+    others: tuple[str, ...] = ()  # sorted kinds of the other terms: alibi, dense, key_padding, relative, segment_ids
     unsupported: bool = False
     chunk: int = 0
 
