@@ -207,9 +207,9 @@ class Attn(Heads):
             return self.merge(F.scaled_dot_product_attention(q, k, v, dropout_p=0.1))
         if self.variant == "probs_on_the_right":
             return self.merge((v.transpose(-2, -1) @ s.softmax(-1)).transpose(-2, -1))
-        if self.variant == "position_bias":  # ALiBi-like, built from local positions
+        if self.variant == "position_bias":  # built from local positions, not a function of j - i
             pos = torch.arange(n, dtype=x.dtype)
-            return self.merge((s - (pos[:, None] - pos[None, :]).abs()).softmax(-1) @ v)
+            return self.merge((s - pos[:, None] * pos[None, :] / n).softmax(-1) @ v)
         if self.variant == "learned_bias":
             return self.merge((s + self.alibi * torch.ones(n, n, dtype=x.dtype)).softmax(-1) @ v)
         if self.variant == "scale_after_mask":

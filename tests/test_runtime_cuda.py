@@ -154,3 +154,42 @@ def test_dense_mask_filled_with_the_dtype_minimum(dtype, tol, world, fill):
     for name, r, x in zip(("out", "dq", "dk", "dv"), ref, got):
         err = (x.double() - r).abs().max().item()
         assert err < tol * (1 if dtype == torch.float32 else r.abs().max().item()), (name, err)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 5e-5), (torch.bfloat16, 0.08)])
+@pytest.mark.parametrize("world,layout,causal", [(1, "contiguous", False), (3, "zigzag", True),
+                                                 (4, "contiguous", True), (2, "zigzag", False)])
+@pytest.mark.parametrize("learned", [True, False], ids=["learned", "constant"])
+def test_relative_bias_table_on_cuda(dtype, tol, world, layout, causal, learned):
+    """T5's relative-position table (op argument ``rel_bias``): each block gathers its bias on
+    the GPU (the fused kernels take it as a mask in the forward; a learned table's backward
+    runs the math kernel for dS), against the float64 CPU reference of
+    ``test_relative_bias``; errors relative to each result's size. The table's gradient too."""
+    from test_relative_bias import SCALE, reference
+
+    g = torch.Generator().manual_seed(world)
+    s = 5 * world * (2 if layout == "zigzag" else 1)
+    q = 3 * torch.randn(2, 8, s, 64, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(2, 2, s, 64, generator=g, dtype=torch.float64) for _ in range(2))
+    table = 2 * torch.randn(8, 2 * s - 1, generator=g, dtype=torch.float64).to(dtype).double()
+    dout = torch.randn(2, 8, s, 64, generator=g, dtype=torch.float64)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v, table)]
+    ref = reference(*leaves, causal=causal)
+    ref_grads = torch.autograd.grad(ref, leaves, dout)
+    group = ringfx.LoopbackRing(world)
+
+    def shard(x):
+        return ringfx.shard(x, 2, layout=layout, group=group)
+
+    cuda = [shard(t).to("cuda", dtype).requires_grad_() for t in (q, k, v)]
+    cuda.append(table.to("cuda", dtype).requires_grad_(learned))
+    out = ringfx.ring_attention(*cuda[:3], group=group, causal=causal, layout=layout, scale=SCALE,
+                                relative_bias=cuda[3])
+    wanted = cuda if learned else cuda[:3]
+    grads = torch.autograd.grad(out, wanted, shard(dout).to("cuda", dtype))
+    results = [(out, shard(ref))] + [(a, shard(b)) for a, b in zip(grads[:3], ref_grads[:3])]
+    if learned:
+        results.append((grads[3], ref_grads[3]))
+    for name, (got, want) in zip(("out", "dq", "dk", "dv", "dtable"), results):
+        err = ((got.double().cpu() - want).abs().max() / want.abs().max()).item()
+        assert err < tol, (name, err)

@@ -351,13 +351,16 @@ def _written_in_place(nodes) -> Optional[fx.Node]:
     """An op outside ``nodes`` that writes into one of them (``setitem``, ``x.fill_()``, ``x += y``
     whose result is not read back): the values read are then not those the subgraph computes."""
     inside = set(nodes)
+    order = {n: i for i, n in enumerate(nodes[0].graph.nodes)} if nodes else {}
     for node in nodes:
         for user in node.users:
             if user in inside or not user.args or user.args[0] is not node:
                 continue
             name = op_name(user) or ""
-            if name in ("setitem", "iadd", "isub", "imul", "itruediv", "iand", "ior") or (
-                    user.op == "call_method" and name.endswith("_") and not name.startswith("_")):
+            writes = name in ("setitem", "iadd", "isub", "imul", "itruediv", "iand", "ior") or (
+                user.op == "call_method" and name.endswith("_") and not name.startswith("_"))
+            # it matters to the readers of ``node`` after it (a write after the last read does not)
+            if writes and any(r in inside and order[r] > order[user] for r in node.users):
                 return user
     return None
 

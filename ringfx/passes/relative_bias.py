@@ -391,7 +391,7 @@ def _meta(node: fx.Node):
             if isinstance(v, torch.Tensor):
                 return torch.empty(v.shape, dtype=v.dtype, device="meta")
             return v
-        return x
+        return torch.device("meta") if isinstance(x, torch.device) else x
     args, kwargs = fx.node.map_aggregate((node.args, node.kwargs), fake)
     if "device" in kwargs:
         kwargs = {**kwargs, "device": "meta"}

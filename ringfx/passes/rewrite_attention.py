@@ -20,6 +20,15 @@ held by the graph module as a buffer (``_ringfx_alibi_<n>``)::
     s = s + bias.masked_fill(triu, -inf)            q, k, v, ..., "auto", None, 0.0, 0,
                                                     self._ringfx_alibi_0)
 
+A ``relative`` term (T5's learned bias, proven a function of ``j - i``) becomes the op's table
+``(Hq, 2S - 1)`` (argument 16), the model's own chain rerun on the distances of one query row
+(``relative_bias.relative_table``), one per bias however many layers add it::
+
+    bias = emb(bucket(arange(S)[None, :] - arange(S)[:, None])).permute([2, 0, 1])[None]
+    s = q @ kᵀ + bias                          table = emb(bucket(arange(2S - 1).view(1, -1) - (S - 1))
+                                                           ).permute([2, 0, 1])[None][0, :, 0, :]
+                                               out, lse = ring_attention(q, k, v, ..., None, table)
+
 Layout fixes (permute / unsqueeze for ``(B*H, S, D)`` spellings) are inserted before the
 op and undone after it; the replaced chain and the nodes that only fed it (the key
 transpose, the repeat_kv expansion, q/k scaling) are erased.
