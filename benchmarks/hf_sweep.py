@@ -187,6 +187,9 @@ ARCHS: list[Arch] = [
     Arch("rembert", "rembert", "encoder", {"input_embedding_size": 16, "output_embedding_size": 16}),
     Arch("roc_bert", "roc_bert", "encoder"),
     Arch("convbert", "convbert", "encoder", {"embedding_size": HIDDEN}, note="span conv + attention"),
+    Arch("t5", "t5", "encoder", {"d_kv": HEAD_DIM, "d_ff": INTER, "relative_attention_num_buckets": 8,
+                                 "relative_attention_max_distance": 16},
+         model_cls="transformers.T5EncoderModel", note="learned bucketed relative position bias"),
     # --- vision encoders
     Arch("vit", "vit", "vision", _vis()),
     Arch("deit", "deit", "vision", _vis(), note="CLS + distillation tokens"),
