@@ -8,10 +8,19 @@
 
 from importlib import metadata as _metadata
 
-from .api import explain, transform
 from .errors import RingfxWarning, UnsupportedError
 from .planner import DeviceSpec, Plan, plan
 from .runtime import LoopbackRing, positions, ring_attention, shard, unshard
+
+
+def __getattr__(name: str):
+    # transform and explain load the passes on first use: the planner (python -m ringfx plan) runs
+    # without them, and their import is a tenth of its time
+    if name in ("explain", "transform"):
+        from . import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'ringfx' has no attribute {name!r}")
 
 try:
     __version__ = _metadata.version("ringfx")

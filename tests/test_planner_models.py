@@ -241,6 +241,19 @@ def test_layer_extrapolation_refuses_layers_that_differ():
         extrapolated_runs(simulate, 12, points)
 
 
+def test_progress_lines_on_stderr_only_when_asked(capsys):
+    from ringfx.planner.plan import _CONFIG_FITS
+
+    _CONFIG_FITS.clear()  # the memory model is simulated here, not read from another test's fit
+    plan(SMALL, "16K", device_memory="4GiB", world_size=4)
+    assert capsys.readouterr().err == ""
+    _CONFIG_FITS.clear()
+    plan(SMALL, "16K", device_memory="4GiB", world_size=4, progress=True)
+    err = capsys.readouterr().err.splitlines()
+    assert any(line.startswith("ringfx plan: memory model of small: simulating a training step") for line in err)
+    assert any(line.startswith("ringfx plan: plan for small at S=16384") for line in err)
+
+
 @pytest.mark.parametrize("preset", ["llama-8b-like", "llama-1b-like"])
 def test_preset_planning_time(preset):
     from ringfx.planner import plan as plan_module  # noqa: F401

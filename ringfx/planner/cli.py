@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import re
 import sys
 from typing import Callable
@@ -123,26 +122,16 @@ def run_plan(args: argparse.Namespace) -> int:
         device = "H100"
         print("ringfx plan: no CUDA device here and no --device: assuming H100 FLOP/s and NVLink bandwidth",
               file=sys.stderr)
-    progress = logging.StreamHandler(sys.stderr)
-    progress.setFormatter(logging.Formatter("ringfx plan: %(message)s"))
-    logger = logging.getLogger("ringfx.planner")
-    level = logger.level
-    if not args.quiet:
-        logger.addHandler(progress)
-        logger.setLevel(logging.INFO)
     try:
         result = plan(
             args.model, args.seq_len, device=device, device_memory=args.device_memory, flops=args.flops,
             bandwidth=args.bandwidth, world_size=args.gpus, headroom=args.headroom, batch_size=args.batch_size,
             layout=args.layout, training=not args.inference, precision=args.precision, optimizer=args.optimizer,
             activation_checkpointing=args.checkpointing, param_shards="ring" if args.fsdp else 1, kernel=args.kernel,
-            blockwise_loss=args.blockwise_loss,
+            blockwise_loss=args.blockwise_loss, progress=not args.quiet,
         )
     except (ValueError, TypeError) as err:
         return error(_in_flags(str(err)))
-    finally:
-        logger.removeHandler(progress)
-        logger.setLevel(level)
     if args.json:
         print(json.dumps({
             "feasible": result.feasible, "ring_size": result.ring_size, "layout": result.layout,

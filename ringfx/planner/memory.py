@@ -16,6 +16,9 @@ polynomial fitted over the local length gives the exact expression for any (S, P
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
+from fractions import Fraction
 from typing import Optional
 
 import sympy
@@ -319,14 +322,61 @@ class MemoryModel:
 
     def evaluate(self, seq_len: int, ring_size: int) -> dict:
         """Bytes per term at (S, P) at the peak moment, as ints (rounded up)."""
-        values = {S: sympy.Integer(seq_len), P: sympy.Integer(ring_size)}
-        static = {n: int(sympy.ceiling(sympy.sympify(e).subs(values))) for n, e in self.static.items()}
+        static, envelope = self._laurent
+        static = {n: math.ceil(f(seq_len, ring_size)) for n, f in static.items()}
         best, best_total = {}, -1
-        for moment in self.envelope:
-            row = {n: int(sympy.ceiling(sympy.sympify(e).subs(values))) for n, e in moment.items()}
+        for moment in envelope:
+            row = {n: math.ceil(f(seq_len, ring_size)) for n, f in moment.items()}
             if sum(row.values()) > best_total:
                 best, best_total = row, sum(row.values())
         return {**static, **best}
 
     def peak_bytes(self, seq_len: int, ring_size: int) -> int:
         return sum(self.evaluate(seq_len, ring_size).values())
+
+    def in_s(self, ring_size: int) -> tuple:
+        """At P = ``ring_size``: the static terms' sum and each moment's sum, as exact
+        coefficients ``(c0, c1, c2)`` of ``c0 + c1 S + c2 S**2``."""
+        static, envelope = self._laurent
+
+        def total(terms):
+            sums = [Fraction(0)] * 3
+            for term in terms:
+                for coefficient, s_power, p_power in term.terms:
+                    sums[s_power] += coefficient * Fraction(ring_size) ** p_power
+            return tuple(sums)
+
+        return total(static.values()), [total(m.values()) for m in envelope]
+
+    @functools.cached_property
+    def _laurent(self) -> tuple:
+        """``static`` and ``envelope`` with every expression as a ``Laurent`` polynomial: read
+        off sympy once, evaluated in exact integers and fractions thereafter."""
+        return ({n: Laurent.of(e) for n, e in self.static.items()},
+                [{n: Laurent.of(e) for n, e in m.items()} for m in self.envelope])
+
+
+@dataclasses.dataclass(frozen=True)
+class Laurent:
+    """A sympy expression in S and P that is a sum of ``coefficient * S**i * P**j`` (0 <= i <= 2,
+    any integer j), as exact ``(Fraction, i, j)`` terms.  Every term of a memory model is one:
+    a polynomial in s (degree <= 2) with s = S/P substituted, divided by P when sharded.  The
+    plan's searches evaluate the model at thousands of (S, P); sympy's ``subs`` took seconds."""
+
+    terms: tuple
+
+    @classmethod
+    def of(cls, expr) -> "Laurent":
+        terms = []
+        for term in sympy.Add.make_args(sympy.expand(sympy.sympify(expr))):
+            coefficient, rest = term.as_coeff_Mul()
+            powers = {} if rest == 1 else rest.as_powers_dict()
+            i, j = powers.get(S, 0), powers.get(P, 0)
+            if not coefficient.is_Rational or set(powers) - {S, P} or not (sympy.Integer(i) == i and 0 <= i <= 2) \
+                    or sympy.Integer(j) != j:
+                raise ValueError(f"memory model term {expr} is not a sum of c * S**i * P**j (0 <= i <= 2)")
+            terms.append((Fraction(int(coefficient.p), int(coefficient.q)), int(i), int(j)))
+        return cls(tuple(terms))
+
+    def __call__(self, seq_len: int, ring_size: int) -> Fraction:
+        return sum((c * Fraction(seq_len) ** i * Fraction(ring_size) ** j for c, i, j in self.terms), Fraction(0))

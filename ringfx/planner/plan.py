@@ -10,9 +10,13 @@ infeasible request says what would make it fit.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
+import math
+import sys
 import time
+from fractions import Fraction
 from typing import Callable, Optional, Union
 
 import sympy
@@ -27,8 +31,28 @@ from .timing import attention_time, other_matmul_time
 
 log = logging.getLogger("ringfx.planner")
 
+
+@contextlib.contextmanager
+def progress_on_stderr(enabled: bool = True):
+    """The planner's progress lines (logger ``ringfx.planner`` at INFO) on stderr while the
+    block runs, as ``ringfx plan: <line>``; nothing when not ``enabled``."""
+    if not enabled:
+        yield
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("ringfx plan: %(message)s"))
+    level = log.level
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
+
 CONFIG_FIT_POINTS = (256, 512, 768, 1024)  # three to fit the polynomials, the fourth to check them
 MIN_QUERY_CHUNK = 256
+SLOW_STEP_S = 0.5  # a simulation longer than this gets a progress line of its own
 MAX_QUERY_CHUNKS = 64
 
 
@@ -78,6 +102,8 @@ def _resolve(model, *, example_inputs, seq_dim, loss_fn, batch_size, blockwise_l
     if isinstance(model, str):
         from .models import resolve_model
 
+        if model not in _presets.PRESETS:
+            log.info("loading model %s ...", model)
         model = resolve_model(model)
         if isinstance(model, tuple):  # a factory's (module, example_inputs)
             model, example_inputs = model[0], example_inputs if example_inputs is not None else model[1]
@@ -93,6 +119,7 @@ def _resolve(model, *, example_inputs, seq_dim, loss_fn, batch_size, blockwise_l
     if _is_transformers_config(model):
         from .models import transformers_target_parts
 
+        log.info("building %s from its config on the meta device ...", model.model_type)
         name, module, make_inputs, hf_loss, flops, fused_step = transformers_target_parts(model, batch_size)
         layers = _layer_list(module)
         return _Target(name, module, make_inputs, CONFIG_FIT_POINTS, loss_fn or hf_loss, flops, None,
@@ -216,7 +243,13 @@ def _build_model(target: _Target, options: TrainingOptions, ring: bool, fits: Op
                 return fit_peak_envelope(extrapolated_runs(run_with_layers, target.layers, points), points[:3])
             except NotExtrapolable as why:
                 log.info("memory model of %s: simulating every layer (%s)", target.name, why)
-        runs = [run(int(n)) for n in points]
+        runs = []
+        for n in points:
+            start = time.perf_counter()
+            runs.append(run(int(n)))
+            if time.perf_counter() - start > SLOW_STEP_S:  # a large model simulated whole: a line per length
+                log.info("memory model of %s: simulated at %d tokens (%d of %d, %.1f s)", target.name, n, len(runs),
+                         len(points), time.perf_counter() - start)
         return fit_peak_envelope(runs[:3], points[:3], check=(points[3], runs[3]))
 
     # precision, optimizer and parameter sharding change only the static terms: one fit serves them all
@@ -495,6 +528,7 @@ def plan(
     loss_fn: Optional[Callable] = None,
     max_ring_size: int = 1024,
     options: Optional[TrainingOptions] = None,
+    progress: bool = False,
     **option_overrides,
 ) -> Plan:
     """Plan ring attention for ``model`` at ``seq_len`` tokens.
@@ -505,60 +539,66 @@ def plan(
     like ``"H100"``, or the local CUDA device) and are overridden by ``device_memory``,
     ``flops``, ``bandwidth``, ``world_size``.  Training options (``training``,
     ``precision``, ``optimizer``, ``activation_checkpointing``, ``param_shards``,
-    ``kernel``) go in ``options`` or as keywords.
+    ``kernel``) go in ``options`` or as keywords.  ``progress=True`` prints what the planner
+    is doing on stderr as it goes (the simulations behind a memory model take seconds for a
+    large model), as ``python -m ringfx plan`` does; or configure the ``ringfx.planner``
+    logger at INFO.
     """
-    longest = isinstance(seq_len, str) and seq_len.strip().lower() == "max"
-    seq_len = 0 if longest else parse_seq_len(seq_len)
-    if not 0 <= headroom < 1:
-        raise ValueError(f"headroom={headroom} must be in [0, 1): the fraction of device memory kept free")
-    if layout not in (None, "contiguous", "zigzag"):
-        raise ValueError(f"layout={layout!r}: use 'contiguous', 'zigzag' or None (zigzag when causal)")
-    options = (options or TrainingOptions()).replace(**option_overrides)
-    spec = device_spec(device, device_memory=device_memory, flops=flops, bandwidth=bandwidth, world_size=world_size)
-    target = _resolve(model, example_inputs=example_inputs, seq_dim=seq_dim, loss_fn=loss_fn, batch_size=batch_size,
-                      blockwise_loss=options.blockwise_loss)
-    budget = int(spec.memory * (1 - headroom))
-    sizes = _ring_sizes(spec.world_size, max_ring_size)
+    with progress_on_stderr(progress):
+        longest = isinstance(seq_len, str) and seq_len.strip().lower() == "max"
+        seq_len = 0 if longest else parse_seq_len(seq_len)
+        if not 0 <= headroom < 1:
+            raise ValueError(f"headroom={headroom} must be in [0, 1): the fraction of device memory kept free")
+        if layout not in (None, "contiguous", "zigzag"):
+            raise ValueError(f"layout={layout!r}: use 'contiguous', 'zigzag' or None (zigzag when causal)")
+        options = (options or TrainingOptions()).replace(**option_overrides)
+        spec = device_spec(device, device_memory=device_memory, flops=flops, bandwidth=bandwidth,
+                           world_size=world_size)
+        target = _resolve(model, example_inputs=example_inputs, seq_dim=seq_dim, loss_fn=loss_fn,
+                          batch_size=batch_size, blockwise_loss=options.blockwise_loss)
+        budget = int(spec.memory * (1 - headroom))
+        sizes = _ring_sizes(spec.world_size, max_ring_size)
 
-    search = _Search(target, seq_len, budget, layout, causal)
-    probe = search.model(options, ring=True)
-    if causal is None:
-        causal = target.causal if target.causal is not None else any(a.causal for a in probe.attention)
-        search.causal = causal
-    reasons = _attention_reasons(target, probe) + _blockwise_reasons(target, options)
-    if longest:
-        seq_len, p_max = max_seq_len(search, options, sizes)
-        if seq_len == 0:
-            raise ValueError(f"seq_len='max': not even {2 * max(sizes)} tokens fit {_gib(budget)} per device on up to "
-                             f"{max(sizes)} devices with these options")
-        search.seq_len = seq_len
-        unit = "2P" if search.layout_for(p_max) == "zigzag" else "P"
-        reasons.append(f"S = {seq_len:,}: the longest sequence that fits (the largest root of the memory polynomial "
-                       f"at P = {p_max}, rounded down to a multiple of {unit})")
-    found = search.first_fit(options, sizes, reasons)
-    if found is None:
-        raise ValueError(f"seq_len={seq_len} is not divisible by any ring size in {sizes}; pick a multiple of 2*P")
-    p, chunks, peak, mem = found
-    plan_ = Plan(feasible=chunks is not None, model=target.name, seq_len=seq_len, ring_size=p,
-                 layout=search.layout_for(p), block_size=seq_len // p, query_chunks=chunks or options.query_chunks,
-                 predicted_peak=peak, budget=budget, breakdown=mem.evaluate(seq_len, p), device=spec,
-                 options=options.replace(query_chunks=chunks or options.query_chunks), headroom=headroom,
-                 memory=mem, reasons=reasons)
-    plan_.dominant = _dominant(plan_.breakdown, target)
-    plan_.layers = target.layers
-    if not mem.exact:
-        reasons.append("memory fit not exact: the model's tensors do not grow polynomially with the sequence")
-    if plan_.feasible:
-        if p > 1:
-            reasons.append(f"layout {plan_.layout}: " + ("causal attention; zigzag gives every rank equal work"
-                                                         if plan_.layout == "zigzag" and causal else "as asked"
-                                                         if layout else "non-causal attention, no imbalance"))
-        _add_time(plan_, target, causal, reasons)
-    else:
-        plan_.suggestions = _suggestions(search, options, spec, max_ring_size)
-    log.info("plan for %s at S=%d: %s", target.name, seq_len,
-             f"P={p}, peak {_gib(peak)}" if plan_.feasible else "infeasible")
-    return plan_
+        search = _Search(target, seq_len, budget, layout, causal)
+        probe = search.model(options, ring=True)
+        if causal is None:
+            causal = target.causal if target.causal is not None else any(a.causal for a in probe.attention)
+            search.causal = causal
+        reasons = _attention_reasons(target, probe) + _blockwise_reasons(target, options)
+        if longest:
+            seq_len, p_max = max_seq_len(search, options, sizes)
+            if seq_len == 0:
+                raise ValueError(f"seq_len='max': not even {2 * max(sizes)} tokens fit {_gib(budget)} per device on "
+                                 f"up to {max(sizes)} devices with these options")
+            search.seq_len = seq_len
+            unit = "2P" if search.layout_for(p_max) == "zigzag" else "P"
+            reasons.append(f"S = {seq_len:,}: the longest sequence that fits (the largest root of the memory "
+                           f"polynomial at P = {p_max}, rounded down to a multiple of {unit})")
+        found = search.first_fit(options, sizes, reasons)
+        if found is None:
+            raise ValueError(f"seq_len={seq_len} is not divisible by any ring size in {sizes}; pick a multiple of 2*P")
+        p, chunks, peak, mem = found
+        plan_ = Plan(feasible=chunks is not None, model=target.name, seq_len=seq_len, ring_size=p,
+                     layout=search.layout_for(p), block_size=seq_len // p,
+                     query_chunks=chunks or options.query_chunks,
+                     predicted_peak=peak, budget=budget, breakdown=mem.evaluate(seq_len, p), device=spec,
+                     options=options.replace(query_chunks=chunks or options.query_chunks), headroom=headroom,
+                     memory=mem, reasons=reasons)
+        plan_.dominant = _dominant(plan_.breakdown, target)
+        plan_.layers = target.layers
+        if not mem.exact:
+            reasons.append("memory fit not exact: the model's tensors do not grow polynomially with the sequence")
+        if plan_.feasible:
+            if p > 1:
+                reasons.append(f"layout {plan_.layout}: " + ("causal attention; zigzag gives every rank equal work"
+                                                             if plan_.layout == "zigzag" and causal else "as asked"
+                                                             if layout else "non-causal attention, no imbalance"))
+            _add_time(plan_, target, causal, reasons)
+        else:
+            plan_.suggestions = _suggestions(search, options, spec, max_ring_size)
+        log.info("plan for %s at S=%d: %s", target.name, seq_len,
+                 f"P={p}, peak {_gib(peak)}" if plan_.feasible else "infeasible")
+        return plan_
 
 
 def _add_time(plan_: Plan, target: _Target, causal: bool, reasons: list):
@@ -673,6 +713,8 @@ def max_seq_len(search: "_Search", options: TrainingOptions, sizes) -> tuple:
     """
     best = (0, None)
     for p in sizes:
+        if p == 1 and len(sizes) > 1 and _static_bytes(search.target, options, 1) > search.budget:
+            continue  # state alone does not fit one device: its program is not simulated (as in first_fit)
         model = search.model(options, ring=p > 1)
         unit = 2 * p if search.layout_for(p) == "zigzag" else p
         s_max = _largest_fitting(model, p, search.budget, unit)
@@ -682,28 +724,42 @@ def max_seq_len(search: "_Search", options: TrainingOptions, sizes) -> tuple:
 
 
 def _largest_fitting(model: MemoryModel, p: int, budget: int, unit: int) -> int:
-    static = sum(sympy.sympify(e).subs(P, p) for e in model.static.values())
+    static, moments = model.in_s(p)
     bound = None
-    for moment in model.envelope or [{}]:
-        poly = sympy.Poly(sympy.expand(static + sum((e.subs(P, p) for e in moment.values()), sympy.Integer(0))
-                                       - budget), S)
-        if poly.degree() <= 0:
-            limit = 0 if poly.as_expr() > 0 else None  # constant: never fits, or no limit from this moment
-        else:
-            roots = [r for r in sympy.real_roots(poly)]
-            limit = max(roots) if roots else None
-            if limit is not None and poly.eval(limit + 1) < 0:  # fits beyond its largest root: no limit
-                limit = None
-            if limit is None and poly.LC() > 0:
-                limit = 0
-        if limit is not None:
+    for moment in moments or [(0, 0, 0)]:
+        limit = _largest_root_floor(*(a + b for a, b in zip(static, moment)), budget)
+        if limit is not _NO_LIMIT:
             bound = limit if bound is None else min(bound, limit)
     if bound is None:
         raise ValueError("the memory model does not grow with the sequence: there is no longest sequence")
-    n = int(sympy.floor(bound)) // unit * unit
+    n = bound // unit * unit
     while n > 0 and model.peak_bytes(n, p) > budget:
         n -= unit
     return max(n, 0)
+
+
+_NO_LIMIT = object()
+
+
+def _largest_root_floor(c0: Fraction, c1: Fraction, c2: Fraction, budget: int):
+    """The largest S at which ``c0 + c1 S + c2 S**2`` reaches ``budget``, rounded down
+    (exactly: integer square roots): 0 when it never fits, ``_NO_LIMIT`` when it fits beyond
+    its largest root (or everywhere)."""
+    c0 = c0 - budget
+    if c2 == 0 and c1 == 0:
+        return 0 if c0 > 0 else _NO_LIMIT  # constant: never fits, or no limit from this moment
+    if c2 == 0:
+        return math.floor(-c0 / c1) if c1 > 0 else _NO_LIMIT
+    if c2 < 0:
+        return _NO_LIMIT  # opens downwards: fits beyond its largest root
+    # c2 > 0: the largest root (-b + sqrt(b² - 4ac)) / 2a in integers a, b, c (same roots)
+    scale = math.lcm(c0.denominator, c1.denominator, c2.denominator)
+    a, b, c = int(c2 * scale), int(c1 * scale), int(c0 * scale)
+    discriminant = b * b - 4 * a * c
+    if discriminant < 0:
+        return 0  # above the budget at every S
+    # floor((-b + sqrt(D)) / 2a) = floor((-b + floor(sqrt(D))) / 2a), as 2a > 0
+    return (-b + math.isqrt(discriminant)) // (2 * a)
 
 
 def _suggestions(search: _Search, options: TrainingOptions, spec: DeviceSpec, max_ring_size: int) -> list:

@@ -1,0 +1,92 @@
+"""How long ``python -m ringfx plan`` takes for each preset: a fresh process per plan, wall time.
+
+    python benchmarks/planner_time.py [--repeats 3] [--presets tiny-llama,llama-70b-like] [--cases 128K,max]
+
+Each plan runs as its own ``python -m ringfx plan ... --quiet`` process (importing torch and
+ringfx included: what a user waits for), ``--repeats`` times; the table gives the minimum
+wall time of the repeats (the machine may be shared: the minimum is the least disturbed run)
+and that run's CPU time (user + system of the child). Writes
+``benchmarks/results/planner_time.json`` with every run. The target: every preset under 5 s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+PRESETS = ["tiny-llama", "gpt2-like", "llama-1b-like", "llama-8b-like", "llama-70b-like"]
+# name -> the plan's flags beside --model; exit status 0 (fits), 1 (does not fit) or 2 (seq-len max finds
+# nothing that fits) all count: each is a complete answer
+CASES = {
+    "128K": ["--seq-len", "131072", "--gpus", "8", "--device-memory", "80GiB", "--device", "H100"],
+    "max": ["--seq-len", "max", "--gpus", "8", "--device-memory", "80GiB", "--device", "H100"],
+    "max-fsdp-ckpt-64": ["--seq-len", "max", "--gpus", "64", "--device-memory", "80GiB", "--device", "H100",
+                         "--fsdp", "--checkpointing"],
+    "1M-fsdp-ckpt-64": ["--seq-len", "1M", "--gpus", "64", "--device-memory", "80GiB", "--device", "H100", "--fsdp",
+                        "--checkpointing"],
+}
+
+
+def time_plan(preset: str, flags: list) -> dict:
+    command = [sys.executable, "-m", "ringfx", "plan", "--model", preset, *flags, "--quiet"]
+    before = os.times()
+    start = time.perf_counter()
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    after = os.times()
+    cpu = (after.children_user - before.children_user) + (after.children_system - before.children_system)
+    if done.returncode not in (0, 1, 2) or (done.returncode == 2 and "not even" not in done.stderr):
+        raise RuntimeError(f"{' '.join(command)} failed ({done.returncode}):\n{done.stderr}")
+    return {"wall_s": round(wall, 3), "cpu_s": round(cpu, 3), "exit": done.returncode,
+            "answer": (done.stdout.splitlines() or done.stderr.splitlines() or [""])[0][:200]}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--presets", default=",".join(PRESETS))
+    parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, of: {', '.join(CASES)}")
+    parser.add_argument("--out", default=os.path.join(HERE, "results", "planner_time.json"))
+    args = parser.parse_args(argv)
+    presets, cases = args.presets.split(","), args.cases.split(",")
+    for case in cases:
+        if case not in CASES:
+            parser.error(f"--cases: {case!r} is not one of {', '.join(CASES)}")
+    runs = {}
+    for repeat in range(args.repeats):  # repeats interleaved: a burst of load spoils one run of each, not all
+        for preset in presets:
+            for case in cases:
+                result = time_plan(preset, CASES[case])
+                runs.setdefault(f"{preset} | {case}", []).append(result)
+                print(f"[{repeat + 1}/{args.repeats}] {preset:15} {case:26} {result['wall_s']:6.2f} s wall "
+                      f"{result['cpu_s']:6.2f} s CPU  exit {result['exit']}", file=sys.stderr, flush=True)
+    best = {key: min(results, key=lambda r: r["wall_s"]) for key, results in runs.items()}
+    print(f"\n| preset | {' | '.join(cases)} |")
+    print("|---|" + "---:|" * len(cases))
+    for preset in presets:
+        cells = [f"{best[f'{preset} | {case}']['wall_s']:.2f} s / {best[f'{preset} | {case}']['cpu_s']:.2f} s"
+                 for case in cases]
+        print(f"| {preset} | {' | '.join(cells)} |")
+    print(f"\n(min wall of {args.repeats} fresh processes / that run's CPU; worst: "
+          f"{max(r['wall_s'] for r in best.values()):.2f} s)")
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    with open(args.out, "w") as f:
+        json.dump({"machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": sys.version.split()[0],
+                               "load_average_after": load},
+                   "commands": {case: ["python", "-m", "ringfx", "plan", "--model", "PRESET", *CASES[case], "--quiet"]
+                                for case in cases},
+                   "repeats": args.repeats, "best": best, "runs": runs}, f, indent=1)
+    print(f"wrote {os.path.relpath(args.out, ROOT)}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
