@@ -140,6 +140,30 @@ def test_opcheck_with_a_table():
     )
 
 
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_table_compiles_as_one_opaque_node(backend):
+    """The op with a learned table under AOTAutograd / inductor: its fake backward (four
+    results) traced, the table's gradient the eager one's."""
+    torch.compiler.reset()
+    ring = ringfx.LoopbackRing(2)
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 4, 8, 8, generator=g, requires_grad=True) for _ in range(3))
+    table = torch.randn(4, 15, generator=g, requires_grad=True)
+
+    def attn(q, k, v, table):
+        return ringfx.ring_attention(q * 2, k, v, group=ring, causal=True, layout="zigzag",
+                                     relative_bias=table * 1.5).sin()
+
+    leaves = (q, k, v, table)
+    out = torch.compile(attn, backend=backend, fullgraph=True)(*leaves)
+    grads = torch.autograd.grad(out.sum(), leaves)
+    ref = attn(*leaves)
+    ref_grads = torch.autograd.grad(ref.sum(), leaves)
+    torch.testing.assert_close(out, ref)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b)
+
+
 def _tables_on_gloo_ring(rank, world):
     results = []
     for layout, causal in LAYOUTS:

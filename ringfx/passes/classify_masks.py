@@ -262,8 +262,9 @@ def classify_term(gm, term: MaskTerm, n: int, values: dict, options: PassOptions
     written = _written_in_place(ancestors)
     if written is not None:
         # its values are not those of its own subgraph (``keep[1, :, -2:] = False`` after ``ones``)
-        term.kind, term.detail = "unsupported", (f"mask {term.node.name} is written in place by '{op_name(written)}' "
-                                                 f"at {written.name}; build it out of place")
+        learned = " is computed from parameters (a learned bias) and" if _learned(ancestors) else ""
+        term.kind, term.detail = "unsupported", (f"mask {term.node.name}{learned} is written in place by "
+                                                 f"'{op_name(written)}' at {written.name}; build it out of place")
         return
     if _static(ancestors):
         _classify_static(gm, term, n, ancestors, values, options, cache)
