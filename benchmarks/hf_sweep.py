@@ -190,6 +190,12 @@ ARCHS: list[Arch] = [
     Arch("t5", "t5", "encoder", {"d_kv": HEAD_DIM, "d_ff": INTER, "relative_attention_num_buckets": 8,
                                  "relative_attention_max_distance": 16},
          model_cls="transformers.T5EncoderModel", note="learned bucketed relative position bias"),
+    Arch("mt5", "mt5", "encoder", {"d_kv": HEAD_DIM, "d_ff": INTER, "relative_attention_num_buckets": 8,
+                                   "relative_attention_max_distance": 16},
+         model_cls="transformers.MT5EncoderModel", note="learned bucketed relative position bias"),
+    Arch("umt5", "umt5", "encoder", {"d_kv": HEAD_DIM, "d_ff": INTER, "relative_attention_num_buckets": 8,
+                                     "relative_attention_max_distance": 16},
+         model_cls="transformers.UMT5EncoderModel", note="a learned relative position bias per layer"),
     # --- vision encoders
     Arch("vit", "vit", "vision", _vis()),
     Arch("deit", "deit", "vision", _vis(), note="CLS + distillation tokens"),
