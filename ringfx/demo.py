@@ -11,77 +11,26 @@ ring by ringfx itself) must equal the reference on every rank.
 from __future__ import annotations
 
 import argparse
-import math
 import time
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 from .planner.cli import positive_int
+from .reference_model import Attention, LlamaLike, ModelConfig
 
 
-class RMSNorm(nn.Module):
-    def __init__(self, dim, eps=1e-6):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
+class TinyLlama(LlamaLike):
+    """The demo's model: 2 layers of width 64, GQA 4/2 heads, RoPE from position ids, and
+    attention written out by hand (softmax(q kᵀ / sqrt(d)) v, a causal mask made from the
+    sizes): what ringfx's passes must find in code that never calls SDPA.
+    ``forward(input_ids, position_ids) -> logits``; ``ringfx.reference_model`` is the one
+    definition."""
 
-    def forward(self, x):
-        return self.weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-
-
-def rotate(x, pos, theta=10000.0):
-    d = x.shape[-1]
-    freqs = pos[..., None].to(x.dtype) / theta ** (torch.arange(0, d, 2, dtype=x.dtype, device=x.device) / d)
-    cos, sin = freqs.cos()[:, None], freqs.sin()[:, None]
-    x1, x2 = x[..., : d // 2], x[..., d // 2:]
-    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1)
-
-
-class Block(nn.Module):
-    def __init__(self, dim, heads, kv_heads):
-        super().__init__()
-        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, dim // heads
-        self.norm1, self.norm2 = RMSNorm(dim), RMSNorm(dim)
-        self.q = nn.Linear(dim, dim, bias=False)
-        self.kv = nn.Linear(dim, 2 * kv_heads * self.head_dim, bias=False)
-        self.o = nn.Linear(dim, dim, bias=False)
-        self.up = nn.Linear(dim, 2 * 4 * dim, bias=False)
-        self.down = nn.Linear(4 * dim, dim, bias=False)
-
-    def forward(self, x, pos):
-        b, s, _ = x.shape
-        h = self.norm1(x)
-        q = self.q(h).view(b, s, self.heads, self.head_dim).transpose(1, 2)
-        k, v = self.kv(h).view(b, s, 2, self.kv_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k = rotate(q, pos), rotate(k, pos)
-        # LLaMA-style eager attention: repeat_kv, explicit causal mask from sizes
-        g = self.heads // self.kv_heads
-        k = k[:, :, None].expand(b, self.kv_heads, g, s, self.head_dim).reshape(b, self.heads, s, self.head_dim)
-        v = v[:, :, None].expand(b, self.kv_heads, g, s, self.head_dim).reshape(b, self.heads, s, self.head_dim)
-        scores = q @ k.transpose(-2, -1) / math.sqrt(self.head_dim)
-        causal = torch.ones(s, s, dtype=torch.bool, device=x.device).tril()
-        scores = scores.masked_fill(~causal, float("-inf"))
-        attn = torch.softmax(scores, dim=-1) @ v
-        x = x + self.o(attn.transpose(1, 2).reshape(b, s, -1))
-        gate, up = self.up(self.norm2(x)).chunk(2, -1)
-        return x + self.down(F.silu(gate) * up)
-
-
-class TinyLlama(nn.Module):
     def __init__(self, vocab=97, dim=64, heads=4, kv_heads=2, layers=2):
-        super().__init__()
-        self.embed = nn.Embedding(vocab, dim)
-        self.blocks = nn.ModuleList(Block(dim, heads, kv_heads) for _ in range(layers))
-        self.norm = RMSNorm(dim)
-        self.head = nn.Linear(dim, vocab, bias=False)
-
-    def forward(self, ids, pos):
-        x = self.embed(ids)
-        for blk in self.blocks:
-            x = blk(x, pos)
-        return self.head(self.norm(x))
+        cfg = ModelConfig("demo-tiny-llama", layers=layers, hidden=dim, heads=heads, kv_heads=kv_heads,
+                          head_dim=dim // heads, ffn=4 * dim, vocab=vocab, dtype="fp32")
+        super().__init__(cfg, attention=Attention.MASKED_FILL, position_ids=True, fused_norm=False)
 
 
 def _run_rank(rank, world, seq_len, layout):

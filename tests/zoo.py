@@ -18,6 +18,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ringfx.reference_model import Attention, LlamaLike, ModelConfig, repeat_kv
+
 E, H, HKV, D, VOCAB = 16, 4, 2, 4, 50
 DTYPE = torch.float64
 
@@ -263,13 +265,6 @@ class RepeatInterleavePadding(Heads):  # GQA by repeat_interleave, masked_fill(m
         return self.merge(s.softmax(dim=-1) @ v)
 
 
-def repeat_kv(x, n_rep):  # HF LLaMA
-    b, h, s_len, d = x.shape
-    if n_rep == 1:
-        return x
-    return x[:, :, None, :, :].expand(b, h, n_rep, s_len, d).reshape(b, h * n_rep, s_len, d)
-
-
 class RepeatKvFp32(Heads):  # HF LLaMA eager: repeat_kv, additive causal triu(finfo.min), softmax(dtype=float32)
     def __init__(self):
         super().__init__(HKV)
@@ -353,77 +348,16 @@ class TinyGpt2(nn.Module):
         return self.ln_f(x)
 
 
-class RMSNorm(nn.Module):
-    def __init__(self, dim, eps=1e-6):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim, dtype=DTYPE))
-        self.eps = eps
+class TinyLlama(LlamaLike):
+    """transformers' LLaMA at toy size: layers alternate its eager and sdpa attention paths (all
+    sdpa with ``sdpa=True``), RMSNorm written out, RoPE from position ids, no LM head: returns
+    the final norm's output. ``ringfx.reference_model`` is the one definition."""
 
-    def forward(self, x):
-        return self.weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-
-
-def rotate_half(x):
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-class LlamaAttention(nn.Module):
-    def __init__(self, sdpa: bool):
-        super().__init__()
-        self.sdpa = sdpa
-        self.q_proj = nn.Linear(E, H * D, bias=False, dtype=DTYPE)
-        self.k_proj = nn.Linear(E, HKV * D, bias=False, dtype=DTYPE)
-        self.v_proj = nn.Linear(E, HKV * D, bias=False, dtype=DTYPE)
-        self.o_proj = nn.Linear(H * D, E, bias=False, dtype=DTYPE)
-
-    def forward(self, x, cos, sin):
-        b, s_len, _ = x.shape
-        q = self.q_proj(x).view(b, s_len, H, D).transpose(1, 2)
-        k = self.k_proj(x).view(b, s_len, HKV, D).transpose(1, 2)
-        v = self.v_proj(x).view(b, s_len, HKV, D).transpose(1, 2)
-        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
-        k, v = repeat_kv(k, H // HKV), repeat_kv(v, H // HKV)
-        if self.sdpa:  # HF sdpa path: repeat_kv then is_causal
-            o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        else:  # HF eager path
-            w = torch.matmul(q, k.transpose(2, 3)) / math.sqrt(D)
-            causal = torch.full((s_len, s_len), torch.finfo(w.dtype).min, dtype=w.dtype).triu(1)
-            w = F.softmax(w + causal, dim=-1, dtype=torch.float32).to(q.dtype)
-            o = torch.matmul(w, v)
-        return self.o_proj(o.transpose(1, 2).reshape(b, s_len, H * D))
-
-
-class LlamaBlock(nn.Module):
-    def __init__(self, sdpa):
-        super().__init__()
-        self.input_layernorm, self.post_attention_layernorm = RMSNorm(E), RMSNorm(E)
-        self.self_attn = LlamaAttention(sdpa)
-        self.gate, self.up = nn.Linear(E, 32, bias=False, dtype=DTYPE), nn.Linear(E, 32, bias=False, dtype=DTYPE)
-        self.down = nn.Linear(32, E, bias=False, dtype=DTYPE)
-
-    def forward(self, x, cos, sin):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
-        h = self.post_attention_layernorm(x)
-        return x + self.down(F.silu(self.gate(h)) * self.up(h))
-
-
-class TinyLlama(nn.Module):
     def __init__(self, layers=2, sdpa=False):
-        super().__init__()
-        self.embed_tokens = nn.Embedding(VOCAB, E, dtype=DTYPE)
-        self.layers = nn.ModuleList(LlamaBlock(sdpa=(sdpa or i % 2 == 1)) for i in range(layers))
-        self.norm = RMSNorm(E)
-        self.register_buffer("inv_freq", 1.0 / (10000 ** (torch.arange(0, D, 2, dtype=DTYPE) / D)), persistent=False)
-
-    def forward(self, input_ids, position_ids):
-        x = self.embed_tokens(input_ids)
-        freqs = position_ids[:, :, None].to(self.inv_freq.dtype) * self.inv_freq[None, None, :]
-        emb = torch.cat((freqs, freqs), dim=-1)
-        cos, sin = emb.cos()[:, None].to(x.dtype), emb.sin()[:, None].to(x.dtype)  # (B, 1, S, D)
-        for layer in self.layers:
-            x = layer(x, cos, sin)
-        return self.norm(x)
+        cfg = ModelConfig("zoo-tiny-llama", layers=layers, hidden=E, heads=H, kv_heads=HKV, head_dim=D, ffn=32,
+                          vocab=VOCAB, dtype="fp64")
+        super().__init__(cfg, attention=(Attention.HF_SDPA,) if sdpa else (Attention.HF_EAGER, Attention.HF_SDPA),
+                         position_ids=True, fused_norm=False, lm_head=False)
 
 
 class BertLayer(nn.Module):

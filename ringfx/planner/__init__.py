@@ -5,7 +5,7 @@ memory.py    the symbolic per-device memory model in S and P, and the runtime co
 simulate.py  a training step run on the meta device, live bytes tracked, attention modelled
 layer_extrapolation.py  a stack of L identical layers simulated with 3 and 4 of them, extrapolated in L
 timing.py    the time model: per-step FLOPs vs link bytes, c >= F/B (Ring Attention paper §3)
-presets.py   model configs given as numbers (llama-8b-like, ...) and a reference LLaMA-like module
+presets.py   model configs given as numbers (llama-8b-like, ...), built as ringfx.reference_model.LlamaLike
 models.py    models from where users have them: presets, transformers configs (meta device), module:factory
 capture.py   a module captured with dynamo and rewritten by ringfx's passes: the program the plan models
 plan.py      ``plan(...) -> Plan``: the smallest ring that fits, with its numbers and reasons

@@ -1,51 +1,20 @@
-"""Model configs given as numbers (no downloads) and a reference LLaMA-like module.
+"""Model configs given as numbers (no downloads), built as the project's LLaMA-style model.
 
 ``PRESETS["llama-8b-like"]`` etc. are the shapes of public models; ``build_reference_model``
-turns a config into a plain-PyTorch decoder (RMSNorm, RoPE, GQA attention through
-``F.scaled_dot_product_attention``, SwiGLU MLP) that the planner runs on the ``meta`` device
-to read its memory off, and that ``benchmarks/planner_accuracy.py`` runs on a GPU to
+turns a config into ``ringfx.reference_model.LlamaLike`` as the presets spell it (RMSNorm as
+``F.rms_norm``, RoPE from positions 0..S-1, GQA attention through
+``F.scaled_dot_product_attention``, SwiGLU MLP), which the planner runs on the ``meta``
+device to read its memory off and ``benchmarks/planner_accuracy.py`` runs on a GPU to
 measure it.  ``gpt2-like`` keeps GPT-2's sizes in this LLaMA-style block.
 """
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-
-@dataclasses.dataclass(frozen=True)
-class ModelConfig:
-    """A decoder-only transformer by its numbers."""
-
-    name: str
-    layers: int
-    hidden: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    ffn: int
-    vocab: int
-    dtype: str = "bf16"
-    causal: bool = True
-    tie_embeddings: bool = False
-
-    def __post_init__(self):
-        if self.heads % self.kv_heads:
-            raise ValueError(f"{self.name}: heads={self.heads} must be a multiple of kv_heads={self.kv_heads}")
-
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[self.dtype]
-
-    @property
-    def param_count(self) -> int:
-        h, q, kv = self.hidden, self.heads * self.head_dim, self.kv_heads * self.head_dim
-        block = h * q + 2 * h * kv + q * h + 3 * h * self.ffn + 2 * h
-        embed = self.vocab * h * (1 if self.tie_embeddings else 2)
-        return self.layers * block + embed + h
+from ..reference_model import LlamaLike, ModelConfig
 
 
 PRESETS = {c.name: c for c in [
@@ -63,80 +32,6 @@ def get_preset(name: str) -> ModelConfig:
     if name not in PRESETS:
         raise ValueError(f"model={name!r} is not a preset; use one of {', '.join(PRESETS)} or pass a ModelConfig")
     return PRESETS[name]
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x):
-        return F.rms_norm(x, (x.shape[-1],), self.weight, 1e-5)
-
-
-def rotate(x, cos, sin):
-    """RoPE (Su et al. 2021) in the rotate-half form of the LLaMA reference code."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
-
-
-class DecoderBlock(nn.Module):
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self.cfg = cfg
-        q, kv = cfg.heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim
-        self.attn_norm, self.mlp_norm = RMSNorm(cfg.hidden), RMSNorm(cfg.hidden)
-        self.q_proj = nn.Linear(cfg.hidden, q, bias=False)
-        self.k_proj = nn.Linear(cfg.hidden, kv, bias=False)
-        self.v_proj = nn.Linear(cfg.hidden, kv, bias=False)
-        self.o_proj = nn.Linear(q, cfg.hidden, bias=False)
-        self.gate = nn.Linear(cfg.hidden, cfg.ffn, bias=False)
-        self.up = nn.Linear(cfg.hidden, cfg.ffn, bias=False)
-        self.down = nn.Linear(cfg.ffn, cfg.hidden, bias=False)
-
-    def forward(self, x, cos, sin):
-        cfg = self.cfg
-        b, s, _ = x.shape
-        h = self.attn_norm(x)
-        q = self.q_proj(h).view(b, s, cfg.heads, cfg.head_dim).transpose(1, 2)
-        k = self.k_proj(h).view(b, s, cfg.kv_heads, cfg.head_dim).transpose(1, 2)
-        v = self.v_proj(h).view(b, s, cfg.kv_heads, cfg.head_dim).transpose(1, 2)
-        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
-        a = F.scaled_dot_product_attention(q, k, v, is_causal=cfg.causal, enable_gqa=cfg.heads != cfg.kv_heads)
-        x = x + self.o_proj(a.transpose(1, 2).reshape(b, s, cfg.heads * cfg.head_dim))
-        h = self.mlp_norm(x)
-        return x + self.down(F.silu(self.gate(h)) * self.up(h))
-
-
-class LlamaLike(nn.Module):
-    """A LLaMA-style decoder: ``forward(ids (B, S)) -> logits (B, S, vocab)``."""
-
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self.cfg = cfg
-        self.embed = nn.Embedding(cfg.vocab, cfg.hidden)
-        self.layers = nn.ModuleList(DecoderBlock(cfg) for _ in range(cfg.layers))
-        self.norm = RMSNorm(cfg.hidden)
-        self.lm_head = nn.Linear(cfg.hidden, cfg.vocab, bias=False)
-        if cfg.tie_embeddings:
-            self.lm_head.weight = self.embed.weight
-
-    def forward(self, ids):
-        return self.lm_head(self.hidden_states(ids))
-
-    def hidden_states(self, ids):
-        """The final norm's output, the LM head's input (B, S, hidden)."""
-        s = ids.shape[1]
-        inv = 1.0 / (10000.0 ** (torch.arange(0, self.cfg.head_dim, 2, device=ids.device, dtype=torch.float32)
-                                 / self.cfg.head_dim))
-        angles = torch.outer(torch.arange(s, device=ids.device, dtype=torch.float32), inv)
-        angles = torch.cat((angles, angles), dim=-1)
-        dtype = self.embed.weight.dtype
-        cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
-        x = self.embed(ids)
-        for layer in self.layers:
-            x = layer(x, cos, sin)
-        return self.norm(x)
 
 
 def lm_loss(logits, inputs):
@@ -163,8 +58,7 @@ class BlockwiseLossStep(nn.Module):
 
 def build_reference_model(cfg: ModelConfig, device="meta") -> LlamaLike:
     with torch.device(device):
-        model = LlamaLike(cfg)
-    return model.to(cfg.torch_dtype)
+        return LlamaLike(cfg)  # the presets' spelling: SDPA, F.rms_norm, positions 0..S-1, logits
 
 
 def example_ids(cfg: ModelConfig, seq_len: int, batch: int = 1, device="meta"):
