@@ -444,3 +444,64 @@ def test_moe_routing_scatter_is_per_token():
     for p, q in zip(model.parameters(), ref.parameters()):
         torch.testing.assert_close(p.grad, q.grad, atol=1e-10, rtol=0)
     assert not ring.reports[0].sharding.costly_fallbacks, ring.reports[0].sharding.costly_fallbacks
+
+
+# -- which axis is the sequence: traced back from the attention, not guessed from sizes ----------
+
+
+class SequenceFirst(nn.Module):
+    """``nn.MultiheadAttention`` without ``batch_first``: inputs are (S, B, E)."""
+
+    def __init__(self):
+        super().__init__()
+        self.mha = nn.MultiheadAttention(E, 2, dtype=DTYPE)
+
+    def forward(self, x):
+        return self.mha(x, x, x, need_weights=False)[0]
+
+
+class ConditionAsWideAsTheSequence(Attention):
+    """A per-example conditioning vector (B, C) with C == S, projected and added to every token."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.cond = nn.Linear(width, E, dtype=DTYPE)
+
+    def forward(self, x, cond):
+        return super().forward(x + self.cond(cond)[:, None])
+
+
+def _sharded_and_exact(model, inputs, world, layout="contiguous"):
+    """``transform``'s sharded-input lines; outputs and input gradients exact against ``model``."""
+    torch.compiler.reset()
+    ref_inputs = [t.clone().requires_grad_() for t in inputs]
+    ring_inputs = [t.clone().requires_grad_() for t in inputs]
+    ref = model(*ref_inputs)
+    ring = ringfx.transform(copy.deepcopy(model), mesh=ringfx.LoopbackRing(world), layout=layout)
+    out = ring(*ring_inputs)
+    dout = torch.randn_like(ref)
+    torch.autograd.backward(ref, dout)
+    torch.autograd.backward(out, dout)
+    torch.testing.assert_close(out, ref, atol=1e-10, rtol=0)
+    for a, b in zip(ring_inputs, ref_inputs):
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-10, rtol=0)
+    return ring.reports[0].sharding.sharded_inputs
+
+
+@pytest.mark.parametrize("world,layout", [(2, "zigzag"), (3, "contiguous")])
+def test_sequence_first_input_with_batch_equal_to_length_is_sharded_along_the_sequence(world, layout):
+    """(S, B, E) with B == S: the axis is traced back from the attention (dim 0); a size
+    heuristic picked dim 1, the batch (exact only because the attention gathered it again)."""
+    torch.manual_seed(0)
+    x = torch.randn(12, 12, E, dtype=DTYPE)
+    lines = _sharded_and_exact(SequenceFirst(), [x], world, layout)
+    assert lines == ["L['x'] (12, 12, 16) along dim 0 (traced back from an attention)"], lines
+
+
+def test_an_input_whose_width_equals_the_length_is_not_sharded():
+    """A (B, C) input with C == S that never meets the sequence axis stays whole: sharding it
+    by its size only to gather it back at its linear layer is dropped."""
+    torch.manual_seed(0)
+    x, cond = torch.randn(2, 12, E, dtype=DTYPE), torch.randn(2, 12, dtype=DTYPE)
+    lines = _sharded_and_exact(ConditionAsWideAsTheSequence(12), [x, cond], 3)
+    assert lines == ["L['x'] (2, 12, 16) along dim 1 (traced back from an attention)"], lines

@@ -113,15 +113,27 @@ def _follow(node, axis: int, depth: int, keep_last: bool = False) -> Optional[tu
             return None if other_shape is None else _follow(other, len(other_shape) - 1, depth + 1, keep_last)
         return _follow(src, axis - (len(shape) - len(src_shape)), depth + 1, keep_last) if src_shape else None
     if name in _ELEMENTWISE:
-        # follow an operand that carries this axis (aligned from the right, not broadcast)
+        # follow an operand that carries this axis (aligned from the right, not broadcast);
+        # the first one that can be followed to an input
         for a in node.args:
             a_shape = shape_of(a) if isinstance(a, fx.Node) else None
             k = axis - (len(shape) - len(a_shape)) if a_shape is not None else -1
             if a_shape is not None and k >= 0 and a_shape[k] == shape[axis] and a_shape[k] != 1:
-                return _follow(a, k, depth + 1, keep_last)
+                found = _follow(a, k, depth + 1, keep_last)
+                if found is not None:
+                    return found
         return None
+    if name in ("layer_norm", "rms_norm") and axis < len(shape) - 1:
+        return _follow(src, axis, depth + 1, keep_last)  # normalises each token's features
+    if name == "cat":
+        return _follow_cat(node, shape, axis, depth, keep_last)
+    if name == "embedding" and axis < len(shape) - 1:
+        return _follow(node.args[0], axis, depth + 1, keep_last)  # F.embedding(ids, weight): rows of the ids
     if name == "getitem" and src_shape is not None and len(src_shape) == len(shape):
         return _follow(src, axis, depth + 1, keep_last)  # slicing keeps the axes
+    if (name == "getitem" and src_shape is not None and len(src_shape) == len(shape) + 1
+            and isinstance(node.args[1], int) and not any(isinstance(d, tuple) for d in src_shape)):
+        return _follow(src, axis + 1, depth + 1, keep_last)  # x[i]: one entry of the first axis (q, k, v = x)
     if name == "getitem" and op_name(src) in ("unbind", "chunk", "split") and isinstance(src.args[0], fx.Node):
         whole = src.args[0]  # one part of a tensor cut along ``dim``
         whole_shape = shape_of(whole)
@@ -134,6 +146,29 @@ def _follow(node, axis: int, depth: int, keep_last: bool = False) -> Optional[tu
             return _follow(whole, axis + (axis >= dim), depth + 1, keep_last)
         return None if axis == dim else _follow(whole, axis, depth + 1, keep_last)
     return None
+
+
+def _follow_cat(node, shape, axis: int, depth: int, keep_last: bool) -> Optional[tuple[fx.Node, int]]:
+    """Through ``cat``: along another axis, any part carries it; along the joined axis only
+    the one part that holds all of it but a few entries (a cache's empty past, a class token)."""
+    parts = node.args[0] if node.args and isinstance(node.args[0], (tuple, list)) else ()
+    dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
+    if not isinstance(dim, int):
+        return None
+    dim = normalize_dim(dim, len(shape))
+    shapes = [shape_of(p) if isinstance(p, fx.Node) else None for p in parts]
+    if None in shapes or any(len(sh) != len(shape) for sh in shapes):
+        return None
+    if axis != dim:
+        for part in parts:
+            found = _follow(part, axis, depth + 1, keep_last)
+            if found is not None:
+                return found
+        return None
+    longest = max(range(len(parts)), key=lambda i: shapes[i][dim], default=None)
+    if longest is None or shape[dim] - shapes[longest][dim] > 1:
+        return None
+    return _follow(parts[longest], axis, depth + 1, keep_last)
 
 
 def _view_axis(src_shape, out_shape, axis: int) -> Optional[int]:

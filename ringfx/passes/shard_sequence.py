@@ -54,6 +54,7 @@ from .node_facts import (VALUE_KEY, CASTS, SHAPE_ONLY, arange_length, called_sub
                          value_of)
 from .options import PassOptions
 from .rewrite_attention import ring_attention_nodes, ring_attention_target
+from .sequence_axis import follow_axis
 from .sites import PassReport
 
 log = logging.getLogger("ringfx.passes")
@@ -210,6 +211,8 @@ class _Sharder:
         self._shards: dict = {}
         self._gathers: dict = {}
         self.mixing: list = []  # (what, user source location) of each distributed form and fallback
+        self.proven: dict = {}  # user input -> the axis an attention's sequence was traced back to
+        self._seeds: dict = {}  # the shard of each user input -> its line in the report
 
     # ---- shapes ------------------------------------------------------------------------------------
     def shape(self, node) -> Optional[tuple]:
@@ -316,7 +319,38 @@ class _Sharder:
                                    "transform(dynamic=False) (the default), or inputs='sharded' and shard the "
                                    "inputs yourself")
         self.lengths = set(lengths)
+        self.proven = self._proven_axes()
         self._walk()
+
+    def _proven_axes(self) -> dict:
+        """Each user input that an attention's q, k or v sequence axis comes from, with that
+        axis, followed backwards through the graph (and out of checkpointed bodies into
+        their callers): axes, not sizes, so a batch or feature size equal to S is never taken
+        for the sequence. Inputs not reached this way are found by size (``_sequence_axis``)."""
+        callers = {}  # a body's placeholder -> the operand its caller passes
+
+        def bodies(gm):
+            for node in gm.graph.nodes:
+                called = called_subgraph(gm, node)
+                if called is not None:
+                    _, body, operands = called
+                    placeholders = [n for n in body.graph.nodes if n.op == "placeholder"]
+                    callers.update(zip(placeholders, operands))
+                    yield body
+                    yield from bodies(body)
+
+        proven: dict = {}
+        for gm in [self.gm, *bodies(self.gm)]:
+            for op in ring_attention_nodes(gm):
+                for operand in op.args[:3]:
+                    shape = self.shape(operand)
+                    found = None if shape is None else follow_axis(operand, len(shape) - 2, keep_last=True)
+                    while found is not None and found[0] in callers:
+                        outer = callers[found[0]]
+                        found = follow_axis(outer, found[1], keep_last=True) if isinstance(outer, fx.Node) else None
+                    if found is not None and found[0].graph is self.graph and not is_model_state(found[0]):
+                        proven.setdefault(found[0], found[1])
+        return proven
 
     def run_body(self, operands: list) -> tuple:
         """A subgraph called by a higher-order op (a checkpointed region): its placeholders
@@ -343,6 +377,8 @@ class _Sharder:
                 if not node._erased:
                     self._born(node)
         self._erase_dead_moves()
+        # an input sharded by its size alone whose every use gathered it back is not sharded
+        self.report.sharded_inputs[:0] = [line for shard, line in self._seeds.items() if not shard._erased]
         for node, placement in self.placed.items():  # readable after the pass: which axis holds the sequence
             if not node._erased:
                 node.meta[SEQUENCE_KEY] = placement
@@ -382,6 +418,12 @@ class _Sharder:
     def _erase_dead_moves(self) -> None:
         """Drop the moves (and bypassed mask helpers) that ended up with no user."""
         ours = (collectives.shard_sequence, collectives.gather_sequence, ring_glue.gather_key_columns)
+        for node in list(self.graph.nodes):  # gather(shard(x)) is x: drop the round trip
+            src = node.args[0] if node.op == "call_function" and node.target is collectives.gather_sequence else None
+            if (isinstance(src, fx.Node) and src.target is collectives.shard_sequence
+                    and tuple(src.args[1:5]) == tuple(node.args[1:5]) and tuple(src.args[6:8]) == (1, 1)):
+                node.replace_all_uses_with(src.args[0])
+                self.graph.erase_node(node)
         for node in reversed(list(self.graph.nodes)):
             if node.op == "call_function" and node.target in ours and not node.users:
                 self.graph.erase_node(node)
@@ -402,18 +444,26 @@ class _Sharder:
             if not 0 <= axis < len(shape) or shape[axis] not in self.lengths:
                 raise ValueError(f"sequence_inputs: dim {dims[0]} of {source} {tuple(shape)} is not an attention's "
                                  f"sequence (lengths {sorted(self.lengths)})")
+        elif node in self.proven:
+            axis = self.proven[node]
         else:
             axis = self._sequence_axis(shape)
             if axis is None:
                 return
-        self._shard_in_place(node, axis)
-        self.report.sharded_inputs.append(f"{placeholder_source(node) or node.name} {tuple(shape)} along dim {axis}")
+        how = " (traced back from an attention)" if node in self.proven and not named else ""
+        self._seeds[self._shard_in_place(node, axis)] = (
+            f"{placeholder_source(node) or node.name} {tuple(shape)} along dim {axis}{how}")
 
     def _sequence_axis(self, shape) -> Optional[int]:
-        """The axis of ``shape`` that holds an attention's sequence (dim 1 over dim 0 when both could)."""
+        """The axis of ``shape`` that holds an attention's sequence, for an input no attention
+        was traced back to (labels, masks): when two axes could, the one the traced inputs
+        use (sequence-first models: dim 0), else dim 1 over dim 0 (batch first)."""
         axes = [a for a, n in enumerate(shape) if isinstance(n, int) and n in self.lengths]
         if not axes:
             return None
+        traced = set(self.proven.values())
+        if len(axes) > 1 and len(traced) == 1 and traced <= set(axes):
+            return traced.pop()
         return axes[1] if len(axes) > 1 and axes[0] == 0 else axes[0]
 
     def _shard_in_place(self, node: fx.Node, axis: int) -> fx.Node:
