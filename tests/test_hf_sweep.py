@@ -45,13 +45,14 @@ EXACT = [
     ("yolos", "sdpa"), ("whisper", "eager"), ("hubert", "sdpa"),
     # ALiBi as a per-key float bias sliced from a max_seq_len table
     ("mpt", "eager"),
+    # ALiBi as the bias of a baddbmm on the heads folded into the batch (per key, from the mask's cumsum)
+    ("bloom", "eager"),
 ]
 
 # left alone on purpose: (architecture, attention implementation, words the reason must contain)
 LEFT_ALONE = [
     ("openai-gpt", "eager", "the ops between w"),  # multiplicative causal mask: w * b + -1e4 * (1 - b)
     ("beit", "sdpa", "computed from parameters"),  # learned relative position bias
-    ("bloom", "eager", "between softmax and the product with v"),  # ALiBi on (B*H, S, S) baddbmm, view back
 ]
 
 def _case(arch_attn):

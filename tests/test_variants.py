@@ -681,3 +681,74 @@ def test_mla_value_head_dim_differs(d_qk, d_v, world, layout):
     torch.testing.assert_close(out, ref(x), atol=1e-10, rtol=0)
     for p, r in zip(model.parameters(), ref.parameters()):
         torch.testing.assert_close(p.grad, r.grad, atol=1e-10, rtol=0)
+
+
+# -- BLOOM: ALiBi as the bias of a baddbmm on the heads folded into the batch -----------------
+
+
+def _bloom_alibi(attention_mask, heads, dtype):
+    """transformers' ``build_alibi_tensor``: per-key positions from the mask's cumsum, times
+    the slopes, as ``(B*H, 1, S)``."""
+    b, s = attention_mask.shape
+    slopes = torch.pow(torch.full((), 2.0 ** (-8.0 / heads)), torch.arange(1, heads + 1, dtype=torch.int32))
+    positions = ((attention_mask.cumsum(dim=-1) - 1) * attention_mask)[:, None, :]
+    return (slopes[..., None] * positions).reshape(b * heads, 1, s).to(dtype)
+
+
+class BloomAttention(_Attn):
+    """BLOOM's eager attention: ``alibi.baddbmm(q, kᵀ)`` on ``(B*H, S, D)``, the scores viewed
+    as ``(B, H, S, S)`` for the mask and the float32 softmax, the probabilities viewed back
+    as ``(B*H, S, S)`` for ``bmm`` with v (here every token real: the ALiBi of sizes)."""
+
+    def attend(self, q, k, v, mask):
+        b, h, s, d = q.shape
+        alibi = _bloom_alibi(torch.ones(b, s, dtype=torch.long), h, q.dtype)
+        scores = alibi.baddbmm(batch1=q.reshape(b * h, -1, d), batch2=k.reshape(b * h, -1, d).transpose(-1, -2),
+                               beta=1.0, alpha=d ** -0.5)
+        w = scores.view(b, h, s, -1) + mask
+        p = F.softmax(w, dim=-1, dtype=torch.float64).to(q.dtype)
+        out = torch.bmm(F.dropout(p, 0.0, False).view(b * h, s, -1), v.reshape(b * h, -1, d))
+        return out.view(b, h, s, d)
+
+
+def test_bloom_spelling_rewritten_and_exact():
+    torch.manual_seed(0)
+    ring, ref, got = _zero_touch(BloomAttention(), 3, "zigzag", 13)
+    (site,) = ring.sites
+    assert site.decision == "rewritten" and site.mask_kind == "causal+alibi" and "merge-heads" in site.pattern, site
+    _assert_same(ref, got, TOL)
+    (gm,) = [g.graph_module for g in ring.reports]
+    (op,) = [n for n in gm.graph.nodes if n.target == torch.ops.ringfx.ring_attention.default]
+    held = getattr(gm, op.args[15].target)  # the slopes, one per head (read off the folded bias)
+    torch.testing.assert_close(held, torch.tensor([2.0 ** (-8.0 * (i + 1) / H) for i in range(H)],
+                                                  dtype=held.dtype))
+
+
+def test_transformers_bloom_rewritten_and_exact():
+    """transformers' BLOOM (eager: its only implementation): ALiBi from the padding mask's
+    cumsum (data, per key: gathered along the ring as a per-key bias), baddbmm on folded
+    heads; right padding; logits, loss and every gradient."""
+    transformers = pytest.importorskip("transformers", reason="needs transformers")
+    torch._dynamo.reset()
+    cfg = transformers.BloomConfig(vocab_size=96, hidden_size=32, n_head=4, n_layer=2, attn_implementation="eager")
+    torch.manual_seed(0)
+    model = transformers.BloomForCausalLM(cfg).double().eval()
+    ids = torch.randint(3, 96, (2, 13), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones(2, 13, dtype=torch.long)
+    mask[1, 10:] = 0
+    inputs = dict(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100), use_cache=False)
+    params = list(model.named_parameters())
+    ref_logits, ref_loss, ref_grads = _lm_run(model, params, inputs)
+    ring = ringfx.transform(model, mesh=ringfx.LoopbackRing(2), layout="zigzag")
+    with warnings.catch_warnings():
+        # its GeLU is an autograd.Function (GeLUFunction.apply), which ringfx runs all-gathered: warned
+        warnings.simplefilter("ignore", ringfx.RingfxWarning)
+        logits, loss, grads = _lm_run(ring, params, inputs)
+    assert [(s.decision, s.mask_kind) for s in ring.sites] == [("rewritten", "causal+key_padding")] * 2, ring.sites
+    fallbacks = ring.reports[0].sharding.costly_fallbacks
+    assert fallbacks and all("GeLUFunction" in f for f in fallbacks), fallbacks
+    tol = 1e-6  # BLOOM takes its softmax in float32 (a rounding for this float64 model); the op keeps float64
+    torch.testing.assert_close(logits, ref_logits, atol=tol, rtol=tol)
+    torch.testing.assert_close(loss, ref_loss, atol=tol, rtol=tol)
+    for n, g in ref_grads.items():
+        torch.testing.assert_close(grads[n], g, atol=tol, rtol=tol, msg=lambda m: f"{n}: {m}")

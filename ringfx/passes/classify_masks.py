@@ -65,7 +65,8 @@ def classify_masks_pass(gm: fx.GraphModule, *, options: Optional[PassOptions] = 
 
 def classify_site(gm, site: AttentionSite, options: PassOptions, values: dict, cache=None) -> None:
     sq = _canonical_len(site)
-    site.terms = [t for term in site.terms for t in _split(term)]
+    # a term with the heads folded into the batch is viewed whole as (B, H, ...) by the rewrite
+    site.terms = [t for term in site.terms for t in (_split(term) if term.heads_folded is None else [term])]
     terms = []
     for term in site.terms:
         if isinstance(_region_input(term.node).meta.get(OUTER_KEY), fx.Node):
@@ -94,6 +95,14 @@ def classify_site(gm, site: AttentionSite, options: PassOptions, values: dict, c
     if alibis:
         heads = _canonical_heads(site)
         slopes = alibis[0].slopes
+        folded = alibis[0].heads_folded
+        if folded is not None and slopes.numel() == folded[0] * folded[1]:
+            # a (B*H, 1, S) bias (BLOOM's baddbmm): one slope per (batch row, head)
+            per_row = slopes.reshape(folded)
+            if not bool((per_row == per_row[:1]).all()):
+                site.skip(f"ALiBi bias {alibis[0].node.name} differs across the batch")
+                return
+            slopes = per_row[0]
         if slopes.numel() not in (1, heads):
             site.skip(f"ALiBi bias {alibis[0].node.name} has {slopes.numel()} slopes for {heads} query heads")
             return
@@ -259,7 +268,7 @@ def classify_term(gm, term: MaskTerm, n: int, values: dict, options: PassOptions
     if _random(ancestors):
         term.kind, term.detail = "unsupported", f"mask {term.node.name} depends on a random op"
         return
-    written = _written_in_place(ancestors)
+    written = _written_in_place(ancestors, term.node)
     if written is not None:
         # its values are not those of its own subgraph (``keep[1, :, -2:] = False`` after ``ones``)
         learned = " is computed from parameters (a learned bias) and" if _learned(ancestors) else ""
@@ -348,9 +357,11 @@ def _learned(nodes) -> bool:
     return any(n.op == "placeholder" and _is_parameter(n) for n in nodes)
 
 
-def _written_in_place(nodes) -> Optional[fx.Node]:
-    """An op outside ``nodes`` that writes into one of them (``setitem``, ``x.fill_()``, ``x += y``
-    whose result is not read back): the values read are then not those the subgraph computes."""
+def _written_in_place(nodes, mask: fx.Node) -> Optional[fx.Node]:
+    """An op outside ``nodes`` (the subgraph of ``mask``) that writes into one of them
+    (``setitem``, ``x.fill_()``, ``x += y`` whose result is not read back) before it is read
+    there (or, for ``mask`` itself, by the attention): the values read are then not those the
+    subgraph computes."""
     inside = set(nodes)
     order = {n: i for i, n in enumerate(nodes[0].graph.nodes)} if nodes else {}
     for node in nodes:
@@ -361,7 +372,7 @@ def _written_in_place(nodes) -> Optional[fx.Node]:
             writes = name in ("setitem", "iadd", "isub", "imul", "itruediv", "iand", "ior") or (
                 user.op == "call_method" and name.endswith("_") and not name.startswith("_"))
             # it matters to the readers of ``node`` after it (a write after the last read does not)
-            if writes and any(r in inside and order[r] > order[user] for r in node.users):
+            if writes and any((r in inside or node is mask) and order[r] > order[user] for r in node.users):
                 return user
     return None
 

@@ -17,6 +17,11 @@ Two anchors:
       p = dropout(p, 0.1, training=False)
       o = p @ v                            # <- AttentionSite stored in o.meta["ringfx"]
 
+With the heads folded into the batch (BLOOM): ``alibi.baddbmm(q3, k3ᵀ)`` on ``(B*H, S, D)``,
+the scores viewed as ``(B, H, S, S)`` for the mask and softmax, the probabilities viewed back
+as ``(B*H, S, S)`` for ``bmm`` with ``(B*H, S, D)`` values; the baddbmm bias is a mask term
+marked ``heads_folded`` and the ring op's output is folded back (``out_fold_heads``).
+
 Walking back from softmax and forward to ``@ v`` covers the spellings of
 ``patterns.PATTERNS`` and their combinations without one subgraph pattern per
 combination. Every node between the two products must have exactly one user, so a
@@ -381,6 +386,16 @@ def _heads_split(node: fx.Node) -> bool:
         and all(isinstance(d, int) for d in (a[0], x[0], x[1])) and a[0] == x[0] * x[1]
 
 
+def _heads_merge(node: fx.Node) -> bool:
+    """``p.view(B*H, S, S)`` of ``(B, H, S, S)`` probabilities (BLOOM: the heads folded into the
+    batch again for ``bmm`` with ``(B*H, S, D)`` values)."""
+    if op_name(node) not in ("view", "reshape") or not node.args or not isinstance(node.args[0], fx.Node):
+        return False
+    a, x = shape_of(node.args[0]), shape_of(node)
+    return bool(a) and bool(x) and len(a) == 4 and len(x) == 3 and tuple(a[2:]) == tuple(x[1:]) \
+        and all(isinstance(d, int) for d in (a[0], a[1], x[0])) and x[0] == a[0] * a[1]
+
+
 def _walk_scores(x: fx.Node, consumer: Optional[fx.Node] = None):
     """Walk from the softmax input back to the scores product.
 
@@ -625,6 +640,10 @@ def _walk_probs(softmax: fx.Node, sink_column: bool = False):
         name = op_name(user)
         if name in ("matmul", "bmm", "einsum"):
             return user, chain + [user], features, escape
+        if _heads_merge(user):
+            if "merge-heads" in features:
+                return None, chain, features, escape
+            features.append("merge-heads")
         if _drops_last_column(user):
             features.append("drop-sink")
         if name == "dropout":
@@ -643,7 +662,7 @@ def _walk_probs(softmax: fx.Node, sink_column: bool = False):
 def _continues(user: fx.Node, y: fx.Node) -> bool:
     """``user`` carries the probabilities ``y`` on towards ``@ v``."""
     name = op_name(user)
-    if name in CASTS or name in SHAPE_ONLY or name == "dropout":
+    if name in CASTS or name in SHAPE_ONLY or name == "dropout" or _heads_merge(user):
         return bool(user.args) and user.args[0] is y
     if name in ("matmul", "bmm"):
         return len(user.args) >= 2 and user.args[0] is y and user.args[1] is not y
@@ -714,15 +733,23 @@ def _decode_products(site: AttentionSite, scores: fx.Node, pv: fx.Node, split: O
     sname = op_name(scores)
     if sname in ("matmul", "bmm", "baddbmm"):
         if sname == "baddbmm":
-            bias, a, bt = scores.args[0], scores.args[1], scores.args[2]
+            # torch.baddbmm(bias, a, b) or bias.baddbmm(batch1=a, batch2=b) (BLOOM)
+            bias = scores.args[0]
+            a = scores.args[1] if len(scores.args) > 1 else scores.kwargs.get("batch1")
+            bt = scores.args[2] if len(scores.args) > 2 else scores.kwargs.get("batch2")
             beta, alpha = scores.kwargs.get("beta", 1), scores.kwargs.get("alpha", 1)
             if scalar(alpha) is None or scalar(beta) is None:
                 return "baddbmm with non-constant alpha/beta"
             site.scale *= alpha
             if beta == 1 and not _is_zeros(bias):
-                if split is not None:
-                    return "a baddbmm bias is added to the (B*H, S, S) scores before they are viewed as (B, H, S, S)"
-                site.terms.insert(0, MaskTerm(bias, "additive"))
+                term = MaskTerm(bias, "additive")
+                if split is not None:  # BLOOM's ALiBi (B*H, 1, S): viewed as (B, H, 1, S) by the rewrite
+                    bshape = shape_of(bias)
+                    if not bshape or len(bshape) != 3 or bshape[0] != shape_of(scores)[0]:
+                        return ("a baddbmm bias is added to the (B*H, S, S) scores before they are viewed as "
+                                "(B, H, S, S), and it is not (B*H, S or 1, S)")
+                    term.heads_folded = tuple(shape_of(split)[:2])
+                site.terms.insert(0, term)
             elif beta not in (0, 1):
                 return f"baddbmm with beta={beta} scales the bias"
         else:
@@ -758,6 +785,16 @@ def _decode_products(site: AttentionSite, scores: fx.Node, pv: fx.Node, split: O
             eq2, ops2 = _einsum_operands(pv)
             return _decode_pv_einsum(site, eq2, ops2, nd)
         v = pv.args[1]
+        merged = _heads_merge(pv.args[0]) if isinstance(pv.args[0], fx.Node) else False
+        if merged != (split is not None and nd == 4 and len(shape_of(v) or ()) == 3):
+            return "the probabilities' heads are folded into the batch, but not as the scores' were"
+        if merged:  # BLOOM: (B*H, S, S) probabilities @ (B*H, S, D) values
+            b, h = shape_of(split)[:2]
+            v = _unflatten_heads(v, b, h)
+            if v is None:
+                return "v is not a (B, H, S, D) tensor with the heads folded into the batch"
+            site.v, site.out_fold_heads = Operand(v), True
+            return ""
         if len(shape_of(v) or ()) != nd:
             return "v has a different rank from q"
         site.v = Operand(v, None, nd == 3)

@@ -124,6 +124,8 @@ def _rewrite(gm: fx.GraphModule, site: AttentionSite, options: PassOptions, repl
         kpms, biases, seg, rel = [], [], None, None
         for term in site.terms:
             mask = now(term.node)
+            if term.heads_folded is not None and term.kind in ("key_padding", "dense"):
+                mask = _unfold_heads(graph, mask, term)
             if term.kind == "key_padding" and term.form in ("keep", "drop") and _kpm_ok(mask, scores_nd):
                 kpms.append(graph.call_function(ring_glue.key_padding_from_mask,
                                                 (mask, term.form == "drop", q)))
@@ -163,6 +165,9 @@ def _rewrite(gm: fx.GraphModule, site: AttentionSite, options: PassOptions, repl
         if d_qk is not None and d_v is not None and d_v < width:
             out = graph.call_function(operator.getitem, (out, (Ellipsis, slice(None, d_v))))
             out.meta[VALUE_KEY] = _meta_like(site.v, d_v, shape_from=site.q)
+        if site.out_fold_heads:  # (B, H, S, D) -> (B*H, S, D), as the model's bmm with v made it
+            out = graph.call_method("reshape", (out, *shape_of(out_node)))
+            out.meta[VALUE_KEY] = _meta_of(out_node)
         if site.out_squeeze0:
             out = graph.call_method("squeeze", (out, 0))
         if site.out_permute is not None:
@@ -188,6 +193,19 @@ def _relative_table(graph: fx.Graph, term, site: AttentionSite, options: PassOpt
         table = relative_table(graph, term.relative, total, heads)
         tables[key] = graph.call_function(operator.neg, (table,)) if term.form == "subtracted" else table
     return tables[key]
+
+
+def _meta_of(node: fx.Node) -> torch.Tensor:
+    return torch.empty(shape_of(node), dtype=dtype_of(node), device="meta")
+
+
+def _unfold_heads(graph: fx.Graph, mask: fx.Node, term) -> fx.Node:
+    """A ``(B*H, ..., S)`` mask (a baddbmm bias) viewed as ``(B, H, ..., S)``."""
+    b, h = term.heads_folded
+    shape = shape_of(term.node)
+    out = graph.call_method("reshape", (mask, b, h, *shape[1:]))
+    out.meta[VALUE_KEY] = torch.empty((b, h, *shape[1:]), dtype=dtype_of(term.node), device="meta")
+    return out
 
 
 def _operand_shape(o: Operand):

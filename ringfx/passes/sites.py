@@ -68,6 +68,9 @@ class MaskTerm:
     chunk: int = 0
     slopes: Optional[torch.Tensor] = None  # an ``alibi`` term's slopes (H,) or (1,), as the model's values
     relative: Optional[Any] = None  # a ``relative`` term's proof (``relative_bias.RelativeBias``)
+    # (B, H) when the term is laid out with the heads folded into the batch, (B*H, ..., S) (a
+    # baddbmm bias: BLOOM's ALiBi); the rewrite views it as (B, H, ..., S)
+    heads_folded: Optional[tuple] = None
     detail: str = ""  # for the reader: why unsupported, or how it was proven
 
 
@@ -102,6 +105,7 @@ class AttentionSite:
     v: Optional[Operand] = None
     out_permute: Optional[tuple[int, ...]] = None  # ring output (B,H,S,D) -> model layout
     out_squeeze0: bool = False
+    out_fold_heads: bool = False  # ring output (B, H, S, D) -> (B*H, S, D) (BLOOM's bmm with v)
     scale: Optional[float] = None  # None: 1/sqrt(D)
     # symbolic factors of the scale (dynamic shapes: ``/ v.size(-1) ** 0.5``): (node, ±1)
     scale_nodes: list = field(default_factory=list)
