@@ -60,14 +60,15 @@ def _split(x, world, dim):
     return list(x.chunk(world, dim))
 
 
-def _run(program, tensors, dims, cfg, group, outputs, summed=None, **replicated):
+def _run(program, tensors, dims, cfg, group, outputs, summed=None, token_major=False, **replicated):
     """Run ``program`` on every rank this process plays: one for a real group, P for a
     loopback ring (inputs split along the sequence; each virtual rank writes its results
     straight into its slice of the full outputs, so the loopback adds no concatenation).
     ``outputs``: (shape, dtype) of each per-token result; ``summed``: (shape, dtype) of one
     more result that each rank returns from its own queries (a table's gradient): the
     virtual ranks' are added up; ``replicated``: keyword arguments every rank takes whole
-    (ALiBi slopes, a relative-position table)."""
+    (ALiBi slopes, a relative-position table); ``token_major``: the first output is laid out
+    (B, S, H, D) (see ``_in_layout``)."""
     if isinstance(group, LoopbackRing):
         world = group.size
         device = tensors[0].device
@@ -75,7 +76,8 @@ def _run(program, tensors, dims, cfg, group, outputs, summed=None, **replicated)
             return tuple(torch.zeros(shape, dtype=dtype, device=device)
                          for shape, dtype in outputs + ([summed] if summed else []))
         parts = [_split(t, world, d) for t, d in zip(tensors, dims)]
-        full = [torch.empty(shape, dtype=dtype, device=device) for shape, dtype in outputs]
+        full = [_empty_out(shape, dtype, device, token_major and i == 0)
+                for i, (shape, dtype) in enumerate(outputs)]
         slices = [t.chunk(world, 2) for t in full]
         results = run_loopback([program(*(p[r] for p in parts), cfg, r, world, into=tuple(s[r] for s in slices),
                                         **replicated) for r in range(world)])
@@ -96,7 +98,7 @@ def ring_attention_op(
     key_padding_mask: Optional[Tensor], segment_ids: Optional[Tensor], attn_bias: Optional[Tensor],
     group_name: str, layout: str, causal: bool, scale: float, window: int, kernel: str,
     sinks: Optional[Tensor] = None, softcap: float = 0.0, chunk: int = 0, alibi: Optional[Tensor] = None,
-    rel_bias: Optional[Tensor] = None,
+    rel_bias: Optional[Tensor] = None, token_major: bool = False,
 ) -> tuple[Tensor, Tensor]:
     cfg = RingConfig(layout, causal, scale, window, kernel, softcap, sinks is not None, chunk, alibi is not None,
                      rel_bias is not None)
@@ -118,11 +120,31 @@ def ring_attention_op(
                as_4d_bias(attn_bias))
     out, lse = _run(forward_program, tensors, (2, 2, 2, 1, 1, -2), cfg, group,
                     [(q.shape, q.dtype), (q.shape[:-1], acc_dtype(q.dtype))], alibi=_slopes(alibi, q.dtype),
-                    rel=_table(rel_bias))
+                    rel=_table(rel_bias), token_major=token_major)
     if sinks is not None:
         out, lse = apply_sinks(out, lse, sinks)
-    return out, lse
+    return _in_layout(out, token_major), lse
 
+
+def _empty_out(shape, dtype, device, token_major: bool) -> Tensor:
+    """An uninitialised (B, H, S, D) output, laid out as (B, S, H, D) when ``token_major``."""
+    if not token_major:
+        return torch.empty(shape, dtype=dtype, device=device)
+    b, h, s, d = shape
+    return torch.empty((b, s, h, d), dtype=dtype, device=device).transpose(1, 2)
+
+
+def _in_layout(out: Tensor, token_major: bool) -> Tensor:
+    """``out`` with the strides the fake implementation promises: contiguous (B, H, S, D), or
+    token-major ((B, S, H, D) in memory, what SDPA's fused kernels return) when
+    ``token_major``. Token-major lets a model's ``out.transpose(1, 2).reshape(B, S, H * D)``
+    be a view, so the output projection saves the op's own output instead of a copy (one
+    (S, hidden) tensor per layer). A copy only where the kernel left another layout."""
+    if not token_major:
+        return out.contiguous()
+    if out.transpose(1, 2).is_contiguous():
+        return out
+    return _empty_out(out.shape, out.dtype, out.device, True).copy_(out)
 
 def _slopes(alibi, dtype):
     """ALiBi slopes in the accumulation dtype (the block bias is computed there, rounded once)."""
@@ -136,8 +158,8 @@ def _table(rel_bias):
 
 @ring_attention_op.register_fake
 def _(q, k, v, key_padding_mask, segment_ids, attn_bias, group_name, layout, causal, scale, window, kernel,
-      sinks=None, softcap=0.0, chunk=0, alibi=None, rel_bias=None):
-    return (torch.empty(q.shape, dtype=q.dtype, device=q.device),
+      sinks=None, softcap=0.0, chunk=0, alibi=None, rel_bias=None, token_major=False):
+    return (_empty_out(q.shape, q.dtype, q.device, token_major),
             torch.empty(q.shape[:-1], dtype=acc_dtype(q.dtype), device=q.device))
 
 
@@ -179,7 +201,7 @@ def _setup_context(ctx, inputs, output):
         raise ValueError(LEARNED_BIAS)
     if len(ctx.needs_input_grad) > 15 and ctx.needs_input_grad[15]:  # alibi slopes (when passed)
         raise ValueError(LEARNED_ALIBI)
-    q, k, v, pad, seg, bias, *options, sinks, softcap, chunk, alibi, rel = inputs  # defaults filled in by the op
+    q, k, v, pad, seg, bias, *options, sinks, softcap, chunk, alibi, rel, _ = inputs  # defaults filled in by the op
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, pad, seg, bias, sinks, alibi, rel)
     ctx.options = (*options, softcap, chunk)
@@ -192,7 +214,7 @@ def _backward(ctx, dout, dlse):
         dout, q, k, v, out, lse, pad, seg, bias, *ctx.options, alibi=alibi, rel_bias=rel, rel_bias_grad=ctx.rel_grad)
     dsinks = sinks_grad(dout, out, lse, sinks) if sinks is not None and ctx.needs_input_grad[12] else None
     return (dq, dk, dv, None, None, None, None, None, None, None, None, None, dsinks, None, None, None,
-            drel if ctx.rel_grad else None)
+            drel if ctx.rel_grad else None, None)
 
 
 ring_attention_op.register_autograd(_backward, setup_context=_setup_context)
