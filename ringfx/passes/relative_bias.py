@@ -103,7 +103,7 @@ def relative_bias_of(node: fx.Node, n: int) -> Union[RelativeBias, str]:
     out = labels[node]
     if out[-2:] != (_I, _J) or any(x != _C for x in out[:-3]) or (len(out) > 2 and out[-3] not in (_C, _V)):
         return f"mask {node.name} varies along other axes than the heads (axes {out})"
-    heads = shape[-3] if len(shape) > 2 and out[-3] == _V else 1
+    heads = shape[-3] if len(shape) > 2 else 1  # (size H and constant along it: expanded; the same)
     return RelativeBias(node, distances, chain, labels, heads)
 
 
