@@ -7,7 +7,9 @@ merged into the running (out, lse) in float32 (float64 for float64 inputs).
 
 Backward: K/V travel again; a rank computes the block gradients with the kernel's own
 backward op and the merged (out, lse); dQ stays home, dK/dV accumulate in float32
-into a buffer that travels with its block and arrives home at the end.
+into a buffer that travels with its block and arrives home at the end. A learned
+relative-position table's gradient stays home too: each block's dS (math kernel) summed by
+distance ``j - i`` from this rank's queries.
 
 Both programs start with the same prologue (the ranks' agreement, the call's fixed
 state) and rotate K/V the same way (``_Rank``). They yield ``AllGather`` /

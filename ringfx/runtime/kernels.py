@@ -16,6 +16,9 @@ memory-efficient SDPA ops; a float32/float64 math fallback for everything else. 
 soft-capping (``cap * tanh(s / cap)`` of the scaled scores, before the mask: Gemma 2)
 only the math kernel computes: the fused kernels take no score function, and torch's
 ``flex_attention`` (which does) cannot run its backward from a merged log-sum-exp.
+The math kernel's backward can also return dS, the gradient of the additive mask, from
+which the ring sums a learned relative-position table's gradient by distance (the fused
+kernels do not return it).
 GQA is handled in ``gqa_forward``/``gqa_backward`` without expanding K and V when no
 causal flag is needed: the G query heads of a KV head are laid out as more query rows.
 """
