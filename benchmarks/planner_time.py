@@ -1,6 +1,7 @@
 """How long ``python -m ringfx plan`` takes for each preset: a fresh process per plan, wall time.
 
     python benchmarks/planner_time.py [--repeats 3] [--presets tiny-llama,llama-70b-like] [--cases 128K,max]
+                                      [--root OTHER_CHECKOUT]   # time another version's planner (before/after)
 
 Each plan runs as its own ``python -m ringfx plan ... --quiet`` process (importing torch and
 ringfx included: what a user waits for), ``--repeats`` times; the table gives the minimum
@@ -35,15 +36,21 @@ CASES = {
 }
 
 
-def time_plan(preset: str, flags: list) -> dict:
-    command = [sys.executable, "-m", "ringfx", "plan", "--model", preset, *flags, "--quiet"]
+# what every plan pays before the planner runs: importing torch, and torch._dynamo, which the first
+# meta-device op imports (torch's Python meta kernels are wrapped in dynamo's "disable")
+FLOOR = [sys.executable, "-c", "import torch; torch.ones(1, device='meta') * 2"]
+
+
+def time_plan(preset: str, flags: list, root: str = ROOT) -> dict:
+    command = [sys.executable, "-m", "ringfx", "plan", "--model", preset, *flags, "--quiet"] if preset else FLOOR
     before = os.times()
     start = time.perf_counter()
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    done = subprocess.run(command, cwd=root, capture_output=True, text=True)  # -m: the ringfx of cwd
     wall = time.perf_counter() - start
     after = os.times()
     cpu = (after.children_user - before.children_user) + (after.children_system - before.children_system)
-    if done.returncode not in (0, 1, 2) or (done.returncode == 2 and "not even" not in done.stderr):
+    if done.returncode not in (0, 1, 2) or (done.returncode == 2 and "not even" not in done.stderr) or \
+            (not preset and done.returncode):
         raise RuntimeError(f"{' '.join(command)} failed ({done.returncode}):\n{done.stderr}")
     return {"wall_s": round(wall, 3), "cpu_s": round(cpu, 3), "exit": done.returncode,
             "answer": (done.stdout.splitlines() or done.stderr.splitlines() or [""])[0][:200]}
@@ -54,6 +61,7 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--presets", default=",".join(PRESETS))
     parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, of: {', '.join(CASES)}")
+    parser.add_argument("--root", default=ROOT, help="the checkout whose ringfx plans (default: this one)")
     parser.add_argument("--out", default=os.path.join(HERE, "results", "planner_time.json"))
     args = parser.parse_args(argv)
     presets, cases = args.presets.split(","), args.cases.split(",")
@@ -62,9 +70,10 @@ def main(argv=None) -> int:
             parser.error(f"--cases: {case!r} is not one of {', '.join(CASES)}")
     runs = {}
     for repeat in range(args.repeats):  # repeats interleaved: a burst of load spoils one run of each, not all
+        runs.setdefault("floor", []).append(time_plan(None, [], args.root))
         for preset in presets:
             for case in cases:
-                result = time_plan(preset, CASES[case])
+                result = time_plan(preset, CASES[case], args.root)
                 runs.setdefault(f"{preset} | {case}", []).append(result)
                 print(f"[{repeat + 1}/{args.repeats}] {preset:15} {case:26} {result['wall_s']:6.2f} s wall "
                       f"{result['cpu_s']:6.2f} s CPU  exit {result['exit']}", file=sys.stderr, flush=True)
@@ -75,11 +84,14 @@ def main(argv=None) -> int:
         cells = [f"{best[f'{preset} | {case}']['wall_s']:.2f} s / {best[f'{preset} | {case}']['cpu_s']:.2f} s"
                  for case in cases]
         print(f"| {preset} | {' | '.join(cells)} |")
+    floor = best.pop("floor")
     print(f"\n(min wall of {args.repeats} fresh processes / that run's CPU; worst: "
-          f"{max(r['wall_s'] for r in best.values()):.2f} s)")
+          f"{max(r['wall_s'] for r in best.values()):.2f} s; import torch + one meta op alone: "
+          f"{floor['wall_s']:.2f} s / {floor['cpu_s']:.2f} s)")
+    best["floor"] = floor
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
     with open(args.out, "w") as f:
-        json.dump({"machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": sys.version.split()[0],
+        json.dump({"root": os.path.abspath(args.root), "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": sys.version.split()[0],
                                "load_average_after": load},
                    "commands": {case: ["python", "-m", "ringfx", "plan", "--model", "PRESET", *CASES[case], "--quiet"]
                                 for case in cases},

@@ -11,9 +11,11 @@ capture.py   a module captured with dynamo and rewritten by ringfx's passes: the
 plan.py      ``plan(...) -> Plan``: the smallest ring that fits, with its numbers and reasons
 cli.py       ``python -m ringfx plan ...``
 
-Not yet done: planning a preset still takes ~2 s of CPU beyond importing torch and ringfx (the
-3- and 4-layer simulations at four lengths, ~0.2 s each); a transformers config (or a module) is
-still simulated whole, layer by layer.
+A preset plans in under 5 s on a 2-core CPU, of which ~3 s is importing torch and the dynamo
+modules torch's meta kernels pull in (BENCHMARKS.md, "time to plan a preset").  Not yet done:
+a transformers config (or a module) is still simulated whole, layer by layer, at four lengths
+(5-15 s for a 7B-class config): its layers are not known to be identical, which the layer
+extrapolation needs.
 """
 
 from .device import DeviceSpec, device_spec, parse_bytes, parse_seq_len
