@@ -409,3 +409,16 @@ def test_transformers_t5_encoder_rewritten_and_exact(attn, world, layout):
     for n, g in ref_grads.items():
         torch.testing.assert_close(grads[n], g, atol=TOL, rtol=0, msg=lambda m: f"{n}: {m}")
     assert ref_grads["encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"].abs().max() > 1e-3
+
+
+def test_learned_table_backward_in_row_parts(monkeypatch):
+    """The math-kernel backward of a learned table takes a block's query rows in parts (its
+    float32 tensors bounded); forced here to parts of one or a few rows: exact all the same."""
+    from ringfx.runtime import algorithm
+
+    for elements in (1, 2 * 4 * 7 * 3):
+        monkeypatch.setattr(algorithm, "BIAS_GRAD_ELEMENTS", elements)
+        for world, layout, causal in ((1, "contiguous", True), (2, "zigzag", False), (3, "zigzag", True)):
+            errors = check_table(ringfx.LoopbackRing(world), layout, causal, seed=5, per_rank=4, window=5,
+                                 padding=True)
+            assert max(errors) < TOL, (elements, world, layout, causal, errors)

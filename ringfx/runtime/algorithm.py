@@ -203,6 +203,8 @@ def backward_program(dout, q, k, v, out, lse, pad, seg, bias, cfg: RingConfig, r
     # rows that saw no key: exp(s - inf) = 0 instead of exp(-inf + inf) = NaN
     lse = lse.masked_fill(lse == float("-inf"), float("inf"))
     single = _single_block(ring)
+    if single is not None and bias_grad and len(_bias_grad_rows(single[1].rows, q, s_local)) > 1:
+        single = None  # the math kernel's rows in parts (the loop below)
     if single is not None:  # one block: the kernel's gradients are the gradients
         call, blk, kern = single
         grads = gqa_backward(kern, dout, q, blk.k, blk.v, out, lse, blk.mask, call.is_causal, cfg.scale, bias_grad)
@@ -222,15 +224,19 @@ def backward_program(dout, q, k, v, out, lse, pad, seg, bias, cfg: RingConfig, r
         kv_pending = yield from ring.pass_on(t)
         block_grads = []
         for call, blk, kern in ring.blocks(t):
-            r = blk.rows
-            with side.kernel(q, blk.k, blk.v, blk.mask, dout, out, lse):
-                dq_b, dk_b, dv_b, *ds = gqa_backward(kern, dout[:, :, r], q[:, :, r], blk.k, blk.v, out[:, :, r],
-                                                     lse[:, :, r], blk.mask, call.is_causal, cfg.scale, bias_grad)
-            block_grads.append((r, call.k, dq_b, dk_b, dv_b))
-            if ds:
-                with side:  # one stream adds into the table's gradient (the kernels' alternate)
-                    side.keep(ds[0])
-                    _add_bias_grad(d_rel, ds[0], ring.source.q_pos[r], blk.k_pos)
+            parts = _bias_grad_rows(blk.rows, q, blk.k.shape[2]) if bias_grad and not call.is_causal else [blk.rows]
+            for r in parts:
+                mask = blk.mask
+                if len(parts) > 1 and mask is not None and mask.shape[-2] > 1:
+                    mask = mask[..., r.start - blk.rows.start:r.stop - blk.rows.start, :]
+                with side.kernel(q, blk.k, blk.v, mask, dout, out, lse):
+                    dq_b, dk_b, dv_b, *ds = gqa_backward(kern, dout[:, :, r], q[:, :, r], blk.k, blk.v, out[:, :, r],
+                                                         lse[:, :, r], mask, call.is_causal, cfg.scale, bias_grad)
+                block_grads.append((r, call.k, dq_b, dk_b, dv_b))
+                if ds:
+                    with side:  # one stream adds into the table's gradient (the kernels' alternate)
+                        side.keep(ds[0])
+                        _add_bias_grad(d_rel, ds[0], ring.source.q_pos[r], blk.k_pos)
         # accumulate on the side stream: dQ here, dK/dV into the buffer that travelled
         # here with this block; then send it on (the side stream orders the send). The
         # last fold writes dK and dV in the input dtype for the hop home.
@@ -270,6 +276,18 @@ def backward_program(dout, q, k, v, out, lse, pad, seg, bias, cfg: RingConfig, r
     into[1].copy_(dk)
     into[2].copy_(dv)
     return (*into, d_rel) if bias_grad else into
+
+
+# A learned relative table's backward runs the math kernel, whose float32 scores,
+# probabilities and dS are B·H·rows·keys each: a block's query rows are taken in parts of at
+# most this many elements (2**26: 256 MiB of float32), so its memory does not grow with the block
+BIAS_GRAD_ELEMENTS = 2**26
+
+
+def _bias_grad_rows(rows: slice, q, n_keys: int) -> list:
+    """``rows`` in parts whose math-kernel tensors stay within ``BIAS_GRAD_ELEMENTS``."""
+    step = max(1, BIAS_GRAD_ELEMENTS // max(1, q.shape[0] * q.shape[1] * n_keys))
+    return [slice(a, min(a + step, rows.stop)) for a in range(rows.start, rows.stop, step)]
 
 
 def _add_bias_grad(d_rel, ds, q_pos, k_pos) -> None:
