@@ -144,7 +144,7 @@ class Prepared:
     dout: torch.Tensor
     to_global: Callable = lambda out: out
     notes: list = field(default_factory=list)
-    backward: bool = True  # False: the forward+backward pass is not run (its reason is in notes)
+    no_backward: str | None = None  # why the forward+backward pass is not run, or None
 
 
 @dataclass
@@ -482,8 +482,7 @@ def flex_contender(variant):
         if pb.q.device.type == "cpu":
             # flex has no backward on CPU, and its failed compile in grad mode leaves every later
             # flex call of the process running eagerly (the unfused reference, not the kernel)
-            prepared.backward = False
-            prepared.notes.append("fwd+bwd: not run (flex_attention has no backward on CPU)")
+            prepared.no_backward = "flex_attention has no backward on CPU"
         return prepared
 
     def flex_prepare(pb: Problem):
@@ -692,7 +691,8 @@ def run_row(clock, pb, contender, ref, args):
         if tag == "fwd_bwd" and "fwd_ms" not in row:
             row["notes"].append("fwd+bwd: not run (forward failed)")
             break
-        if tag == "fwd_bwd" and not prepared.backward:
+        if tag == "fwd_bwd" and prepared.no_backward:
+            row["notes"].append(f"fwd+bwd: not run ({prepared.no_backward})")
             break
         try:
             with warnings.catch_warnings(record=True) as warned:
