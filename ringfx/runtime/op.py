@@ -7,7 +7,7 @@ a fake implementation gives shapes, the autograd formula calls the backward op
     out, lse = torch.ops.ringfx.ring_attention(
         q, k, v, key_padding_mask, segment_ids, attn_bias,
         group_name, layout, causal, scale, window, kernel, sinks=None, softcap=0.0,
-        chunk=0, alibi=None, rel_bias=None)
+        chunk=0, alibi=None, rel_bias=None, token_major=False)
 
 ``softcap`` > 0 soft-caps the scaled scores before the mask (``softcap * tanh(s /
 softcap)``, Gemma 2; computed by the math block kernel); ``sinks`` ``(Hq,)`` adds a learned
@@ -32,6 +32,9 @@ outside the op carries it on through the gather and the embedding to the learned
 block's dS comes from the math kernel's backward (the fused kernels do not return it), so
 a table that requires grad makes the backward blocks run the math kernel; the forward keeps
 the fastest kernel that takes a mask.
+
+``token_major`` only changes the output's memory layout: (B, S, H, D) in memory, as SDPA's
+fused kernels return theirs (see ``_in_layout``); the eager inner compiler asks for it.
 
 The group travels as its name (process groups are not a schema type): a real group's
 ``group_name``, or ``"loopback:P"`` for P virtual ranks in this process, in which case
