@@ -1,0 +1,372 @@
+"""Lower ``flex_attention`` calls to attention spellings the other passes know.
+
+Dynamo captures ``flex_attention(q, k, v, score_mod=..., block_mask=...)`` (transformers'
+``attn_implementation="flex_attention"``) as one higher-order op holding two subgraphs:
+the ``score_mod`` and the BlockMask's ``mask_mod``, both written for one element
+``(b, h, q_idx, kv_idx)``. The op is opaque to the attention finder. This pass writes it
+out as ordinary graph nodes: the mask_mod applied to broadcast index tensors gives the
+dense boolean mask (the way ``torch.nn.attention.flex_attention.create_mask`` evaluates
+it, with broadcasting in place of vmap), then::
+
+    # before
+    out = flex_attention(q, k, v, score_mod_0, (S, S, kv_num_blocks, ..., mask_fn_0), 0.35,
+                         {...}, (), (pad,))[0]
+    # after (identity score_mod)
+    b = arange(B).view(B, 1, 1, 1); q_idx = arange(S).view(1, 1, S, 1)
+    kv_idx = arange(S).view(1, 1, 1, S)
+    mask = (kv_idx <= q_idx) & pad[b, kv_idx]                 # mask_fn_0, inlined
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.35, enable_gqa=...)
+    # after (soft-capping score_mod: cap * tanh(score / cap)), Gemma 2's eager spelling
+    w = tanh(matmul(q, k_rep.transpose(2, 3)) * 0.35 / cap) * cap
+    out = matmul(softmax(where(mask, w, min), -1, dtype=float32).to(q.dtype), v_rep)
+
+The mask is then classified like any other (causal, window, chunk, key padding, segment
+ids from the aranges and the mask_mod's buffers) and the attention rewritten into the ring
+op; with full-length inputs every rank evaluates it on global positions. The BlockMask's
+block tensors are no longer read (they are only a sparse summary of the same mask_mod).
+
+Why lower rather than call ``flex_attention`` per block: the ring op's block kernels and
+its mask descriptors (causal / window / key padding / segment ids, skipping empty blocks)
+already cover what transformers' mask_mods express, and a mask proven that way costs O(S)
+per rank; a per-block flex kernel would still need the same proof that the mod reads
+global positions only through its index arguments.
+
+Left alone and reported (``Decision.LEAVE``: the backend refuses it on a ring of P > 1,
+or warns with ``strict=False``): a score_mod other than the identity or a soft-cap (an
+additive bias, say: it would need proving a function of ``j - i``), a used log-sum-exp,
+a BlockMask whose lengths are not the query / key lengths, a mod that holds its own
+constants (``get_attr``) or returns no boolean, a symbolic scale. A BlockMask built from
+block indices alone (``BlockMask.from_kv_blocks`` with no mask_mod) whose example blocks
+are not all full is left alone too: its mask lives in the block tensors, not in a mod.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import operator
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+from .decompose_mha import _trace
+from .node_facts import VALUE_KEY, op_name, real_value, scalar, shape_of, source_line, value_of
+from .options import PassOptions
+from .sites import META_KEY, AttentionSite, PassReport, SiteRecord
+
+log = logging.getLogger("ringfx.passes")
+
+PATTERN = "flex_attention"
+
+
+def flex_attention_op():
+    """torch's flex_attention higher-order op, or None on a torch without it."""
+    return getattr(torch.ops.higher_order, "flex_attention", None)
+
+
+@dataclass
+class FlexCall:
+    """The parts of one captured ``flex_attention`` call."""
+
+    node: fx.Node
+    q: fx.Node
+    k: fx.Node
+    v: fx.Node
+    score_mod: Optional[fx.GraphModule]
+    mask_mod: Optional[fx.GraphModule]
+    block_mask: tuple
+    scale: Any
+    score_buffers: tuple
+    mask_buffers: tuple
+
+
+def lower_flex_attention_pass(gm: fx.GraphModule, *, options: Optional[PassOptions] = None
+                              ) -> tuple[fx.GraphModule, PassReport]:
+    """Replace every ``flex_attention`` call whose mods are understood by SDPA (or Gemma 2's
+    eager soft-capped attention) with the mask_mod's dense mask; record the others as
+    sites left alone."""
+    report = PassReport("lower_flex_attention")
+    hop = flex_attention_op()
+    changed = False
+    for node in list(gm.graph.nodes):
+        if hop is None or node.op != "call_function" or node.target is not hop:
+            continue
+        call = _parse(gm, node)
+        problem = _unsupported(call)
+        cap = None
+        if not problem:
+            cap = _score_mod_kind(call.score_mod)
+            if cap is None:
+                problem = (f"flex_attention with a score_mod ringfx does not know: {_describe(call.score_mod)} "
+                           "(only the identity and a soft-cap cap * tanh(score / cap) are lowered)")
+        if problem:
+            site = AttentionSite(output=node, pattern=PATTERN, source_line=source_line(node), anchor=node)
+            node.meta[META_KEY] = site.skip(problem)
+            report.sites.append(SiteRecord.of(site))
+            report.skipped += 1
+            continue
+        _lower(gm, call, softcap=cap)
+        report.rewritten += 1
+        changed = True
+    if changed:
+        _drop_unread_mods(gm)
+        gm.graph.lint()
+        gm.recompile()
+    log.info("lower_flex_attention: lowered %d flex_attention call(s), left %d", report.rewritten, report.skipped)
+    return gm, report
+
+
+# ------------------------------------------------------------------ reading the call
+
+def _module(gm: fx.GraphModule, x) -> Optional[fx.GraphModule]:
+    if isinstance(x, fx.Node) and x.op == "get_attr":
+        sub = getattr(gm, x.target, None)
+        return sub if isinstance(sub, fx.GraphModule) else None
+    return None
+
+
+def _parse(gm: fx.GraphModule, node: fx.Node) -> FlexCall:
+    names = ("query", "key", "value", "score_mod", "block_mask", "scale", "kernel_options",
+             "score_mod_other_buffers", "mask_mod_other_buffers")
+    a = dict(zip(names, node.args))
+    a.update(node.kwargs)
+    block_mask = tuple(a.get("block_mask") or ())
+    return FlexCall(node, a["query"], a["key"], a["value"], _module(gm, a.get("score_mod")),
+                    _module(gm, block_mask[-1]) if block_mask else None, block_mask, a.get("scale"),
+                    tuple(a.get("score_mod_other_buffers") or ()), tuple(a.get("mask_mod_other_buffers") or ()))
+
+
+def _unsupported(call: FlexCall) -> str:
+    """Why ``call`` cannot be lowered, or ''."""
+    node = call.node
+    for user in node.users:
+        if not (op_name(user) == "getitem" and isinstance(user.args[1], int)):
+            return f"its result is read whole by {user.name}"
+        if user.args[1] != 0 and user.users:
+            return "its log-sum-exp (return_lse / return_aux) is used"
+    shapes = [shape_of(x) for x in (call.q, call.k, call.v)]
+    if any(s is None or len(s) != 4 or not all(isinstance(d, int) for d in s) for s in shapes):
+        return f"q/k/v shapes {shapes} are not static (B, H, S, D)"
+    (b, hq, sq, _), (_, hk, sk, _) = shapes[0], shapes[1]
+    if hk == 0 or hq % hk:
+        return f"{hq} query heads are not a multiple of {hk} key/value heads"
+    if call.score_mod is None or (call.block_mask and call.mask_mod is None):
+        return "its score_mod or mask_mod is not a subgraph of this graph"
+    if len(call.block_mask) < 3 or (call.block_mask[0], call.block_mask[1]) != (sq, sk):
+        lengths = tuple(call.block_mask[:2]) if len(call.block_mask) >= 2 else None
+        return f"its BlockMask is for lengths {lengths}, not the query / key lengths ({sq}, {sk})"
+    if scalar(call.scale) is None:
+        return f"its scale {call.scale!r} is not a number"
+    for mod, what in ((call.score_mod, "score_mod"), (call.mask_mod, "mask_mod")):
+        held = [n.target for n in mod.graph.nodes if n.op in ("get_attr", "call_module")]
+        if held:
+            return f"its {what} holds {held} of its own"
+    if _is_noop(call.mask_mod) and not _blocks_all_full(call):
+        return "its BlockMask has no mask_mod but sparse blocks (BlockMask.from_kv_blocks): the mask is in the blocks"
+    if not _is_noop(call.mask_mod):
+        out = _returned(call.mask_mod)
+        if getattr(value_of(out), "dtype", torch.bool) != torch.bool:
+            return "its mask_mod does not return a boolean"
+    return ""
+
+
+def _returned(mod: fx.GraphModule):
+    return next(n for n in mod.graph.nodes if n.op == "output").args[0]
+
+
+def _placeholders(mod: fx.GraphModule) -> list[fx.Node]:
+    return [n for n in mod.graph.nodes if n.op == "placeholder"]
+
+
+def _is_noop(mod: fx.GraphModule) -> bool:
+    """torch's ``noop_mask``: ``b.new_ones((), dtype=torch.bool)`` (attend everywhere)."""
+    out = _returned(mod)
+    return op_name(out) == "new_ones" and out.args[0] in _placeholders(mod)
+
+
+def _blocks_all_full(call: FlexCall) -> bool:
+    """Whether the example BlockMask lists every block as full (``_create_empty_block_mask``,
+    used when no block_mask is passed): then its block tensors hide no mask. Blocks built in
+    this graph from the mask_mod itself (``create_block_mask`` in the model) are its summary."""
+    bm = call.block_mask
+    tensors = [x for x in bm[2:-1] if isinstance(x, fx.Node)]
+    if any(t.op != "placeholder" for t in tensors):
+        return True  # computed here, from the (noop) mask_mod by create_block_mask
+    values = [real_value(t) for t in tensors]
+    if any(v is None for v in values):
+        return False
+    kv_num_blocks, kv_indices = values[0], values[1]
+    full_num = values[2] if len(values) > 2 else None
+    sk, block_kv = bm[1], bm[-2]
+    blocks = -(-sk // block_kv) if isinstance(block_kv, int) and block_kv > 0 else None
+    if blocks is None:
+        return False
+    present = int(kv_num_blocks.min()) + (int(full_num.min()) if full_num is not None else 0)
+    return present >= blocks and bool((kv_indices >= 0).all())
+
+
+# ------------------------------------------------------------------ the score_mod
+
+def _score_mod_kind(mod: fx.GraphModule) -> Optional[float]:
+    """0.0 for the identity, the cap of ``cap * tanh(score / cap)``, or None."""
+    score = _placeholders(mod)[0]
+    out = _returned(mod)
+    if out is score:
+        return 0.0
+    if op_name(out) != "mul" or len(out.args) != 2:
+        return None
+    outer, inner = (out.args if op_name(out.args[1]) == "tanh" else out.args[::-1])
+    cap = scalar(outer)
+    if cap is None or cap <= 0 or op_name(inner) != "tanh" or not isinstance(inner.args[0], fx.Node):
+        return None
+    x = inner.args[0]
+    if op_name(x) == "div" and x.args[0] is score and scalar(x.args[1]) == cap:
+        return cap
+    if op_name(x) == "mul" and score in x.args:
+        factor = scalar(x.args[1] if x.args[0] is score else x.args[0])
+        if factor is not None and abs(factor * cap - 1.0) < 1e-12:
+            return cap
+    return None
+
+
+def _describe(mod: fx.GraphModule) -> str:
+    """The score_mod's body in one line (``add(mul(0.1, sub(q_idx, kv_idx)), score)``)."""
+    names = dict(zip(_placeholders(mod), ("score", "b", "h", "q_idx", "kv_idx")))
+
+    def show(x, depth=0):
+        if isinstance(x, fx.Node):
+            if x in names:
+                return names[x]
+            if x.op == "placeholder":
+                return x.name
+            if depth > 4:
+                return "..."
+            return f"{op_name(x)}({', '.join(show(a, depth + 1) for a in x.args)})"
+        return repr(x)
+
+    return show(_returned(mod))
+
+
+# ------------------------------------------------------------------ writing it out
+
+def flex_as_sdpa(q, k, v, mask=None, *, scale, gqa):
+    """flex_attention with the identity score_mod: SDPA with the mask_mod's dense mask."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+
+
+def flex_as_softcapped(q, k, v, mask=None, *, scale, cap, repeats, min_value):
+    """flex_attention with a soft-capping score_mod, spelled as transformers' Gemma 2 eager
+    attention (``modeling_gemma2.eager_attention_forward``, its ``repeat_kv`` as
+    ``repeat_interleave``; the mask applied after the cap, as flex applies it)."""
+    if repeats > 1:
+        k = k.repeat_interleave(repeats, dim=1)
+        v = v.repeat_interleave(repeats, dim=1)
+    w = torch.matmul(q, k.transpose(2, 3)) * scale
+    w = w / cap
+    w = torch.tanh(w)
+    w = w * cap
+    if mask is not None:
+        w = torch.where(mask, w, min_value)
+    p = F.softmax(w, dim=-1, dtype=torch.float32).to(q.dtype)
+    return torch.matmul(p, v)
+
+
+def _lower(gm: fx.GraphModule, call: FlexCall, *, softcap: float) -> None:
+    graph = gm.graph
+    node = call.node
+    (b, hq, sq, _), (_, hk, sk, _) = shape_of(call.q), shape_of(call.k)
+    stack = node.meta.get("stack_trace")
+    with graph.inserting_before(node):
+        mask = None if _is_noop(call.mask_mod) else _dense_mask(graph, call, (b, hq, sq, sk), stack)
+        tensors = [call.q, call.k, call.v] + ([mask] if mask is not None else [])
+        if softcap:
+            dtype = value_of(call.q).dtype
+            fn = functools.partial(flex_as_softcapped, scale=float(call.scale), cap=float(softcap),
+                                   repeats=hq // hk, min_value=torch.finfo(dtype).min)
+        else:
+            fn = functools.partial(flex_as_sdpa, scale=float(call.scale), gqa=hq != hk)
+        names = ["q", "k", "v", "mask"][:len(tensors)]
+        sub = _trace(fn, len(tensors), {n: _meta(t) for n, t in zip(names, tensors)}, names)
+        values = dict(zip(_placeholders(sub), tensors))
+        out = graph.graph_copy(sub.graph, values)
+    for new in values.values():
+        if new.op in ("call_function", "call_method") and new not in tensors:
+            new.meta["stack_trace"] = stack
+            if op_name(new) == "sdpa":
+                new.meta["ringfx_pattern"] = PATTERN
+    for user in list(node.users):
+        if user.args[1] == 0:
+            user.replace_all_uses_with(out)
+        graph.erase_node(user)
+    graph.erase_node(node)
+
+
+def _dense_mask(graph: fx.Graph, call: FlexCall, sizes: tuple, stack) -> fx.Node:
+    """The mask_mod applied to broadcast ``b, h, q_idx, kv_idx`` (``(B|1, H|1, Sq, Sk)``)."""
+    mod = call.mask_mod
+    device = value_of(call.q).device
+    indices, made = [], []
+    for axis, (placeholder, size) in enumerate(zip(_placeholders(mod), sizes)):
+        if not placeholder.users:
+            indices.append(None)  # not read: no index tensor made
+            continue
+        shape = [1, 1, 1, 1]
+        shape[axis] = size
+        positions = graph.call_function(torch.arange, (size,), {"device": device})
+        idx = graph.call_method("view", (positions, *shape))
+        indices.append(idx)
+        made += [positions, idx]
+    values = dict(zip(_placeholders(mod), indices + list(call.mask_buffers)))
+    out = graph.graph_copy(mod.graph, values)
+    made += [values[n] for n in mod.graph.nodes if n.op not in ("placeholder", "output")]
+    _record_values(made, stack)
+    return out
+
+
+def _meta(node: fx.Node) -> torch.Tensor:
+    v = value_of(node)
+    return torch.empty(tuple(v.shape), dtype=v.dtype, device="meta")
+
+
+def _record_values(nodes: list[fx.Node], stack) -> None:
+    """Record each inserted node's shape and dtype (a meta tensor in ``meta[VALUE_KEY]``),
+    evaluated in graph order: the copied mod's own values were traced for one element."""
+    order = {n: i for i, n in enumerate(nodes[0].graph.nodes)}
+    env = {}
+
+    def load(x):
+        if x in env:
+            return env[x]
+        return _meta(x)
+
+    for n in sorted(nodes, key=order.__getitem__):
+        args, kwargs = fx.node.map_arg(n.args, load), fx.node.map_arg(n.kwargs, load)
+        # on meta tensors a move to a device would copy out of meta: keep the placement
+        args = tuple(a for a in args if not isinstance(a, torch.device))
+        kwargs = {k: v for k, v in kwargs.items() if k != "device"}
+        if op_name(n) == "arange":
+            kwargs["device"] = "meta"
+        if op_name(n) == "to" and len(args) == 1 and not kwargs:
+            value = args[0]  # x.to(device): where x already is
+        elif n.op == "call_function":
+            value = n.target(*args, **kwargs)
+        else:
+            value = getattr(args[0], n.target)(*args[1:], **kwargs)
+        env[n] = value
+        for key in ("example_value", "val", "tensor_meta"):
+            n.meta.pop(key, None)  # traced for one element of the vmap: the wrong shape here
+        n.meta[VALUE_KEY] = value
+        n.meta.setdefault("stack_trace", stack)
+
+
+def _drop_unread_mods(gm: fx.GraphModule) -> None:
+    """Erase the ``get_attr`` nodes of mods no call reads any more, and the mods."""
+    for node in list(gm.graph.nodes):
+        if node.op == "get_attr" and not node.users and isinstance(getattr(gm, node.target, None), fx.GraphModule):
+            target = node.target
+            gm.graph.erase_node(node)
+            if not any(n.op == "get_attr" and n.target == target for n in gm.graph.nodes):
+                delattr(gm, target)
