@@ -14,7 +14,11 @@ integer constant in its subgraph, so that a sliding window wider than n is seen)
 must come out the same causal / window / chunked (Llama 4: ``kv_idx // C == q_idx // C``)
 / all-attend pattern at every size that evaluates. A float one that is, per head,
 ``slope_h * (j - i)`` where it is finite (ALiBi, folded into SDPA's mask) is passed to the
-ring op as its slopes, which computes the bias per block from global positions.
+ring op as its slopes, which computes the bias per block from global positions. A float
+bias proven a function of ``j - i`` per head (T5's bucketed bias, learned or built from
+sizes: ``relative_bias.py``) is ``relative``: the op takes it as a table over the distances.
+A mask written in place after it was made (``keep[..., -2:] = False``) is not what its own
+subgraph computes: ``unsupported``.
 A per-key mask is recognised by shape (its query axis has size 1): it is O(S), so it is
 passed as key padding or gathered along the ring. A dense mask is passed block-wise as
 ``attn_bias`` — on a real ring only if its key columns already span the whole sequence.
