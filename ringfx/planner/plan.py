@@ -435,6 +435,11 @@ class _Search:
     def divisible(self, ring_size: int, layout: str) -> bool:
         return self.seq_len % (2 * ring_size if layout == "zigzag" else ring_size) == 0
 
+    def tries_one_device(self, options: TrainingOptions, sizes) -> bool:
+        """Whether the searches simulate one device (P = 1, another program: no ring): only when it
+        is the only size, or when the state (parameters, optimizer, master weights) fits it."""
+        return sizes[0] == 1 and (len(sizes) == 1 or _static_bytes(self.target, options, 1) <= self.budget)
+
     def first_fit(self, options: TrainingOptions, sizes, reasons: Optional[list] = None, chunking: bool = True):
         """(ring size, query chunks, peak, model) of the first ring size that fits, else the
         smallest peak seen as (ring size, None, peak, model)."""
@@ -445,14 +450,11 @@ class _Search:
             if not self.divisible(p, layout):
                 skipped.append(p)
                 continue
-            if p == 1 and len(sizes) > 1:
-                # one device runs another program (no ring): worth simulating only if the state fits
-                state = _static_bytes(self.target, options, 1)
-                if state > self.budget:
-                    if reasons is not None:
-                        reasons.append(f"P=1: parameters, gradients' master copy and optimizer state alone take "
-                                       f"{_gib(state)} > budget {_gib(self.budget)}")
-                    continue
+            if p == 1 and not self.tries_one_device(options, sizes):
+                if reasons is not None:
+                    reasons.append(f"P=1: parameters, gradients' master copy and optimizer state alone take "
+                                   f"{_gib(_static_bytes(self.target, options, 1))} > budget {_gib(self.budget)}")
+                continue
             block = self.seq_len // p
             chunk_options = _query_chunk_options(block, options.query_chunks) if (chunking and p > 1) else \
                 [options.query_chunks]
@@ -560,7 +562,9 @@ def plan(
         sizes = _ring_sizes(spec.world_size, max_ring_size)
 
         search = _Search(target, seq_len, budget, layout, causal)
-        probe = search.model(options, ring=True)
+        # the program the search simulates first also tells what attention the model has (the same
+        # calls in both): one device when P = 1 is tried, which may be the answer and spare the ring's
+        probe = search.model(options, ring=not search.tries_one_device(options, sizes))
         if causal is None:
             causal = target.causal if target.causal is not None else any(a.causal for a in probe.attention)
             search.causal = causal
@@ -713,8 +717,8 @@ def max_seq_len(search: "_Search", options: TrainingOptions, sizes) -> tuple:
     """
     best = (0, None)
     for p in sizes:
-        if p == 1 and len(sizes) > 1 and _static_bytes(search.target, options, 1) > search.budget:
-            continue  # state alone does not fit one device: its program is not simulated (as in first_fit)
+        if p == 1 and not search.tries_one_device(options, sizes):
+            continue  # state alone does not fit one device: its program is not simulated
         model = search.model(options, ring=p > 1)
         unit = 2 * p if search.layout_for(p) == "zigzag" else p
         s_max = _largest_fitting(model, p, search.budget, unit)
