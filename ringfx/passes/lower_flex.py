@@ -257,10 +257,11 @@ def flex_as_sdpa(q, k, v, mask=None, *, scale, gqa):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
 
 
-def flex_as_softcapped(q, k, v, mask=None, *, scale, cap, repeats, min_value):
+def flex_as_softcapped(q, k, v, mask=None, *, scale, cap, repeats, min_value, accumulate):
     """flex_attention with a soft-capping score_mod, spelled as transformers' Gemma 2 eager
     attention (``modeling_gemma2.eager_attention_forward``, its ``repeat_kv`` as
-    ``repeat_interleave``; the mask applied after the cap, as flex applies it)."""
+    ``repeat_interleave``; the mask applied after the cap, as flex applies it). The softmax
+    runs in ``accumulate``: float32, or float64 for float64 inputs (as flex computes them)."""
     if repeats > 1:
         k = k.repeat_interleave(repeats, dim=1)
         v = v.repeat_interleave(repeats, dim=1)
@@ -270,7 +271,7 @@ def flex_as_softcapped(q, k, v, mask=None, *, scale, cap, repeats, min_value):
     w = w * cap
     if mask is not None:
         w = torch.where(mask, w, min_value)
-    p = F.softmax(w, dim=-1, dtype=torch.float32).to(q.dtype)
+    p = F.softmax(w, dim=-1, dtype=accumulate).to(q.dtype)
     return torch.matmul(p, v)
 
 
@@ -285,7 +286,8 @@ def _lower(gm: fx.GraphModule, call: FlexCall, *, softcap: float) -> None:
         if softcap:
             dtype = value_of(call.q).dtype
             fn = functools.partial(flex_as_softcapped, scale=float(call.scale), cap=float(softcap),
-                                   repeats=hq // hk, min_value=torch.finfo(dtype).min)
+                                   repeats=hq // hk, min_value=torch.finfo(dtype).min,
+                                   accumulate=torch.promote_types(dtype, torch.float32))
         else:
             fn = functools.partial(flex_as_sdpa, scale=float(call.scale), gqa=hq != hk)
         names = ["q", "k", "v", "mask"][:len(tensors)]
@@ -308,7 +310,7 @@ def _dense_mask(graph: fx.Graph, call: FlexCall, sizes: tuple, stack) -> fx.Node
     """The mask_mod applied to broadcast ``b, h, q_idx, kv_idx`` (``(B|1, H|1, Sq, Sk)``)."""
     mod = call.mask_mod
     device = value_of(call.q).device
-    indices, made = [], []
+    indices, made, axis_of = [], [], {}
     for axis, (placeholder, size) in enumerate(zip(_placeholders(mod), sizes)):
         if not placeholder.users:
             indices.append(None)  # not read: no index tensor made
@@ -319,11 +321,75 @@ def _dense_mask(graph: fx.Graph, call: FlexCall, sizes: tuple, stack) -> fx.Node
         idx = graph.call_method("view", (positions, *shape))
         indices.append(idx)
         made += [positions, idx]
+        axis_of[idx] = axis
     values = dict(zip(_placeholders(mod), indices + list(call.mask_buffers)))
     out = graph.graph_copy(mod.graph, values)
-    made += [values[n] for n in mod.graph.nodes if n.op not in ("placeholder", "output")]
-    _record_values(made, stack)
+    copied = [values[n] for n in mod.graph.nodes if n.op not in ("placeholder", "output")]
+    out, copied = _as_views(graph, out, copied, axis_of, sizes, device)
+    alive = set(graph.nodes)
+    _record_values([n for n in made + copied if n in alive], stack)
     return out
+
+
+def _as_views(graph: fx.Graph, out: fx.Node, copied: list, axis_of: dict, sizes: tuple, device
+              ) -> tuple[fx.Node, list]:
+    """Say what the inlined mod computes in the spellings the mask analysis reads:
+
+        pad[b, kv_idx + 0]                  ->  pad[:, None, None, :]     (a view: key padding)
+        doc[b, q_idx] == doc[b, kv_idx]     ->  doc[:, None, :, None] == doc[:, None, None, :]
+        m.to(device)   (where m already is) ->  m
+
+    An index tensor is a full arange along its own axis, so indexing a buffer with them
+    in axis order is a view of the buffer; ``+ 0`` is transformers' offset of 0."""
+    replaced = {}
+    for node in copied:
+        name = op_name(node)
+        if name in ("add", "sub") and len(node.args) == 2 and node.args[0] in axis_of and scalar(node.args[1]) == 0:
+            replaced[node] = node.args[0]
+        elif name == "to" and len(node.args) == 2 and not node.kwargs and isinstance(node.args[1], torch.device) \
+                and torch.device(node.args[1]) == device and _on(node.args[0], device, axis_of):
+            replaced[node] = node.args[0]
+        elif name == "getitem" and isinstance(node.args[1], tuple) and node.args[1] \
+                and all(i in axis_of for i in node.args[1]):
+            axes = [axis_of[i] for i in node.args[1]]
+            buffer = node.args[0]
+            if axes != sorted(set(axes)) or shape_of(buffer) != tuple(sizes[a] for a in axes):
+                continue
+            with graph.inserting_before(node):
+                view = graph.call_function(operator.getitem, (
+                    buffer, tuple(slice(None) if a in axes else None for a in range(len(sizes)))))
+            view.meta["stack_trace"] = node.meta.get("stack_trace")
+            replaced[node] = view
+        else:
+            continue
+        node.replace_all_uses_with(replaced[node])
+    for node in reversed(copied):
+        if node in replaced and not node.users:
+            graph.erase_node(node)
+    for idx in [i for i in axis_of if not i.users]:  # an index read only through a view
+        positions = idx.args[0]
+        graph.erase_node(idx)
+        graph.erase_node(positions)
+    out = replaced.get(out, out)
+    kept = []
+    for node in copied:
+        if node in replaced:
+            if replaced[node] not in axis_of and replaced[node] not in copied and op_name(replaced[node]) == "getitem":
+                kept.append(replaced[node])  # the new view
+        else:
+            kept.append(node)
+    return out, kept
+
+
+def _on(node, device, axis_of: dict) -> bool:
+    """Whether ``node`` lives on ``device``: an index tensor (made there), a value recorded
+    there, or one computed from such values."""
+    if node in axis_of:
+        return True
+    v = value_of(node)
+    if isinstance(v, torch.Tensor):
+        return v.device == device
+    return bool(node.all_input_nodes) and all(_on(a, device, axis_of) for a in node.all_input_nodes)
 
 
 def _meta(node: fx.Node) -> torch.Tensor:
