@@ -31,6 +31,11 @@ from .timing import attention_time, other_matmul_time
 
 log = logging.getLogger("ringfx.planner")
 
+CONFIG_FIT_POINTS = (256, 512, 768, 1024)  # three to fit the polynomials, the fourth to check them
+MIN_QUERY_CHUNK = 256
+SLOW_STEP_S = 0.5  # a simulation longer than this gets a progress line of its own
+MAX_QUERY_CHUNKS = 64
+
 
 @contextlib.contextmanager
 def progress_on_stderr(enabled: bool = True):
@@ -49,11 +54,6 @@ def progress_on_stderr(enabled: bool = True):
     finally:
         log.removeHandler(handler)
         log.setLevel(level)
-
-CONFIG_FIT_POINTS = (256, 512, 768, 1024)  # three to fit the polynomials, the fourth to check them
-MIN_QUERY_CHUNK = 256
-SLOW_STEP_S = 0.5  # a simulation longer than this gets a progress line of its own
-MAX_QUERY_CHUNKS = 64
 
 
 def _gib(n) -> str:
