@@ -125,33 +125,25 @@ def test_transformers_flex_exact_on_loopback_rings(name, flex_capture_with_grad)
         assert not bad, f"{case}: grads of {bad} differ (worst {worst}: {err:.3g})"
 
 
-def test_explain_shows_flex_sites():
-    """``explain`` names the flex sites, their mask kind, and that they are rewritten."""
-    model, inputs, _, _ = build("llama")
-    model.set_attn_implementation("flex_attention")
-    inputs = {k: v for k, v in inputs.items() if k != "labels"}
-    ring = ringfx.transform(model, mesh=ringfx.LoopbackRing(2), layout="zigzag")
-    with torch.no_grad():
-        report = ringfx.explain(ring, **inputs)
-    text = str(report)
-    assert len(report.rewritten) == 2 and not report.left_alone, text
-    rows = [line for line in text.splitlines() if "flex_attention" in line]
-    assert len(rows) == 2 and all("causal+key_padding" in r and "rewritten" in r for r in rows), text
-
-
-def test_untransformed_flex_agrees_with_the_reference():
-    """The tests' reference is what flex computes: transformers' untransformed flex
-    forward (compiled by torch on CPU) equals its SDPA forward, and the transformed one."""
+def test_explain_and_untransformed_flex_forward():
+    """``explain`` names the flex sites, their mask kind, and that they are rewritten; the
+    tests' reference is what flex computes: transformers' untransformed flex forward
+    (compiled by torch on CPU) equals its SDPA forward and the transformed one."""
     model, inputs, reference, _ = build("llama")
     inputs = {k: v for k, v in inputs.items() if k != "labels"}
     with torch.no_grad():
         model.set_attn_implementation(reference)
         ref = model(**inputs).logits
         model.set_attn_implementation("flex_attention")
-        untransformed = model(**inputs).logits
-        torch.compiler.reset()
         ring = ringfx.transform(model, mesh=ringfx.LoopbackRing(3), layout="zigzag")
         transformed = ring(**inputs).logits
+        report = ringfx.explain(ring, **inputs)
+        torch.compiler.reset()
+        untransformed = model(**inputs).logits
+    text = str(report)
+    assert len(report.rewritten) == 2 and not report.left_alone, text
+    rows = [line for line in text.splitlines() if "flex_attention" in line]
+    assert len(rows) == 2 and all("causal+key_padding" in r and "rewritten" in r for r in rows), text
     assert max_abs_error(untransformed, ref) < ATOL
     assert max_abs_error(transformed, untransformed) < ATOL
 
@@ -291,3 +283,34 @@ def test_pass_leaves_graph_without_flex_unchanged_and_reports_unknown_mods():
     assert any("scaled_dot_product_attention" in t for t in targets)
     assert unknown.rewritten == 0 and [s.decision for s in unknown.sites] == [Decision.LEAVE]
     assert any("flex_attention" in str(n.target) for n in captured[-1].graph.nodes)
+
+
+# ------------------------------------------------------------------ a real ring
+
+def _gloo_rank(rank, world):
+    """On one rank of a gloo ring: transformers' flex LLaMA zero-touch on the default
+    process group against the same model untransformed (SDPA) in this process."""
+    flex_module._validate_device = lambda *tensors: None  # this process only (see the module docstring)
+    model, inputs, reference, _ = build("llama")
+    model.set_attn_implementation(reference)
+    ref_logits, ref_loss = _run(model, inputs)
+    ref_grads = _grads(model)
+    model.set_attn_implementation("flex_attention")
+    ring = ringfx.transform(model, layout="zigzag")
+    logits, loss = _run(ring, inputs)
+    worst, err, bad = gradient_errors(dict(model.named_parameters()), ref_grads, rtol=RTOL, atol=ATOL)
+    return {"kinds": [s.mask_kind for s in ring.sites], "rewritten": [s.decision == "rewritten" for s in ring.sites],
+            "logits": max_abs_error(logits, ref_logits), "loss": max_abs_error(loss, ref_loss), "bad": bad,
+            "worst": (worst, err)}
+
+
+@pytest.mark.gloo
+def test_transformers_flex_llama_on_a_gloo_ring():
+    """A real ring of 2: every rank's loss and every gradient equal the untransformed model's."""
+    pytest.importorskip("transformers", reason="needs transformers")
+    from ringfx.testing import spawn_gloo
+
+    for rank, r in enumerate(spawn_gloo(2, _gloo_rank, timeout=60)):
+        assert r is not None, f"rank {rank} returned nothing"
+        assert r["kinds"] == ["causal+key_padding"] * 2 and all(r["rewritten"]), (rank, r)
+        assert r["logits"] < ATOL and r["loss"] < ATOL and not r["bad"], (rank, r)
