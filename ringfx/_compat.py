@@ -50,6 +50,14 @@ tree_flatten = _pytree.tree_flatten
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 
+def tracing_tensors() -> bool:
+    """Whether a dispatch mode is active (fake, functional or proxy tensors while a graph is
+    traced; a runtime check mode of AOTAutograd): tensors made now must not be cached."""
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+    return _get_current_dispatch_mode() is not None
+
+
 def dynamo_input_source(placeholder: torch.fx.Node) -> Optional[str]:
     """Dynamo's name for where a graph input came from (``L['x']``,
     ``L['self']._buffers['bias']``), from the ``GraphArg`` it records on the placeholder;

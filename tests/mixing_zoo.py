@@ -321,9 +321,10 @@ CASES = [
 ]
 
 
-def run_case(case: MixingCase, group, layout: str, seq_len: int, seed: int = 0) -> dict:
+def run_case(case: MixingCase, group, layout: str, seq_len: int, seed: int = 0, inner: str = "eager") -> dict:
     """The case untransformed and under ``ringfx.transform`` on ``group`` with the same
-    full-length inputs; the largest output and parameter-gradient differences."""
+    full-length inputs (``inner``: the inner compiler); the largest output and
+    parameter-gradient differences."""
     import copy
     import warnings
 
@@ -339,7 +340,7 @@ def run_case(case: MixingCase, group, layout: str, seq_len: int, seed: int = 0) 
     ref_out = ref(*inputs)
     w = torch.randn(ref_out.shape, generator=g, dtype=ref_out.dtype)
     (ref_out * w).sum().backward()
-    ring = ringfx.transform(model, mesh=group, layout=layout)
+    ring = ringfx.transform(model, mesh=group, layout=layout, inner=inner)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", RingfxWarning)
         out = ring(*inputs)

@@ -505,3 +505,14 @@ def test_an_input_whose_width_equals_the_length_is_not_sharded():
     x, cond = torch.randn(2, 12, E, dtype=DTYPE), torch.randn(2, 12, dtype=DTYPE)
     lines = _sharded_and_exact(ConditionAsWideAsTheSequence(12), [x, cond], 3)
     assert lines == ["L['x'] (2, 12, 16) along dim 1 (traced back from an attention)"], lines
+
+
+@pytest.mark.parametrize("inner", ["aot_eager", "inductor"])
+def test_zero_touch_with_a_compiling_inner_compiler(inner):
+    """Full-length inputs with the graph compiled by AOTAutograd (and inductor): the sharding
+    runs inside the traced graph. Its token positions were cached while AOTAutograd traced
+    them (functional tensors), and the gather op's real kernel was then handed one:
+    "Attempting to use FunctionalTensor on its own" on every such model."""
+    for name in ("shifted_loss", "mean_pool_classifier", "causal_conv"):
+        r = run_case(BY_CASE[name], ringfx.LoopbackRing(3), "zigzag", 13, inner=inner)
+        assert r["rewritten"] and r["out_err"] < r["tol"] and r["grad_err"] < r["tol"], r

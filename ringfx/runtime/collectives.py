@@ -21,12 +21,12 @@ every rank in one tensor, so there every move is a permutation and no averaging 
 
 from __future__ import annotations
 
-import functools
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from .._compat import tracing_tensors
 from .layout import chunks_per_rank, local_positions
 from .ring import LoopbackRing, resolve_group
 
@@ -53,14 +53,27 @@ def _world_rank(group_name: str) -> tuple[int, int, object]:
     return dist.get_world_size(group), dist.get_rank(group), group
 
 
-@functools.lru_cache(maxsize=256)
+_POSITIONS: dict = {}
+
+
 def _token_positions(group_name: str, layout: str, padded: int, device: torch.device) -> Tensor:
     """Global positions of the tokens this process holds, in local order (every rank's,
-    rank 0's first, on a loopback ring)."""
+    rank 0's first, on a loopback ring). Cached outside tracing only: while AOTAutograd or
+    inductor traces a graph (``shard_sequence`` runs in the graph) a tensor made is a
+    functional or fake one, which the ops' real kernels must never be handed, and a cached
+    real one must not enter the traced graph."""
+    key = (group_name, layout, padded, device)
+    if tracing_tensors():
+        key = None
+    elif key in _POSITIONS:
+        return _POSITIONS[key]
     world, rank, _ = _world_rank(group_name)
     s_local = padded // world
     ranks = range(world) if rank < 0 else (rank,)
-    return torch.cat([local_positions(layout, r, world, s_local, device) for r in ranks])
+    positions = torch.cat([local_positions(layout, r, world, s_local, device) for r in ranks])
+    if key is not None and len(_POSITIONS) < 256:
+        _POSITIONS[key] = positions
+    return positions
 
 
 def token_positions(group_name: str, layout: str, length: int, device) -> Tensor:
