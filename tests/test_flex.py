@@ -285,6 +285,36 @@ def test_pass_leaves_graph_without_flex_unchanged_and_reports_unknown_mods():
     assert any("flex_attention" in str(n.target) for n in captured[-1].graph.nodes)
 
 
+def _no_block_mask(q, k, v):
+    return flex_attention(q, k, v)
+
+
+def _blocks_only(q, k, v):  # block-diagonal blocks of 4 tokens, no mask_mod
+    blocks = torch.arange(3, dtype=torch.int32).view(1, 1, 3, 1).expand(1, 1, 3, 3).contiguous()
+    block_mask = flex_module.BlockMask.from_kv_blocks(torch.ones(1, 1, 3, dtype=torch.int32), blocks, BLOCK_SIZE=4)
+    return flex_attention(q, k, v, block_mask=block_mask)
+
+
+def test_block_masks_without_mask_mod():
+    """No block_mask: flex's one all-covering block, lowered to SDPA with no mask (equal
+    to flex). A BlockMask of blocks alone (its mask is the block pattern) is left alone."""
+    captured = []
+
+    def backend(gm, example_inputs):
+        captured.append(lower_flex_attention_pass(gm))
+        return gm.forward
+
+    q = torch.randn(1, 2, 12, 8, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        out = torch.compile(_no_block_mask, backend=backend)(q, q, q)
+        torch.compiler.reset()
+        torch.compile(_blocks_only, backend=backend)(q, q, q)
+        ref = _no_block_mask(q, q, q)
+    (_, lowered), (_, blocks) = captured
+    assert lowered.rewritten == 1 and max_abs_error(out, ref) < 1e-6
+    assert blocks.rewritten == 0 and "no mask_mod" in blocks.sites[0].reason
+
+
 # ------------------------------------------------------------------ a real ring
 
 def _gloo_rank(rank, world):

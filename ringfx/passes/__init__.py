@@ -7,6 +7,7 @@ node_facts.py         read-only questions about nodes (canonical op names, shape
 sites.py              typed analysis results kept in ``node.meta["ringfx"]`` and report records
 options.py            PassOptions: the ring (group name, size, layout) the graph will run on
 decompose_mha.py      nn.MultiheadAttention's opaque call -> projections + SDPA
+lower_flex.py         flex_attention calls -> the mask_mod's dense mask + SDPA (or soft-capped eager)
 patterns.py           the table of attention spellings, one plain PyTorch function each
 find_attention.py     analysis: SDPA calls and softmax(q @ kᵀ) @ v chains -> AttentionSite
 classify_masks.py     analysis: each mask's provenance -> causal / window / key padding / ...

@@ -35,9 +35,14 @@ Left alone and reported (``Decision.LEAVE``: the backend refuses it on a ring of
 or warns with ``strict=False``): a score_mod other than the identity or a soft-cap (an
 additive bias, say: it would need proving a function of ``j - i``), a used log-sum-exp,
 a BlockMask whose lengths are not the query / key lengths, a mod that holds its own
-constants (``get_attr``) or returns no boolean, a symbolic scale. A BlockMask built from
-block indices alone (``BlockMask.from_kv_blocks`` with no mask_mod) whose example blocks
-are not all full is left alone too: its mask lives in the block tensors, not in a mod.
+constants (``get_attr``) or returns no boolean, a symbolic scale, and a BlockMask with no
+mask_mod (``BlockMask.from_kv_blocks``) unless it is flex's one all-covering block (no
+block_mask passed): its mask is the pattern of its blocks.
+
+The block tensors of a BlockMask *with* a mask_mod are taken for what ``create_block_mask``
+makes of that mod (flex's own contract: blocks it skips are all masked by the mod); a
+BlockMask whose blocks skip keys that its mod lets through (``from_kv_blocks`` with a
+sparser pattern than its mod) computes something else under flex than here.
 """
 
 from __future__ import annotations
@@ -155,17 +160,21 @@ def _unsupported(call: FlexCall) -> str:
         return f"{hq} query heads are not a multiple of {hk} key/value heads"
     if call.score_mod is None or (call.block_mask and call.mask_mod is None):
         return "its score_mod or mask_mod is not a subgraph of this graph"
-    if len(call.block_mask) < 3 or (call.block_mask[0], call.block_mask[1]) != (sq, sk):
-        lengths = tuple(call.block_mask[:2]) if len(call.block_mask) >= 2 else None
-        return f"its BlockMask is for lengths {lengths}, not the query / key lengths ({sq}, {sk})"
+    if len(call.block_mask) < 5:
+        return "its BlockMask is not in the form this torch captures it in"
+    one_block = _one_block(call, sq, sk)
+    if not one_block and (call.block_mask[0], call.block_mask[1]) != (sq, sk):
+        return (f"its BlockMask is for lengths {tuple(call.block_mask[:2])}, not the query / key lengths "
+                f"({sq}, {sk})")
     if scalar(call.scale) is None:
         return f"its scale {call.scale!r} is not a number"
     for mod, what in ((call.score_mod, "score_mod"), (call.mask_mod, "mask_mod")):
         held = [n.target for n in mod.graph.nodes if n.op in ("get_attr", "call_module")]
         if held:
             return f"its {what} holds {held} of its own"
-    if _is_noop(call.mask_mod) and not _blocks_all_full(call):
-        return "its BlockMask has no mask_mod but sparse blocks (BlockMask.from_kv_blocks): the mask is in the blocks"
+    if _is_noop(call.mask_mod) and not one_block:
+        # BlockMask.from_kv_blocks without a mask_mod: the mask is the block pattern itself
+        return "its BlockMask has no mask_mod: its mask is the pattern of its blocks, which ringfx does not read"
     if not _is_noop(call.mask_mod):
         out = _returned(call.mask_mod)
         if getattr(value_of(out), "dtype", torch.bool) != torch.bool:
@@ -187,25 +196,35 @@ def _is_noop(mod: fx.GraphModule) -> bool:
     return op_name(out) == "new_ones" and out.args[0] in _placeholders(mod)
 
 
-def _blocks_all_full(call: FlexCall) -> bool:
-    """Whether the example BlockMask lists every block as full (``_create_empty_block_mask``,
-    used when no block_mask is passed): then its block tensors hide no mask. Blocks built in
-    this graph from the mask_mod itself (``create_block_mask`` in the model) are its summary."""
+def _one_block(call: FlexCall, sq: int, sk: int) -> bool:
+    """Whether the BlockMask is one block over all of q and k that every batch row and head
+    computes (``_create_empty_block_mask``: what flex uses when no block_mask is passed;
+    its lengths are a placeholder (1, 1)). Then its blocks hide nothing from the mask_mod."""
     bm = call.block_mask
-    tensors = [x for x in bm[2:-1] if isinstance(x, fx.Node)]
-    if any(t.op != "placeholder" for t in tensors):
-        return True  # computed here, from the (noop) mask_mod by create_block_mask
-    values = [real_value(t) for t in tensors]
-    if any(v is None for v in values):
+    block_q, block_kv = bm[-3], bm[-2]
+    if not (isinstance(block_q, int) and isinstance(block_kv, int) and block_q >= sq and block_kv >= sk):
         return False
-    kv_num_blocks, kv_indices = values[0], values[1]
-    full_num = values[2] if len(values) > 2 else None
-    sk, block_kv = bm[1], bm[-2]
-    blocks = -(-sk // block_kv) if isinstance(block_kv, int) and block_kv > 0 else None
-    if blocks is None:
+    counts = [_known_value(x) for x in (bm[2], bm[4]) if x is not None]
+    if not counts or any(c is None for c in counts):
         return False
-    present = int(kv_num_blocks.min()) + (int(full_num.min()) if full_num is not None else 0)
-    return present >= blocks and bool((kv_indices >= 0).all())
+    return bool((sum(c.to(torch.int64) for c in counts) >= 1).all())
+
+
+# Factories a block tensor made in the graph may come from (constant arguments only).
+_FACTORIES = {torch.ones, torch.zeros, torch.full}
+
+
+def _known_value(x) -> Optional[torch.Tensor]:
+    """The value of a block tensor: the example behind a placeholder, or a factory call of
+    this graph with constant arguments; None when neither."""
+    if not isinstance(x, fx.Node):
+        return None
+    if x.op == "placeholder":
+        v = real_value(x)
+        return v if isinstance(v, torch.Tensor) else None
+    if x.op == "call_function" and x.target in _FACTORIES and not x.all_input_nodes:
+        return x.target(*x.args, **{k: v for k, v in x.kwargs.items() if k != "device"})
+    return None
 
 
 # ------------------------------------------------------------------ the score_mod
