@@ -9,14 +9,21 @@ by one. Those groups, and the tests that spawn real rings (``@pytest.mark.gloo``
 the longest: they are collected first, so that no worker is left with one of them at
 the end while the others idle. Without xdist the marks do nothing and only the order
 changes.
+
+Each test process computes on one thread (``torch.set_num_threads(1)``, and
+``OMP_NUM_THREADS=1`` for the processes it starts): the suite's tensors are small, and
+OpenMP's threads, waiting at every op's barrier for a core that another worker or rank
+holds, multiplied the CPU time of the loopback tests about tenfold on a busy 2-core machine.
 """
 
 from __future__ import annotations
 
 import inspect
+import os
 import pathlib
 
 import pytest
+import torch
 
 _TESTS = pathlib.Path(__file__).resolve().parent
 _SHARED_SCOPES = ("module", "class", "package", "session")
@@ -33,6 +40,11 @@ def _shared_fixture_module(item) -> str | None:
         if fixturedef.scope in _SHARED_SCOPES and _TESTS in pathlib.Path(inspect.getfile(fixturedef.func)).parents:
             return item.module.__name__
     return None
+
+
+def pytest_configure(config):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the xdist_group marks
