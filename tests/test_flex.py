@@ -161,8 +161,16 @@ def sigmoid_gate(score, b, h, q_idx, kv_idx):  # a score_mod ringfx does not kno
     return score * torch.sigmoid(score)
 
 
-def distance_bias(score, b, h, q_idx, kv_idx):  # an additive bias: not proven, not lowered
+def head_temperature(score, b, h, q_idx, kv_idx):  # a score_mod ringfx does not know
+    return score * (1.0 + 0.5 * h)
+
+
+def distance_bias(score, b, h, q_idx, kv_idx):  # a function of j - i: a relative bias
     return score + 0.1 * (q_idx - kv_idx)
+
+
+def alibi(score, b, h, q_idx, kv_idx):  # ALiBi: one slope per head
+    return score + (h + 1) * 0.25 * (kv_idx - q_idx)
 
 
 def soft_cap(score, b, h, q_idx, kv_idx):
@@ -208,19 +216,22 @@ def _dense_reference(block, x, doc, score_mod=None):
         keep = keep & (doc[:, None, :, None] == doc[:, None, None, :])
     s = q @ k.transpose(-1, -2) * D ** -0.5
     if score_mod is not None:
-        s = score_mod(s, None, None, i, j)
+        s = score_mod(s, None, torch.arange(H)[:, None, None], i, j)
     p = torch.softmax(s.masked_fill(~keep, float("-inf")), -1)
     return block.out((p @ v).transpose(1, 2).reshape(B, S_, E))
 
 
 @pytest.mark.parametrize("mask, score_mod, kind", [("causal", None, "causal"),
                                                    ("document", None, "causal+segment_ids"),
-                                                   ("causal", soft_cap, "causal")])
+                                                   ("causal", soft_cap, "causal"),
+                                                   ("causal", distance_bias, "causal+relative"),
+                                                   ("document", alibi, "causal+alibi+segment_ids")])
 @pytest.mark.parametrize("world, layout", RINGS)
 def test_hand_written_flex_exact(mask, score_mod, kind, world, layout, flex_capture_with_grad):
     """create_block_mask + flex_attention, float64: the causal and the document mask_mod
-    (from a captured ids tensor) classified, the soft-cap lowered; output and gradients
-    equal to the dense reference (forward also to flex itself) to 1e-10."""
+    (from a captured ids tensor) classified; the soft-cap and added biases (a function of
+    j - i, per-head ALiBi) lowered and proven; output and gradients equal to the dense
+    reference (forward also to flex itself) to 1e-10."""
     torch.manual_seed(0)
     block = FlexBlock(mask, score_mod).double()
     x, doc = _block_inputs()
@@ -240,7 +251,7 @@ def test_hand_written_flex_exact(mask, score_mod, kind, world, layout, flex_capt
 
 
 @pytest.mark.parametrize("score_mod, shown", [(sigmoid_gate, "mul(score, sigmoid(score))"),
-                                              (distance_bias, "add(score, mul(0.1, sub(q_idx, kv_idx)))")])
+                                              (head_temperature, "mul(score, add(1.0, mul(0.5, h)))")])
 def test_unknown_score_mod_is_refused_never_silently_wrong(score_mod, shown, flex_capture_with_grad):
     """A score_mod ringfx does not know is left alone and reported with its body: strict
     (the default) raises UnsupportedError naming it on a ring of 2; strict=False warns and

@@ -19,10 +19,13 @@ it, with broadcasting in place of vmap), then::
     # after (soft-capping score_mod: cap * tanh(score / cap)), Gemma 2's eager spelling
     w = tanh(matmul(q, k_rep.transpose(2, 3)) * 0.35 / cap) * cap
     out = matmul(softmax(where(mask, w, min), -1, dtype=float32).to(q.dtype), v_rep)
+    # after (score + bias(b, h, q_idx, kv_idx), with either of the above as the score)
+    bias = (0.25 * (h + 1) * (kv_idx - q_idx)).to(q.dtype)           # the score_mod's bias, inlined
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=where(mask, bias, -inf), ...)
 
 The mask is then classified like any other (causal, window, chunk, key padding, segment
-ids from the aranges and the mask_mod's buffers) and the attention rewritten into the ring
-op; with full-length inputs every rank evaluates it on global positions. The BlockMask's
+ids from the aranges and the mask_mod's buffers; an added bias as ALiBi, a relative bias
+proven a function of ``j - i``, or refused) and the attention rewritten into the ring op; with full-length inputs every rank evaluates it on global positions. The BlockMask's
 block tensors are no longer read (they are only a sparse summary of the same mask_mod).
 
 Why lower rather than call ``flex_attention`` per block: the ring op's block kernels and
@@ -32,8 +35,8 @@ per rank; a per-block flex kernel would still need the same proof that the mod r
 global positions only through its index arguments.
 
 Left alone and reported (``Decision.LEAVE``: the backend refuses it on a ring of P > 1,
-or warns with ``strict=False``): a score_mod other than the identity or a soft-cap (an
-additive bias, say: it would need proving a function of ``j - i``), a used log-sum-exp,
+or warns with ``strict=False``): a score_mod other than the identity or a soft-cap, each
+plus a bias that does not read the score (a per-head temperature, say), a used log-sum-exp,
 a BlockMask whose lengths are not the query / key lengths, a mod that holds its own
 constants (``get_attr``) or returns no boolean, a symbolic scale, and a BlockMask with no
 mask_mod (``BlockMask.from_kv_blocks``) unless it is flex's one all-covering block (no
@@ -101,19 +104,20 @@ def lower_flex_attention_pass(gm: fx.GraphModule, *, options: Optional[PassOptio
             continue
         call = _parse(gm, node)
         problem = _unsupported(call)
-        cap = None
+        kind = None
         if not problem:
-            cap = _score_mod_kind(call.score_mod)
-            if cap is None:
+            kind = _score_mod_kind(call.score_mod)
+            if kind is None:
                 problem = (f"flex_attention with a score_mod ringfx does not know: {_describe(call.score_mod)} "
-                           "(only the identity and a soft-cap cap * tanh(score / cap) are lowered)")
+                           "(lowered: the identity, a soft-cap cap * tanh(score / cap), and a bias of "
+                           "(b, h, q_idx, kv_idx) added to either)")
         if problem:
             site = AttentionSite(output=node, pattern=PATTERN, source_line=source_line(node), anchor=node)
             node.meta[META_KEY] = site.skip(problem)
             report.sites.append(SiteRecord.of(site))
             report.skipped += 1
             continue
-        _lower(gm, call, softcap=cap)
+        _lower(gm, call, *kind)
         report.rewritten += 1
         changed = True
     if changed:
@@ -229,12 +233,18 @@ def _known_value(x) -> Optional[torch.Tensor]:
 
 # ------------------------------------------------------------------ the score_mod
 
-def _score_mod_kind(mod: fx.GraphModule) -> Optional[float]:
-    """0.0 for the identity, the cap of ``cap * tanh(score / cap)``, or None."""
+def _score_mod_kind(mod: fx.GraphModule) -> Optional[tuple[float, Optional[fx.Node]]]:
+    """``(cap, bias)`` when the score_mod is ``f(score) + bias`` or ``f(score)``: ``cap`` is 0.0
+    where f is the identity, the cap of ``cap * tanh(score / cap)``; ``bias`` (a node of the
+    mod, or None) does not read the score. None for any other score_mod."""
     score = _placeholders(mod)[0]
-    out = _returned(mod)
+    out, bias = _returned(mod), None
+    if op_name(out) == "add" and len(out.args) == 2 and not out.kwargs:
+        reads = [isinstance(a, fx.Node) and _reads(a, score) for a in out.args]
+        if reads.count(True) == 1 and isinstance(out.args[reads.index(False)], fx.Node):
+            out, bias = out.args[reads.index(True)], out.args[reads.index(False)]
     if out is score:
-        return 0.0
+        return 0.0, bias
     if op_name(out) != "mul" or len(out.args) != 2:
         return None
     outer, inner = (out.args if op_name(out.args[1]) == "tanh" else out.args[::-1])
@@ -243,12 +253,24 @@ def _score_mod_kind(mod: fx.GraphModule) -> Optional[float]:
         return None
     x = inner.args[0]
     if op_name(x) == "div" and x.args[0] is score and scalar(x.args[1]) == cap:
-        return cap
+        return cap, bias
     if op_name(x) == "mul" and score in x.args:
         factor = scalar(x.args[1] if x.args[0] is score else x.args[0])
         if factor is not None and abs(factor * cap - 1.0) < 1e-12:
-            return cap
+            return cap, bias
     return None
+
+
+def _reads(node: fx.Node, target: fx.Node) -> bool:
+    todo, seen = [node], set()
+    while todo:
+        n = todo.pop()
+        if n is target:
+            return True
+        if n not in seen:
+            seen.add(n)
+            todo.extend(n.all_input_nodes)
+    return False
 
 
 def _describe(mod: fx.GraphModule) -> str:
@@ -271,12 +293,15 @@ def _describe(mod: fx.GraphModule) -> str:
 
 # ------------------------------------------------------------------ writing it out
 
-def flex_as_sdpa(q, k, v, mask=None, *, scale, gqa):
-    """flex_attention with the identity score_mod: SDPA with the mask_mod's dense mask."""
+def flex_as_sdpa(q, k, v, mask=None, bias=None, *, scale, gqa):
+    """flex_attention with the identity score_mod (plus a bias): SDPA with the mask_mod's
+    dense mask (and the bias where it lets keys through)."""
+    if bias is not None:
+        mask = bias if mask is None else torch.where(mask, bias, float("-inf"))
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
 
 
-def flex_as_softcapped(q, k, v, mask=None, *, scale, cap, repeats, min_value, accumulate):
+def flex_as_softcapped(q, k, v, mask=None, bias=None, *, scale, cap, repeats, min_value, accumulate):
     """flex_attention with a soft-capping score_mod, spelled as transformers' Gemma 2 eager
     attention (``modeling_gemma2.eager_attention_forward``, its ``repeat_kv`` as
     ``repeat_interleave``; the mask applied after the cap, as flex applies it). The softmax
@@ -288,29 +313,42 @@ def flex_as_softcapped(q, k, v, mask=None, *, scale, cap, repeats, min_value, ac
     w = w / cap
     w = torch.tanh(w)
     w = w * cap
+    if bias is not None:
+        w = w + bias
     if mask is not None:
         w = torch.where(mask, w, min_value)
     p = F.softmax(w, dim=-1, dtype=accumulate).to(q.dtype)
     return torch.matmul(p, v)
 
 
-def _lower(gm: fx.GraphModule, call: FlexCall, *, softcap: float) -> None:
+def _lower(gm: fx.GraphModule, call: FlexCall, softcap: float, bias: Optional[fx.Node]) -> None:
     graph = gm.graph
     node = call.node
     (b, hq, sq, _), (_, hk, sk, _) = shape_of(call.q), shape_of(call.k)
+    dtype = value_of(call.q).dtype
     stack = node.meta.get("stack_trace")
+    sizes = (b, hq, sq, sk)
     with graph.inserting_before(node):
-        mask = None if _is_noop(call.mask_mod) else _dense_mask(graph, call, (b, hq, sq, sk), stack)
-        tensors = [call.q, call.k, call.v] + ([mask] if mask is not None else [])
+        named = {"q": call.q, "k": call.k, "v": call.v}
+        if not _is_noop(call.mask_mod):
+            mod = call.mask_mod
+            named["mask"] = _inline_mod(graph, mod, _returned(mod), _placeholders(mod)[:4], call.mask_buffers,
+                                        sizes, value_of(call.q).device, stack)
+        if bias is not None:
+            mod = call.score_mod
+            term = _inline_mod(graph, mod, bias, _placeholders(mod)[1:5], call.score_buffers, sizes,
+                               value_of(call.q).device, stack)
+            named["bias"] = graph.call_method("to", (term, dtype))  # flex adds it in the scores' dtype
+            _record_values([named["bias"]], stack, value_of(call.q).device)
         if softcap:
-            dtype = value_of(call.q).dtype
             fn = functools.partial(flex_as_softcapped, scale=float(call.scale), cap=float(softcap),
                                    repeats=hq // hk, min_value=torch.finfo(dtype).min,
                                    accumulate=torch.promote_types(dtype, torch.float32))
         else:
             fn = functools.partial(flex_as_sdpa, scale=float(call.scale), gqa=hq != hk)
-        names = ["q", "k", "v", "mask"][:len(tensors)]
-        sub = _trace(fn, len(tensors), {n: _meta(t) for n, t in zip(names, tensors)}, names)
+        names, tensors = list(named), list(named.values())
+        sub = _trace(lambda *t: fn(**dict(zip(names, t))), len(tensors), {n: _meta(t) for n, t in named.items()},
+                     names)
         values = dict(zip(_placeholders(sub), tensors))
         out = graph.graph_copy(sub.graph, values)
     for new in values.values():
@@ -325,13 +363,13 @@ def _lower(gm: fx.GraphModule, call: FlexCall, *, softcap: float) -> None:
     graph.erase_node(node)
 
 
-def _dense_mask(graph: fx.Graph, call: FlexCall, sizes: tuple, stack) -> fx.Node:
-    """The mask_mod applied to broadcast ``b, h, q_idx, kv_idx`` (``(B|1, H|1, Sq, Sk)``)."""
-    mod = call.mask_mod
-    device = value_of(call.q).device
+def _inline_mod(graph: fx.Graph, mod: fx.GraphModule, result: fx.Node, index_placeholders: list, buffers: tuple,
+                sizes: tuple, device, stack) -> fx.Node:
+    """``result`` of the mod applied to broadcast ``b, h, q_idx, kv_idx`` (``(B|1, H|1, Sq,
+    Sk)``, made here) and its buffers: the nodes it depends on, copied in order."""
     indices, made, axis_of = [], [], {}
-    for axis, (placeholder, size) in enumerate(zip(_placeholders(mod), sizes)):
-        if not placeholder.users:
+    for axis, (placeholder, size) in enumerate(zip(index_placeholders, sizes)):
+        if not _reads(result, placeholder):
             indices.append(None)  # not read: no index tensor made
             continue
         shape = [1, 1, 1, 1]
@@ -341,12 +379,18 @@ def _dense_mask(graph: fx.Graph, call: FlexCall, sizes: tuple, stack) -> fx.Node
         indices.append(idx)
         made += [positions, idx]
         axis_of[idx] = axis
-    values = dict(zip(_placeholders(mod), indices + list(call.mask_buffers)))
-    out = graph.graph_copy(mod.graph, values)
-    copied = [values[n] for n in mod.graph.nodes if n.op not in ("placeholder", "output")]
-    out, copied = _as_views(graph, out, copied, axis_of, sizes, device)
+    placeholders = _placeholders(mod)
+    first_buffer = placeholders.index(index_placeholders[-1]) + 1
+    values = dict(zip(index_placeholders, indices))
+    values.update(zip(placeholders[first_buffer:], buffers))
+    copied = []
+    for n in mod.graph.nodes:
+        if n.op in ("call_function", "call_method") and _reads(result, n):
+            values[n] = graph.node_copy(n, lambda a: values[a])
+            copied.append(values[n])
+    out, copied = _as_views(graph, values[result], copied, axis_of, sizes, device)
     alive = set(graph.nodes)
-    _record_values([n for n in made + copied if n in alive], stack)
+    _record_values([n for n in made + copied if n in alive], stack, device)
     return out
 
 
@@ -416,9 +460,11 @@ def _meta(node: fx.Node) -> torch.Tensor:
     return torch.empty(tuple(v.shape), dtype=v.dtype, device="meta")
 
 
-def _record_values(nodes: list[fx.Node], stack) -> None:
-    """Record each inserted node's shape and dtype (a meta tensor in ``meta[VALUE_KEY]``),
-    evaluated in graph order: the copied mod's own values were traced for one element."""
+def _record_values(nodes: list[fx.Node], stack, device) -> None:
+    """Record each inserted node's shape, dtype and device in ``meta[VALUE_KEY]``, evaluated
+    on meta tensors in graph order (the copied mod's own values were traced for one element).
+    The recorded value is a one-element tensor on ``device`` expanded to the shape: the
+    relative-bias table is built on the device of the distances it is made from."""
     order = {n: i for i, n in enumerate(nodes[0].graph.nodes)}
     env = {}
 
@@ -443,7 +489,7 @@ def _record_values(nodes: list[fx.Node], stack) -> None:
         env[n] = value
         for key in ("example_value", "val", "tensor_meta"):
             n.meta.pop(key, None)  # traced for one element of the vmap: the wrong shape here
-        n.meta[VALUE_KEY] = value
+        n.meta[VALUE_KEY] = torch.empty((), dtype=value.dtype, device=device).expand(value.shape)
         n.meta.setdefault("stack_trace", stack)
 
 
