@@ -355,3 +355,32 @@ def test_transformers_flex_llama_on_a_gloo_ring():
         assert r is not None, f"rank {rank} returned nothing"
         assert r["kinds"] == ["causal+key_padding"] * 2 and all(r["rewritten"]), (rank, r)
         assert r["logits"] < ATOL and r["loss"] < ATOL and not r["bad"], (rank, r)
+
+
+class LearnedBiasBlock(nn.Module):
+    """A score_mod reading a learned per-head table by distance (T5-like, written for flex)."""
+
+    def __init__(self, seq_len):
+        super().__init__()
+        self.qkv = nn.Linear(E, 3 * E)
+        self.table = nn.Parameter(torch.randn(H, 2 * seq_len - 1))
+
+    def forward(self, x):
+        B, S_, _ = x.shape
+        q, k, v = self.qkv(x).view(B, S_, 3, H, D).permute(2, 0, 3, 1, 4)
+        table = self.table
+
+        def score_mod(score, b, h, q_idx, kv_idx):
+            return score + table[h, q_idx - kv_idx + S_ - 1]
+
+        block_mask = create_block_mask(causal, B, None, S_, S_, device=x.device)
+        return flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask)
+
+
+def test_learned_bias_in_a_score_mod_is_refused(flex_capture_with_grad):
+    """A bias the mask analysis cannot prove (a learned table indexed by the distance, in
+    flex's spelling) is lowered but refused on a ring of 2, naming the parameter-built mask."""
+    x = torch.randn(2, 12, E, dtype=torch.float64)
+    ring = ringfx.transform(LearnedBiasBlock(12).double(), mesh=ringfx.LoopbackRing(2))
+    with pytest.raises(ringfx.UnsupportedError, match="computed from parameters"):
+        ring(x)
