@@ -62,6 +62,8 @@ def main(argv=None) -> int:
     parser.add_argument("--presets", default=",".join(PRESETS))
     parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, of: {', '.join(CASES)}")
     parser.add_argument("--root", default=ROOT, help="the checkout whose ringfx plans (default: this one)")
+    parser.add_argument("--pool", nargs="*", default=[], metavar="JSON",
+                        help="earlier result files of the same code whose runs count with these (minimum over all)")
     parser.add_argument("--out", default=os.path.join(HERE, "results", "planner_time.json"))
     args = parser.parse_args(argv)
     presets, cases = args.presets.split(","), args.cases.split(",")
@@ -69,6 +71,10 @@ def main(argv=None) -> int:
         if case not in CASES:
             parser.error(f"--cases: {case!r} is not one of {', '.join(CASES)}")
     runs = {}
+    for path in args.pool:
+        with open(path) as f:
+            for key, results in json.load(f)["runs"].items():
+                runs.setdefault(key, []).extend(results)
     for repeat in range(args.repeats):  # repeats interleaved: a burst of load spoils one run of each, not all
         runs.setdefault("floor", []).append(time_plan(None, [], args.root))
         for preset in presets:
@@ -85,17 +91,20 @@ def main(argv=None) -> int:
                  for case in cases]
         print(f"| {preset} | {' | '.join(cells)} |")
     floor = best.pop("floor")
-    print(f"\n(min wall of {args.repeats} fresh processes / that run's CPU; worst: "
+    counts = sorted({len(results) for key, results in runs.items() if key != "floor"})
+    count = f"{counts[0]}" if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
+    print(f"\n(min wall of {count} fresh processes each / that run's CPU; worst: "
           f"{max(r['wall_s'] for r in best.values()):.2f} s; import torch + one meta op alone: "
           f"{floor['wall_s']:.2f} s / {floor['cpu_s']:.2f} s)")
     best["floor"] = floor
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
     with open(args.out, "w") as f:
-        json.dump({"root": os.path.abspath(args.root), "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": sys.version.split()[0],
-                               "load_average_after": load},
+        json.dump({"root": os.path.abspath(args.root),
+                   "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                               "python": sys.version.split()[0], "load_average_after": load},
                    "commands": {case: ["python", "-m", "ringfx", "plan", "--model", "PRESET", *CASES[case], "--quiet"]
                                 for case in cases},
-                   "repeats": args.repeats, "best": best, "runs": runs}, f, indent=1)
+                   "repeats": args.repeats, "pooled_from": args.pool, "best": best, "runs": runs}, f, indent=1)
     print(f"wrote {os.path.relpath(args.out, ROOT)}", file=sys.stderr)
     return 0
 
