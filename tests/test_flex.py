@@ -125,6 +125,29 @@ def test_transformers_flex_exact_on_loopback_rings(name, flex_capture_with_grad)
         assert not bad, f"{case}: grads of {bad} differ (worst {worst}: {err:.3g})"
 
 
+def test_transformers_flex_in_checkpointed_layers(flex_capture_with_grad):
+    """Gradient checkpointing in train mode: the flex calls sit in checkpointed bodies
+    (``tag_activation_checkpoint``), lowered and rewritten there; loss and every gradient
+    exact on a ring of 3 (zigzag)."""
+    from ringfx.passes.node_facts import hop_subgraphs
+
+    model, inputs, reference, kinds = build("llama")
+    (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
+    model.train()
+    model.set_attn_implementation(reference)
+    ref_logits, ref_loss = _run(model, inputs)
+    ref_grads = _grads(model)
+    model.set_attn_implementation("flex_attention")
+    ring = ringfx.transform(model, mesh=ringfx.LoopbackRing(3), layout="zigzag")
+    logits, loss = _run(ring, inputs)
+    assert [s.mask_kind for s in ring.sites] == kinds and all(s.decision is Decision.REWRITE for s in ring.sites)
+    bodies = [sub for r in ring.reports for _, _, sub in hop_subgraphs(r.graph_module)]
+    assert any("ring_attention" in sub.code for sub in bodies), "no ring op in a checkpointed body"
+    assert max_abs_error(logits, ref_logits) < ATOL and max_abs_error(loss, ref_loss) < ATOL
+    worst, err, bad = gradient_errors(dict(model.named_parameters()), ref_grads, rtol=RTOL, atol=ATOL)
+    assert not bad, f"grads of {bad} differ (worst {worst}: {err:.3g})"
+
+
 def test_explain_and_untransformed_flex_forward():
     """``explain`` names the flex sites, their mask kind, and that they are rewritten; the
     tests' reference is what flex computes: transformers' untransformed flex forward

@@ -354,7 +354,7 @@ def _lower(gm: fx.GraphModule, call: FlexCall, softcap: float, bias: Optional[fx
     for new in values.values():
         if new.op in ("call_function", "call_method") and new not in tensors:
             new.meta["stack_trace"] = stack
-            if op_name(new) == "sdpa":
+            if op_name(new) in ("sdpa", "softmax"):  # the pattern name the reports print
                 new.meta["ringfx_pattern"] = PATTERN
     for user in list(node.users):
         if user.args[1] == 0:
