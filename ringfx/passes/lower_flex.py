@@ -25,8 +25,10 @@ it, with broadcasting in place of vmap), then::
 
 The mask is then classified like any other (causal, window, chunk, key padding, segment
 ids from the aranges and the mask_mod's buffers; an added bias as ALiBi, a relative bias
-proven a function of ``j - i``, or refused) and the attention rewritten into the ring op; with full-length inputs every rank evaluates it on global positions. The BlockMask's
-block tensors are no longer read (they are only a sparse summary of the same mask_mod).
+proven a function of ``j - i``, or refused) and the attention rewritten into the ring op;
+with full-length inputs every rank evaluates it on global positions. The BlockMask's block
+tensors are no longer read (they are only a sparse summary of the same mask_mod). A row
+that the mask empties comes out 0, as under flex.
 
 Why lower rather than call ``flex_attention`` per block: the ring op's block kernels and
 its mask descriptors (causal / window / key padding / segment ids, skipping empty blocks)
