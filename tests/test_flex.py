@@ -273,6 +273,27 @@ def test_hand_written_flex_exact(mask, score_mod, kind, world, layout, flex_capt
     assert not bad, f"grads of {bad} differ (worst {worst}: {err:.3g})"
 
 
+@pytest.mark.parametrize("mask, score_mod, kind", [("causal", None, "causal"),
+                                                   ("document", None, "causal+segment_ids"),
+                                                   ("causal", alibi, "causal+alibi")])
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
+def test_hand_written_flex_caller_sharded(mask, score_mod, kind, layout):
+    """``inputs="sharded"``: the caller passes each rank's tokens (and document ids); the
+    mask_mod, built on the shard's aranges, is classified and run on global positions
+    (before lowering each rank attended only to its own shard)."""
+    torch.manual_seed(0)
+    block = FlexBlock(mask, score_mod).double()
+    x, doc = _block_inputs()
+    ring = ringfx.LoopbackRing(2)
+    shard = lambda t: ringfx.shard(t, 1, layout=layout, group=ring)
+    with torch.no_grad():
+        ref = block(x, doc)
+        model = ringfx.transform(block, mesh=ring, layout=layout, inputs="sharded")
+        out = model(shard(x), shard(doc))
+    assert [(s.mask_kind, s.decision) for s in model.sites] == [(kind, Decision.REWRITE)]
+    assert max_abs_error(out, shard(ref)) < 1e-10
+
+
 @pytest.mark.parametrize("score_mod, shown", [(sigmoid_gate, "mul(score, sigmoid(score))"),
                                               (head_temperature, "mul(score, add(1.0, mul(0.5, h)))")])
 def test_unknown_score_mod_is_refused_never_silently_wrong(score_mod, shown, flex_capture_with_grad):
