@@ -479,9 +479,8 @@ def _record_values(nodes: list[fx.Node], stack, device) -> None:
         args, kwargs = fx.node.map_arg(n.args, load), fx.node.map_arg(n.kwargs, load)
         # on meta tensors a move to a device would copy out of meta: keep the placement
         args = tuple(a for a in args if not isinstance(a, torch.device))
-        kwargs = {k: v for k, v in kwargs.items() if k != "device"}
-        if op_name(n) == "arange":
-            kwargs["device"] = "meta"
+        if "device" in kwargs:  # a factory (the index aranges): made on meta, not allocated
+            kwargs = {**kwargs, "device": "meta"}
         if op_name(n) == "to" and len(args) == 1 and not kwargs:
             value = args[0]  # x.to(device): where x already is
         elif n.op == "call_function":
@@ -491,7 +490,8 @@ def _record_values(nodes: list[fx.Node], stack, device) -> None:
         env[n] = value
         for key in ("example_value", "val", "tensor_meta"):
             n.meta.pop(key, None)  # traced for one element of the vmap: the wrong shape here
-        n.meta[VALUE_KEY] = torch.empty((), dtype=value.dtype, device=device).expand(value.shape)
+        n.meta[VALUE_KEY] = torch.empty((), dtype=value.dtype, device=device).expand(value.shape) \
+            if isinstance(value, torch.Tensor) else value
         n.meta.setdefault("stack_trace", stack)
 
 
