@@ -116,7 +116,10 @@ def relative_table(graph: fx.Graph, rb: RelativeBias, total: int, heads: int) ->
         value = value_of(d)
         rank = len(shape_of(d))
         # column t holds distance t - (total - 1); the model's node holds sign * (j - i) + offset
-        cols = _call(graph, torch.arange, (width,), {"dtype": value.dtype, "device": value.device})
+        # the device of the model's own distances at run time: a recorded value may be a meta
+        # tensor (the values passes record for the nodes they insert)
+        device = _call(graph, getattr, (d, "device"))
+        cols = _call(graph, torch.arange, (width,), {"dtype": value.dtype, "device": device})
         if sign < 0:
             cols = _call(graph, operator.neg, (cols,))
         start = offset - sign * (total - 1)

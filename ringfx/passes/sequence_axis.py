@@ -68,14 +68,34 @@ def _head_dim_origin(operand) -> Optional[tuple[fx.Node, int]]:
     return follow_axis(operand.node, normalize_dim(axis, len(shape)))
 
 
-def follow_axis(node, axis: int, *, keep_last: bool = False) -> Optional[tuple[fx.Node, int]]:
+def follow_axis(node, axis: int, *, keep_last: bool = False, memo: Optional[dict] = None
+                ) -> Optional[tuple[fx.Node, int]]:
     """The (user input, axis) that ``axis`` of ``node`` comes from, through layout,
     elementwise and per-token ops; None where it cannot be followed or ends in model
-    state (or, unless ``keep_last``, in an input's last axis: per-token features)."""
-    return _follow(node, axis, 0, keep_last)
+    state (or, unless ``keep_last``, in an input's last axis: per-token features).
+    ``memo`` (node, axis) -> answer may be shared by calls on one unchanged graph: without
+    it a residual stream, where every add offers two ways back, is searched in time
+    exponential in its depth (32 layers: minutes)."""
+    global _MEMO
+    outer = _MEMO
+    _MEMO = memo if memo is not None else {}
+    try:
+        return _follow(node, axis, 0, keep_last)
+    finally:
+        _MEMO = outer
+
+
+_MEMO: Optional[dict] = None
 
 
 def _follow(node, axis: int, depth: int, keep_last: bool = False) -> Optional[tuple[fx.Node, int]]:
+    key = (node, axis, keep_last)
+    if key not in _MEMO:
+        _MEMO[key] = _follow_op(node, axis, depth, keep_last)
+    return _MEMO[key]
+
+
+def _follow_op(node, axis: int, depth: int, keep_last: bool = False) -> Optional[tuple[fx.Node, int]]:
     if not isinstance(node, fx.Node) or depth > 64:
         return None
     shape = shape_of(node)

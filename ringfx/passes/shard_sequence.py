@@ -340,14 +340,16 @@ class _Sharder:
                     yield from bodies(body)
 
         proven: dict = {}
+        memo: dict = {}  # shared: each layer's search stops where the layer before it ended
         for gm in [self.gm, *bodies(self.gm)]:
             for op in ring_attention_nodes(gm):
                 for operand in op.args[:3]:
                     shape = self.shape(operand)
-                    found = None if shape is None else follow_axis(operand, len(shape) - 2, keep_last=True)
+                    found = None if shape is None else follow_axis(operand, len(shape) - 2, keep_last=True, memo=memo)
                     while found is not None and found[0] in callers:
                         outer = callers[found[0]]
-                        found = follow_axis(outer, found[1], keep_last=True) if isinstance(outer, fx.Node) else None
+                        found = (follow_axis(outer, found[1], keep_last=True, memo=memo) if isinstance(outer, fx.Node)
+                                 else None)
                     if found is not None and found[0].graph is self.graph and not is_model_state(found[0]):
                         proven.setdefault(found[0], found[1])
         return proven
