@@ -82,7 +82,8 @@ def test_outputs_without_the_token_dim_come_back_as_computed():
     torch.testing.assert_close(h, ref_h)  # per-token: gathered back to full length
     # not per-token: the sum over the rank's own tokens (the loopback ring's rank holds all P shards)
     assert total.dim() == 0
-    torch.testing.assert_close(total, ringfx.shard(ref_h, 1, layout="zigzag", group=ring).sum())
+    # (float32 sums of the same values in another order: the op's output layout decides it)
+    torch.testing.assert_close(total, ringfx.shard(ref_h, 1, layout="zigzag", group=ring).sum(), rtol=1e-5, atol=1e-5)
 
 
 def test_bad_options_are_refused():
