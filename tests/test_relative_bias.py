@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 import ringfx
 from ringfx.testing import spawn_gloo
+from test_variants import _zero_touch  # the same width E: one helper for both files
 
 TOL = 1e-10  # float64
 SCALE = 0.3
@@ -296,27 +297,6 @@ class SumOfPositions(T5Style):
     def position_bias(self, s):
         i = torch.arange(s)
         return self.relative_attention_bias(t5_bucket(i[None, :] + i[:, None])).permute([2, 0, 1]).unsqueeze(0)
-
-
-def _zero_touch(model, world, layout, seq_len):
-    """Output, input gradient and parameter gradients of ``model`` and of its transform (a
-    loopback ring of ``world``, or the default group when one is initialised)."""
-    torch._dynamo.reset()
-    x = torch.randn(2, seq_len, E, dtype=torch.float64, generator=torch.Generator().manual_seed(seq_len))
-    weights = torch.randn(2, seq_len, E, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-
-    def run(m):
-        xi = x.clone().requires_grad_(True)
-        out = m(xi)
-        (out * weights).sum().backward()
-        grads = {n: p.grad.clone() for n, p in model.named_parameters()}
-        model.zero_grad(set_to_none=True)
-        return out.detach(), xi.grad, grads
-
-    ref = run(model)
-    mesh = None if torch.distributed.is_initialized() else ringfx.LoopbackRing(world)
-    ring = ringfx.transform(model, mesh=mesh, layout=layout)
-    return ring, ref, run(ring)
 
 
 @pytest.mark.parametrize("make,world,layout,mask_kind", [
