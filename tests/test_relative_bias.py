@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 import ringfx
 from ringfx.testing import spawn_gloo
-from test_variants import _zero_touch  # the same width E: one helper for both files
+from test_variants import _zero_touch, shard_errors  # the same width E: one helper for both files
 
 TOL = 1e-10  # float64
 SCALE = 0.3
@@ -86,14 +86,7 @@ def check_table(group, layout, causal, *, seed=0, hq=4, hkv=2, per_rank=3, windo
                                 key_padding_mask=shard(pad, 1) if padding else None, sinks=sink,
                                 alibi_slopes=slopes)
     grads = torch.autograd.grad(out, local[:4 if learned else 3], shard(dout))
-    errors = [(out - shard(ref)).abs().max().item()]
-    errors += [(a - shard(b)).abs().max().item() for a, b in zip(grads[:3], ref_grads[:3])]
-    if learned:
-        dtable = grads[3].clone()
-        if not isinstance(group, ringfx.LoopbackRing):
-            torch.distributed.all_reduce(dtable, group=group)
-        errors.append((dtable - ref_grads[3]).abs().max().item())
-    return errors
+    return shard_errors(group, shard, out, ref, grads, ref_grads)
 
 
 LAYOUTS = list(itertools.product(("contiguous", "zigzag"), (False, True)))

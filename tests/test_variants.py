@@ -98,13 +98,20 @@ def check_variant(group, layout, causal, softcap, with_sinks, *, seed=0, window=
                                 key_padding_mask=shard(pad, 1) if padding else None, chunk=chunk or None,
                                 alibi_slopes=slopes)
     grads = torch.autograd.grad(out, local + ([local_sinks] if with_sinks else []), shard(dout))
+    return shard_errors(group, shard, out, ref, grads, ref_grads)
+
+
+def shard_errors(group, shard, out, ref, grads, ref_grads):
+    """Max abs errors of this rank's out, dq, dk, dv (shards of the full references) and of
+    a fourth, replicated gradient if any (sinks, a relative table): on a real ring each
+    rank holds its part of it, summed over the ring here."""
     errors = [(out - shard(ref)).abs().max().item()]
     errors += [(a - shard(b)).abs().max().item() for a, b in zip(grads[:3], ref_grads[:3])]
-    if with_sinks:
-        dsinks = grads[3].clone()
+    if len(grads) > 3:
+        replicated = grads[3].clone()
         if not isinstance(group, ringfx.LoopbackRing):
-            torch.distributed.all_reduce(dsinks, group=group)
-        errors.append((dsinks - ref_grads[3]).abs().max().item())
+            torch.distributed.all_reduce(replicated, group=group)
+        errors.append((replicated - ref_grads[3]).abs().max().item())
     return errors
 
 
@@ -549,6 +556,15 @@ def _lm_run(model, params, inputs):
     return out.logits.detach(), out.loss.detach(), grads
 
 
+def assert_lm_close(got, ref, tol):
+    """Logits, loss and every parameter gradient (``_lm_run``'s results) within ``tol``."""
+    (logits, loss, grads), (ref_logits, ref_loss, ref_grads) = got, ref
+    torch.testing.assert_close(logits, ref_logits, atol=tol, rtol=tol)
+    torch.testing.assert_close(loss, ref_loss, atol=tol, rtol=tol)
+    for n, g in ref_grads.items():
+        torch.testing.assert_close(grads[n], g, atol=tol, rtol=tol, msg=lambda m: f"{n}: {m}")
+
+
 # Gemma 2's eager attention takes its softmax in float32 (an upcast for bf16, a rounding for
 # this float64 model); the ring op keeps float64, so the two agree to float32's precision
 LM_TOL = {"gemma2": 1e-6, "gpt_oss": TOL}
@@ -569,10 +585,7 @@ def test_transformers_model_rewritten_and_exact(name):
         (s.pattern, s.decision, s.reason) for s in ring.sites]
     assert all(("softcap" if name == "gemma2" else "sinks") in s.pattern for s in ring.sites)
     tol = LM_TOL[name]
-    torch.testing.assert_close(logits, ref_logits, atol=tol, rtol=tol)
-    torch.testing.assert_close(loss, ref_loss, atol=tol, rtol=tol)
-    for n, g in ref_grads.items():
-        torch.testing.assert_close(grads[n], g, atol=tol, rtol=tol, msg=lambda m: f"{n}: {m}")
+    assert_lm_close((logits, loss, grads), (ref_logits, ref_loss, ref_grads), tol)
     if name == "gpt_oss":
         assert ref_grads["model.layers.0.self_attn.sinks"].abs().max() > 1e-4
 
@@ -607,10 +620,7 @@ def test_transformers_llama4_chunked_attention_rewritten_and_exact():
     assert not ring.reports[0].sharding.costly_fallbacks, ring.reports[0].sharding.costly_fallbacks
     assert [(s.decision, s.mask_kind) for s in ring.sites] == [("rewritten", "causal+chunk(4)"),
                                                                 ("rewritten", "causal")]
-    torch.testing.assert_close(logits, ref_logits, atol=TOL, rtol=TOL)
-    torch.testing.assert_close(loss, ref_loss, atol=TOL, rtol=TOL)
-    for n, g in ref_grads.items():
-        torch.testing.assert_close(grads[n], g, atol=TOL, rtol=TOL, msg=lambda m: f"{n}: {m}")
+    assert_lm_close((logits, loss, grads), (ref_logits, ref_loss, ref_grads), TOL)
 
 
 def test_transformers_mpt_alibi_rewritten_natively():
@@ -630,10 +640,7 @@ def test_transformers_mpt_alibi_rewritten_natively():
     logits, loss, grads = _lm_run(ring, params, inputs)
     assert [(s.decision, s.mask_kind) for s in ring.sites] == [("rewritten", "causal+alibi")] * 2
     tol = 1e-6  # MPT takes its softmax in float32 (a rounding for this float64 model); the op keeps float64
-    torch.testing.assert_close(logits, ref_logits, atol=tol, rtol=tol)
-    torch.testing.assert_close(loss, ref_loss, atol=tol, rtol=tol)
-    for n, g in ref_grads.items():
-        torch.testing.assert_close(grads[n], g, atol=tol, rtol=tol, msg=lambda m: f"{n}: {m}")
+    assert_lm_close((logits, loss, grads), (ref_logits, ref_loss, ref_grads), tol)
 
 
 # -- MLA: a value head dim unlike the query/key head dim (DeepSeek-V2/V3) ---------------------------
@@ -748,7 +755,4 @@ def test_transformers_bloom_rewritten_and_exact():
     fallbacks = ring.reports[0].sharding.costly_fallbacks
     assert fallbacks and all("GeLUFunction" in f for f in fallbacks), fallbacks
     tol = 1e-6  # BLOOM takes its softmax in float32 (a rounding for this float64 model); the op keeps float64
-    torch.testing.assert_close(logits, ref_logits, atol=tol, rtol=tol)
-    torch.testing.assert_close(loss, ref_loss, atol=tol, rtol=tol)
-    for n, g in ref_grads.items():
-        torch.testing.assert_close(grads[n], g, atol=tol, rtol=tol, msg=lambda m: f"{n}: {m}")
+    assert_lm_close((logits, loss, grads), (ref_logits, ref_loss, ref_grads), tol)

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import ringfx
-from test_variants import SCALE, _inputs, _lm_run, _Mla, _slopes, _tiny_lm, reference
+from test_variants import SCALE, _inputs, _lm_run, _Mla, _slopes, _tiny_lm, assert_lm_close, reference
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -107,11 +107,7 @@ def test_transformers_variant_models_on_cuda(name):
 
 
 def _assert_lm_close(got, ref, tol=1e-4):
-    (logits, loss, grads), (ref_logits, ref_loss, ref_grads) = got, ref
-    torch.testing.assert_close(logits, ref_logits, atol=tol, rtol=tol)
-    torch.testing.assert_close(loss, ref_loss, atol=tol, rtol=tol)
-    for n, g in ref_grads.items():
-        torch.testing.assert_close(grads[n], g, atol=tol, rtol=tol, msg=lambda m: f"{n}: {m}")
+    assert_lm_close(got, ref, tol)
 
 
 @pytest.mark.parametrize("name", ["llama4", "mpt"])
