@@ -214,9 +214,79 @@ def compile_inner(gm: fx.GraphModule, example_inputs, inner) -> Callable:
         return inner(gm, example_inputs)
     if inner == "eager":
         return eager_checkpointing(token_major_outputs(gm)).forward
-    if inner == "inductor":
+    with compile_cache_tag():
+        if inner == "inductor":
+            return _tagged_inductor(gm, example_inputs)
+        return lookup_backend(inner)(gm, example_inputs)
+
+
+# ---- torch.compile's on-disk caches ------------------------------------------------------
+#
+# Inductor's FX graph cache and AOTAutograd's cache key a compiled graph by its code, its
+# inputs and torch's own state, not by the schemas of the custom ops the code calls: a
+# graph compiled against one ringfx's ``ringfx::ring_attention`` could be loaded by a
+# ringfx whose op takes other arguments (seen: an 18-argument call into a 17-argument
+# checkout). ``torch.compiler.config.cache_key_tag`` is torch's documented part of every
+# such key; while ringfx's inner compiler runs, ringfx appends its version and a hash of
+# every ``ringfx::`` op schema to it. Scoped, not global: the user's other compiles keep
+# their keys (and their cache entries). AOTAutograd compiles a backward lazily, at the
+# first backward call, outside this scope: inductor's per-graph compiler is wrapped so
+# that the backward graph's key carries the tag too.
+
+
+def ringfx_cache_tag() -> str:
+    """``ringfx-<version>-<hash>``: the hash (sha256, 16 hex digits) of the schema of every
+    registered ``ringfx::`` op, every overload, sorted."""
+    import hashlib
+
+    import torch
+
+    from . import __version__, blockwise  # noqa: F401  (every module that defines a ringfx op)
+    from .runtime import collectives, op, token_moves  # noqa: F401
+
+    names = sorted({n.split(".")[0] for n in torch._C._dispatch_get_all_op_names() if n.startswith("ringfx::")})
+    schemas = sorted(str(s) for n in names for s in torch._C._jit_get_schemas_for_operator(n))
+    digest = hashlib.sha256("\n".join(schemas).encode()).hexdigest()[:16]
+    return f"ringfx-{__version__}-{digest}"
+
+
+class compile_cache_tag:
+    """Context manager: ``torch.compiler.config.cache_key_tag`` is the user's tag (if any)
+    followed by ``ringfx_cache_tag()`` inside, restored on exit. A no-op on a torch
+    without that option."""
+
+    def __enter__(self):
+        import torch.compiler
+
+        config = getattr(torch.compiler, "config", None)
+        self._patch = None
+        if config is not None and hasattr(config, "cache_key_tag"):
+            user = config.cache_key_tag
+            ours = ringfx_cache_tag()
+            if ours not in user.split("|"):
+                self._patch = config.patch(cache_key_tag=f"{user}|{ours}" if user else ours)
+                self._patch.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self._patch is not None:
+            self._patch.__exit__(*exc)
+        return False
+
+
+def _tagged_inductor(gm: fx.GraphModule, example_inputs) -> Callable:
+    """Inductor (as ``inductor_compile``), its forward and (lazy) backward graphs each
+    compiled under ``compile_cache_tag``."""
+    try:
+        from torch._inductor.compile_fx import compile_fx, compile_fx_inner
+    except ImportError:  # another torch layout: the forward's keys carry the tag (we are inside it)
         return inductor_compile(gm, example_inputs)
-    return lookup_backend(inner)(gm, example_inputs)
+
+    def inner_compile(*args, **kwargs):
+        with compile_cache_tag():
+            return compile_fx_inner(*args, **kwargs)
+
+    return compile_fx(gm, example_inputs, inner_compile=inner_compile)
 
 
 def token_major_outputs(gm: fx.GraphModule) -> fx.GraphModule:
