@@ -7,7 +7,7 @@ rows are what a model computes on the whole sequence:
 
 * plain attention: ``F.scaled_dot_product_attention`` (the backend SDPA picks, and cuDNN and
   flash forced);
-* logit soft-capping (cap 50, Gemma 2; ``softcap=``, the ring's math block kernel):
+* logit soft-capping (cap 50, Gemma 2; ``softcap=``, the ring's flex block kernel on CUDA):
   transformers' Gemma 2 eager spelling (matmul, scale, tanh cap, additive mask, float32
   softmax, matmul) and ``flex_attention`` compiled with a tanh ``score_mod`` (transformers'
   flex spelling);
@@ -350,9 +350,9 @@ def flex_lse_kwargs():
 # ----------------------------------------------------------------------- contenders
 
 RING_NOTES = {
-    "softcap": "math block kernel",
-    "chunk": "blocks sharing no chunk skipped",
-    "alibi": "per-block ALiBi bias from global positions",
+    "softcap": "flex block kernel on CUDA (math elsewhere)",
+    "chunk": "blocks sharing no chunk skipped, the rest cut at chunk boundaries (no mask)",
+    "alibi": "per-block ALiBi bias from global positions, in row parts",
     "relbias": "per-block bias gathered from the table; its gradient from the math kernel's dS",
     "mla": "v zero-padded to the qk head dim and the output sliced (the rewrite's _padded)",
 }

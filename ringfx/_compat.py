@@ -24,7 +24,7 @@ from torch._ops import HigherOrderOperator, OpOverload
 __all__ = ["HigherOrderOperator", "OpOverload", "SDPA_BINDING", "SDPA_KERNELS", "backend_compiler_failed", "dynamo_code_cache",
            "dynamo_input_example", "dynamo_input_source", "fail_past_recompile_limit", "inductor_compile",
            "lookup_backend", "process_group_timeout", "recompile_limit_hit", "resolve_process_group", "tree_flatten",
-           "tree_map", "TorchDispatchMode"]
+           "tree_map", "TorchDispatchMode", "autograd_inside_op", "recompile_limit"]
 
 # The C binding behind F.scaled_dot_product_attention: dynamo records calls with this target.
 SDPA_BINDING = torch._C._nn.scaled_dot_product_attention
@@ -86,6 +86,14 @@ def fail_past_recompile_limit(limit: int) -> contextlib.AbstractContextManager:
     import torch._dynamo
 
     return torch._dynamo.config.patch(fail_on_recompile_limit_hit=True, recompile_limit=limit)
+
+
+def recompile_limit(limit: int) -> contextlib.AbstractContextManager:
+    """Dynamo compiles a frame up to ``limit`` times (then runs it uncompiled, or raises
+    under fullgraph), whatever limit an enclosing ``fail_past_recompile_limit`` set."""
+    import torch._dynamo
+
+    return torch._dynamo.config.patch(recompile_limit=limit)
 
 
 def recompile_limit_hit() -> type[Exception]:
@@ -159,3 +167,16 @@ def assert_on_device(condition: torch.Tensor, message: str) -> None:
     """Raise ``message`` where ``condition`` (a bool tensor) is False, without a host sync on
     CUDA and traceable by the compilers (``torch._assert_async``)."""
     torch._assert_async(condition, message)
+
+
+@contextlib.contextmanager
+def autograd_inside_op():
+    """Autograd recording inside a custom op's implementation, which the dispatcher runs
+    below the autograd keys (excluded in thread-local state: ``enable_grad`` alone records
+    nothing). The flex block kernel differentiates its own block result this way."""
+    keys = torch._C.DispatchKeySet
+    autograd = keys(torch._C.DispatchKey.AutogradFunctionality) | keys(torch._C.DispatchKey.AutogradOther) | \
+        keys(torch._C.DispatchKey.AutogradNestedTensor)
+    exclude = torch._C._dispatch_tls_local_exclude_set() - autograd
+    with torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), exclude), torch.enable_grad():
+        yield

@@ -390,7 +390,7 @@ def test_learned_table_backward_in_row_parts(monkeypatch):
     from ringfx.runtime import algorithm
 
     for elements in (1, 2 * 4 * 7 * 3):
-        monkeypatch.setattr(algorithm, "BIAS_GRAD_ELEMENTS", elements)
+        monkeypatch.setattr(algorithm, "MATERIALISED_ELEMENTS", elements)
         for world, layout, causal in ((1, "contiguous", True), (2, "zigzag", False), (3, "zigzag", True)):
             errors = check_table(ringfx.LoopbackRing(world), layout, causal, seed=5, per_rank=4, window=5,
                                  padding=True)

@@ -76,7 +76,7 @@ def _slopes(hq):
 
 
 def check_variant(group, layout, causal, softcap, with_sinks, *, seed=0, window=0, padding=False, hq=4, hkv=2,
-                  chunk=0, alibi=False, per_rank=3):
+                  chunk=0, alibi=False, per_rank=3, kernel="auto"):
     """Max abs error of this rank's out, dq, dk, dv (shards) and of the sinks' gradient.
     On a real ring the sinks' gradient is this rank's part: summed over the ring here."""
     world = ringfx.runtime.ring_size(group)
@@ -96,7 +96,7 @@ def check_variant(group, layout, causal, softcap, with_sinks, *, seed=0, window=
     out = ringfx.ring_attention(*local, group=group, causal=causal, layout=layout, scale=SCALE,
                                 softcap=softcap or None, sinks=local_sinks, window=window or None,
                                 key_padding_mask=shard(pad, 1) if padding else None, chunk=chunk or None,
-                                alibi_slopes=slopes)
+                                alibi_slopes=slopes, kernel=kernel)
     grads = torch.autograd.grad(out, local + ([local_sinks] if with_sinks else []), shard(dout))
     return shard_errors(group, shard, out, ref, grads, ref_grads)
 
@@ -158,7 +158,7 @@ def test_chunk_and_alibi_with_the_other_variants(world):
 
 
 def test_blocks_outside_every_chunk_are_skipped():
-    from ringfx.runtime.blocks import MaskSpec, plan_step, step_count
+    from ringfx.runtime.blocks import BlockCall, MaskSpec, plan_step, step_count
 
     # chunks of one rank's tokens: every rank sees only its own block, the ring stops after one step
     assert step_count("contiguous", 8, 16, MaskSpec(False, 0, False, chunk=16)) == 1
@@ -170,11 +170,86 @@ def test_blocks_outside_every_chunk_are_skipped():
     # a rank's own block under causal: one is_causal call unless a chunk boundary crosses it
     (call,) = plan_step("contiguous", 1, 1, 4, 8, MaskSpec(True, 0, False, chunk=8))
     assert call.is_causal and not call.masked
-    (call,) = plan_step("contiguous", 1, 1, 4, 8, MaskSpec(True, 0, False, chunk=4))
+    # ... and a chunk boundary inside it cuts it into causal calls, one per chunk, with no mask
+    assert plan_step("contiguous", 1, 1, 4, 8, MaskSpec(True, 0, False, chunk=4)) == (
+        BlockCall((0, 4), (0, 4), True, False), BlockCall((4, 8), (4, 8), True, False))
+    # a block that precedes the queries: plain calls on the keys of each query's chunk
+    assert plan_step("contiguous", 1, 0, 4, 8, MaskSpec(True, 0, False, chunk=12)) == (
+        BlockCall((0, 4), (0, 8), False, False),)
+    # more than MAX_CHUNK_CALLS chunks in a block: one masked call instead of many small ones
+    (call,) = plan_step("contiguous", 1, 1, 4, 80, MaskSpec(True, 0, False, chunk=2))
     assert call.masked and not call.is_causal
     # zigzag rank 0 holds chunks 0 and 7 of 8: with chunks of one layout chunk, it only meets itself
     assert [plan_step("zigzag", 0, src, 4, 8, MaskSpec(True, 0, False, chunk=4)) != () for src in range(4)] == \
         [True, False, False, False]
+
+
+@pytest.mark.parametrize("world", [1, 3])
+def test_calls_cut_into_row_parts_are_exact(monkeypatch, world):
+    """A call whose mask or math-kernel scores would pass ``MATERIALISED_ELEMENTS`` takes its
+    query rows in parts (a causal call: the keys before each part plain, the part's own
+    causally); forced here to a few rows a part: exact all the same."""
+    from ringfx.runtime import algorithm
+
+    monkeypatch.setattr(algorithm, "MATERIALISED_ELEMENTS", 2 * 4 * 7 * 3)
+    cases = [  # (causal, softcap, sinks, chunk, alibi, padding, hkv)
+        (True, SOFTCAP, False, 0, False, False, 2),  # the math kernel's causal own block
+        (True, 0.0, True, 0, True, False, 1),  # ALiBi's per-head mask, MQA
+        (False, 0.0, False, 4, False, True, 2),  # key padding
+        (True, SOFTCAP, True, 3, True, True, 4),
+    ]
+    for layout, (causal, softcap, sinks, chunk, alibi, padding, hkv) in itertools.product(
+            ("contiguous", "zigzag"), cases):
+        errors = check_variant(ringfx.LoopbackRing(world), layout, causal, softcap, sinks, seed=11, chunk=chunk,
+                               alibi=alibi, padding=padding, hq=4, hkv=hkv, per_rank=6)
+        assert max(errors) < TOL, (layout, causal, softcap, sinks, chunk, alibi, padding, errors)
+
+
+def test_chunks_cut_at_their_boundaries_are_exact():
+    """Chunked attention with chunk boundaries inside blocks runs as unmasked calls per
+    chunk (checked above on the plan); long blocks with few chunks, P = 1-4, both layouts."""
+    for world, layout, causal, chunk in itertools.product((1, 2, 3, 4), ("contiguous", "zigzag"), (True, False),
+                                                          (5, 8)):
+        errors = check_variant(ringfx.LoopbackRing(world), layout, causal, 0.0, False, seed=world, chunk=chunk,
+                               per_rank=12 // (2 if layout == "zigzag" else 1) * 2)
+        assert max(errors) < TOL, (world, layout, causal, chunk, errors)
+
+
+def dense_flex(q, k, v, mask, is_causal, scale, softcap):
+    """What ``kernels._flex_attend`` computes (out, natural lse), densely and differentiably:
+    the stand-in for flex on CPU, where flex has no backward (and no lse when compiled)."""
+    s = torch.matmul(q, k.transpose(-2, -1)) * scale
+    if softcap:
+        s = softcap * torch.tanh(s / softcap)
+    if is_causal:
+        s = s.masked_fill(~torch.ones(s.shape[-2:], dtype=torch.bool).tril(), float("-inf"))
+    if mask is not None:
+        s = s + mask
+    lse = s.logsumexp(-1)
+    p = torch.exp(s - lse.masked_fill(lse == float("-inf"), 0.0)[..., None])  # a row that sees nothing: 0
+    return torch.matmul(p, v), lse
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_flex_kernel_backward_from_the_merged_lse(monkeypatch, world):
+    """The flex block kernel differentiates its own block result, fed ``c * dout`` and the
+    log-sum-exp gradient that turns its dS into the global one: exact against the
+    reference with every variant a block mask or a soft-cap makes, GQA and MQA."""
+    from ringfx.runtime import kernels
+
+    monkeypatch.setattr(kernels, "_flex_attend", dense_flex)
+    cases = [  # (causal, softcap, sinks, window, padding, chunk, alibi, hkv)
+        (False, SOFTCAP, False, 0, False, 0, False, 2),
+        (True, SOFTCAP, True, 0, False, 0, False, 4),
+        (True, SOFTCAP, False, 4, True, 0, False, 1),
+        (True, 0.0, False, 0, False, 3, True, 2),
+        (False, SOFTCAP, True, 0, True, 5, False, 2),
+    ]
+    for layout, (causal, softcap, sinks, window, padding, chunk, alibi, hkv) in itertools.product(
+            ("contiguous", "zigzag"), cases):
+        errors = check_variant(ringfx.LoopbackRing(world), layout, causal, softcap, sinks, seed=world, window=window,
+                               padding=padding, hq=4, hkv=hkv, chunk=chunk, alibi=alibi, per_rank=6, kernel="flex")
+        assert max(errors) < TOL, (layout, causal, softcap, sinks, window, padding, chunk, alibi, errors)
 
 
 def test_alibi_slopes_that_require_grad_are_refused():
@@ -512,18 +587,18 @@ def test_positional_spelling_rewritten_and_exact(make, world, layout, seq_len, m
 
 # ------------------------------------------- transformers' Gemma 2 and GPT-OSS, zero-touch
 
-def _tiny_lm(name):
+def _tiny_lm(name, head_dim=8):
     """A tiny random transformers LM in float64 with the variant's eager attention: Gemma 2
     (a sliding-window and a full layer, soft-capped scores) or GPT-OSS (one sliding-window
     layer with sinks, two experts)."""
     transformers = pytest.importorskip("transformers", reason="needs transformers")
-    common = dict(vocab_size=96, hidden_size=32, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+    common = dict(vocab_size=96, hidden_size=32, num_attention_heads=4, num_key_value_heads=2, head_dim=head_dim,
                   max_position_embeddings=128, sliding_window=5, attn_implementation="eager", pad_token_id=0)
     torch.manual_seed(0)
     if name == "gemma2":
         if not hasattr(transformers, "Gemma2ForCausalLM"):
             pytest.skip("transformers has no Gemma 2")
-        cfg = transformers.Gemma2Config(intermediate_size=64, num_hidden_layers=2, query_pre_attn_scalar=8,
+        cfg = transformers.Gemma2Config(intermediate_size=64, num_hidden_layers=2, query_pre_attn_scalar=head_dim,
                                         attn_logit_softcapping=1.0, final_logit_softcapping=None, **common)
         model = transformers.Gemma2ForCausalLM(cfg)
     else:

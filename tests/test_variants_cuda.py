@@ -106,6 +106,29 @@ def test_transformers_variant_models_on_cuda(name):
     _assert_lm_close(got, ref)
 
 
+def test_gemma2_on_cuda_takes_the_flex_block_kernel():
+    """Gemma 2 at a head dim flex's CUDA kernel is taken for (the soft-capped sites run
+    flex per block inside the transformed model), float32, loopback ring of 3, a padded row:
+    logits, loss and every gradient against the untransformed model."""
+    from ringfx.runtime import kernels
+
+    torch.compiler.reset()
+    model, inputs = _tiny_lm("gemma2", head_dim=16)
+    model = model.float().cuda()
+    inputs = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+    params = list(model.named_parameters())
+    ref = _lm_run(model, params, inputs)
+    calls = []
+    flex = kernels._flex_attend
+    kernels._flex_attend = lambda *a: calls.append(1) or flex(*a)
+    try:
+        got = _lm_run(ringfx.transform(model, mesh=ringfx.LoopbackRing(3), layout="zigzag"), params, inputs)
+    finally:
+        kernels._flex_attend = flex
+    assert calls, "the soft-capped sites did not run the flex block kernel"
+    _assert_lm_close(got, ref)
+
+
 def _assert_lm_close(got, ref, tol=1e-4):
     assert_lm_close(got, ref, tol)
 
@@ -136,3 +159,48 @@ def test_transformers_positional_variants_on_cuda(name):
     got = _lm_run(ring, params, inputs)
     assert [(s.decision, s.mask_kind) for s in ring.sites] == [("rewritten", k) for k in kinds]
     _assert_lm_close(got, ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_flex_block_kernel_on_cuda(dtype):
+    """Soft-capped scores take compiled flex per block on CUDA (``kernel="auto"`` at a head
+    dim flex is taken for), its backward fed the merged log-sum-exp through its own lse
+    gradient: every rank's shard against the float64 reference, with causal, a window, key
+    padding and GQA; ``kernel="flex"`` without soft-capping too."""
+    from ringfx.runtime.kernels import choose_kernel
+
+    assert choose_kernel("auto", torch.device("cuda"), dtype, 64, False, 30.0).name == "flex"
+    g = torch.Generator().manual_seed(3)
+    cases = [  # (world, layout, causal, softcap, window, padding, hkv, kernel)
+        (1, "contiguous", True, 5.0, 0, False, 2, "auto"),
+        (2, "zigzag", True, 5.0, 0, True, 1, "auto"),
+        (3, "contiguous", False, 5.0, 0, True, 4, "auto"),
+        (2, "contiguous", True, 5.0, 40, False, 2, "auto"),
+        (3, "zigzag", True, 0.0, 0, False, 2, "flex"),
+    ]
+    for world, layout, causal, softcap, window, padding, hkv, kernel in cases:
+        s = 96 * world
+        q = torch.randn(2, 4, s, 64, generator=g, dtype=torch.float64)
+        k = torch.randn(2, hkv, s, 64, generator=g, dtype=torch.float64)
+        v = torch.randn(2, hkv, s, 64, generator=g, dtype=torch.float64)
+        dout = torch.randn(2, 4, s, 64, generator=g, dtype=torch.float64)
+        pad = None
+        if padding:
+            pad = torch.rand(2, s, generator=g) > 0.3
+            pad[:, ::2] = True
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        ref = reference(*leaves, causal=causal, softcap=softcap, window=window, pad=pad)
+        ref_grads = torch.autograd.grad(ref, leaves, dout)
+        group = ringfx.LoopbackRing(world)
+
+        def shard(x, dim=2):
+            return ringfx.shard(x, dim, layout=layout, group=group)
+
+        cuda = [shard(t).to("cuda", dtype).requires_grad_() for t in (q, k, v)]
+        out = ringfx.ring_attention(*cuda, group=group, causal=causal, layout=layout, scale=SCALE,
+                                    softcap=softcap or None, window=window or None, kernel=kernel,
+                                    key_padding_mask=shard(pad, 1).cuda() if padding else None)
+        grads = torch.autograd.grad(out, cuda, shard(dout).to("cuda", dtype))
+        errors = [((a.double().cpu() - shard(b)).abs().max() / b.abs().max()).item()
+                  for a, b in zip((out, *grads), (ref, *ref_grads))]
+        assert max(errors) < TOLERANCES[dtype], (world, layout, causal, softcap, window, padding, hkv, errors)

@@ -25,7 +25,7 @@ import torch
 
 from .agreement import agree, metadata
 from .block_inputs import Block, BlockSource, pack_kv
-from .blocks import MaskSpec, plan_step, relative_index, step_count
+from .blocks import MaskSpec, cut_rows, plan_step, relative_index, step_count
 from .deferred import DQ_GROUP, MERGE_GROUP, Deferred, fold_groups  # noqa: F401  (MERGE_GROUP: the planner's)
 from .fold import _fused_fold, acc_dtype, fold, merge_partial  # noqa: F401  (re-exported for tests, benchmarks)
 from .kernels import block_forward, choose_kernel, gqa_backward
@@ -81,17 +81,42 @@ class _Rank:
             self.kv = received[0]
             self.tok = received[1] if self.tok is not None else None
 
+    def calls(self, t: int) -> list:
+        """The kernel calls of step ``t`` against the block of rank ``(rank - t) % world``:
+        (call, kernel), a call cut into parts of fewer query rows where its kernel would
+        materialise more than ``MATERIALISED_ELEMENTS`` per tensor (a mask, the math
+        kernel's scores)."""
+        q = self.q
+        # the gradient of a learned relative bias needs each block's dS: the math kernel gives it
+        kernel = "math" if self.bias_grad else self.cfg.kernel
+        calls = []
+        for call in plan_step(self.cfg.layout, self.rank, (self.rank - t) % self.world, self.world,
+                              self.source.s_local, self.source.spec, self.seg_ranges):
+            kern = choose_kernel(kernel, q.device, q.dtype, q.shape[-1], call.masked, self.cfg.softcap)
+            calls += [(part, kern) for part in cut_rows(call, self._rows_per_call(call, kern))]
+        return calls
+
+    def _rows_per_call(self, call, kern) -> int:
+        b, hq, _, _ = self.q.shape
+        keys = call.k[1] - call.k[0]
+        if kern.name == "math":  # float32 scores, probabilities and their gradients, (B, Hq, rows, keys)
+            per_row = b * hq * keys
+        elif call.masked:  # the mask (b or 1, Hq or 1 or the GQA group) and its int64 distances (rows, keys)
+            src = self.source
+            bias = src.bias
+            per_batch = src.has_padding or src.seg_q is not None or (bias is not None and bias.shape[0] > 1)
+            per_head = src.alibi is not None or src.rel is not None or (bias is not None and bias.shape[1] > 1)
+            heads = hq if per_head else hq // self.kv[0].shape[1]  # GQA repeats a headless mask per group
+            per_row = ((b if per_batch else 1) * heads + 2) * keys
+        else:
+            return call.q[1] - call.q[0]
+        return max(1, MATERIALISED_ELEMENTS // per_row)
+
     def blocks(self, t: int):
         """The kernel calls of step ``t``: (call, block, kernel)."""
         src = (self.rank - t) % self.world
-        for call in plan_step(self.cfg.layout, self.rank, src, self.world, self.source.s_local, self.source.spec,
-                              self.seg_ranges):
-            blk = Block.of(call, src, self.kv, self.tok, self.source)
-            q = self.q
-            # the gradient of a learned relative bias needs each block's dS: the math kernel gives it
-            kernel = "math" if self.bias_grad else self.cfg.kernel
-            yield call, blk, choose_kernel(kernel, q.device, q.dtype, q.shape[-1], blk.mask is not None,
-                                           self.cfg.softcap)
+        for call, kern in self.calls(t):
+            yield call, Block.of(call, src, self.kv, self.tok, self.source), kern
 
 
 def _prologue(q, k, v, pad, seg, bias, cfg: RingConfig, rank: int, world: int, refused=None, alibi=None,
@@ -136,9 +161,8 @@ def _single_block(ring: "_Rank"):
         return None
     s_local = ring.source.s_local
     # the plan alone (no block masks are built for a call that is then not taken)
-    calls = list(plan_step(ring.cfg.layout, ring.rank, ring.rank, ring.world, s_local, ring.source.spec,
-                           ring.seg_ranges))
-    if len(calls) != 1 or calls[0].q != (0, s_local) or calls[0].k != (0, s_local):
+    calls = ring.calls(0)
+    if len(calls) != 1 or calls[0][0].q != (0, s_local) or calls[0][0].k != (0, s_local):
         return None
     return next(ring.blocks(0))
 
@@ -203,8 +227,6 @@ def backward_program(dout, q, k, v, out, lse, pad, seg, bias, cfg: RingConfig, r
     # rows that saw no key: exp(s - inf) = 0 instead of exp(-inf + inf) = NaN
     lse = lse.masked_fill(lse == float("-inf"), float("inf"))
     single = _single_block(ring)
-    if single is not None and bias_grad and len(_bias_grad_rows(single[1].rows, q, s_local)) > 1:
-        single = None  # the math kernel's rows in parts (the loop below)
     if single is not None:  # one block: the kernel's gradients are the gradients
         call, blk, kern = single
         grads = gqa_backward(kern, dout, q, blk.k, blk.v, out, lse, blk.mask, call.is_causal, cfg.scale, bias_grad)
@@ -224,19 +246,18 @@ def backward_program(dout, q, k, v, out, lse, pad, seg, bias, cfg: RingConfig, r
         kv_pending = yield from ring.pass_on(t)
         block_grads = []
         for call, blk, kern in ring.blocks(t):
-            parts = _bias_grad_rows(blk.rows, q, blk.k.shape[2]) if bias_grad and not call.is_causal else [blk.rows]
-            for r in parts:
-                mask = blk.mask
-                if len(parts) > 1 and mask is not None and mask.shape[-2] > 1:
-                    mask = mask[..., r.start - blk.rows.start:r.stop - blk.rows.start, :]
-                with side.kernel(q, blk.k, blk.v, mask, dout, out, lse):
-                    dq_b, dk_b, dv_b, *ds = gqa_backward(kern, dout[:, :, r], q[:, :, r], blk.k, blk.v, out[:, :, r],
-                                                         lse[:, :, r], mask, call.is_causal, cfg.scale, bias_grad)
-                block_grads.append((r, call.k, dq_b, dk_b, dv_b))
-                if ds:
-                    with side:  # one stream adds into the table's gradient (the kernels' alternate)
-                        side.keep(ds[0])
-                        _add_bias_grad(d_rel, ds[0], ring.source.q_pos[r], blk.k_pos)
+            r = blk.rows
+            with side.kernel(q, blk.k, blk.v, blk.mask, dout, out, lse):
+                dq_b, dk_b, dv_b, *ds = gqa_backward(kern, dout[:, :, r], q[:, :, r], blk.k, blk.v, out[:, :, r],
+                                                     lse[:, :, r], blk.mask, call.is_causal, cfg.scale, bias_grad)
+            block_grads.append((r, call.k, dq_b, dk_b, dv_b))
+            if ds:
+                with side:  # one stream adds into the table's gradient (the kernels' alternate)
+                    side.keep(ds[0])
+                    _add_bias_grad(d_rel, ds[0], ring.source.q_pos[r], blk.k_pos)
+            if len(block_grads) > HELD_BLOCK_GRADS:  # a block cut into many calls: sum their dK/dV now
+                with side:
+                    block_grads = [_sum_block_grads(block_grads, dq_acc, side, k.shape, acc, s_local)]
         # accumulate on the side stream: dQ here, dK/dV into the buffer that travelled
         # here with this block; then send it on (the side stream orders the send). The
         # last fold writes dK and dV in the input dtype for the hop home.
@@ -252,8 +273,10 @@ def backward_program(dout, q, k, v, out, lse, pad, seg, bias, cfg: RingConfig, r
             send = [torch.empty(k.shape, dtype=k.dtype, device=q.device),
                     torch.empty(v.shape, dtype=v.dtype, device=q.device)] if last else [dkv]
             for r, (a, b), dq_b, dk_b, dv_b in block_grads:
-                side.keep(dq_b, dk_b, dv_b)
-                dq_acc.add(r, dq_b, last_step=last)
+                side.keep(dk_b, dv_b)
+                if dq_b is not None:
+                    side.keep(dq_b)
+                    dq_acc.add(r, dq_b, last_step=last)
                 for i, g in enumerate((dk_b, dv_b)):
                     running = dkv[i][:, :, a:b]
                     fold(send[i] if last and whole else running, None if starts else running, [g],
@@ -278,16 +301,35 @@ def backward_program(dout, q, k, v, out, lse, pad, seg, bias, cfg: RingConfig, r
     return (*into, d_rel) if bias_grad else into
 
 
-# A learned relative table's backward runs the math kernel, whose float32 scores,
-# probabilities and dS are B·H·rows·keys each: a block's query rows are taken in parts of at
-# most this many elements (2**26: 256 MiB of float32), so its memory does not grow with the block
-BIAS_GRAD_ELEMENTS = 2**26
+# the block gradients a step holds before their dK/dV are summed (a block whose query rows
+# were cut into many calls would otherwise hold one full-length dK and dV per call)
+HELD_BLOCK_GRADS = 4
 
 
-def _bias_grad_rows(rows: slice, q, n_keys: int) -> list:
-    """``rows`` in parts whose math-kernel tensors stay within ``BIAS_GRAD_ELEMENTS``."""
-    step = max(1, BIAS_GRAD_ELEMENTS // max(1, q.shape[0] * q.shape[1] * n_keys))
-    return [slice(a, min(a + step, rows.stop)) for a in range(rows.start, rows.stop, step)]
+def _sum_block_grads(block_grads, dq_acc, side, kv_shape, acc, s_local):
+    """Queue the dQ of ``block_grads`` and sum their dK/dV into one (r, keys, None, dK, dV)
+    entry covering every key of the block (the first entry may be such a sum already)."""
+    first = block_grads[0]
+    if first[2] is None:  # an earlier sum: add into it
+        dk, dv = first[3], first[4]
+        block_grads = block_grads[1:]
+    else:
+        dk = torch.zeros(kv_shape, dtype=acc, device=first[3].device)
+        dv = torch.zeros(kv_shape, dtype=acc, device=first[3].device)
+    for r, (a, b), dq_b, dk_b, dv_b in block_grads:
+        side.keep(dq_b, dk_b, dv_b)
+        dq_acc.add(r, dq_b)
+        dk[:, :, a:b] += dk_b
+        dv[:, :, a:b] += dv_b
+    return None, (0, s_local), None, dk, dv
+
+
+# A call's query rows are taken in parts where its kernel would materialise more than this
+# many elements per tensor (2**26: 256 MiB of float32): the math kernel's scores,
+# probabilities and dS (soft-capping, a learned relative table's backward), an explicit
+# mask (ALiBi's per-head bias, key padding) and its int64 distances. So their memory does
+# not grow with the block: ALiBi at 32K tokens on one GPU needed a (H, S, S) float32 bias.
+MATERIALISED_ELEMENTS = 2**26
 
 
 def _add_bias_grad(d_rel, ds, q_pos, k_pos) -> None:

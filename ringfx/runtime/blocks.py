@@ -92,6 +92,10 @@ def plan_step(
                     cls[i][j] = EMPTY
     if all(x == EMPTY for row in cls for x in row):
         return ()
+    if spec.chunk and not spec.token_masks and not spec.window:
+        cut = _within_chunks(qch, kch, c, spec)
+        if cut is not None:
+            return cut
     if rank == src and spec.causal:
         # one is_causal call unless a token mask, the window or the chunks bite inside the block
         causal_only = MaskSpec(True, 0, False)
@@ -114,6 +118,60 @@ def plan_step(
                                    partial or spec.token_masks))
         i = i_end
     return tuple(calls)
+
+
+# the most calls a block is cut into at attention-chunk boundaries; past it (small chunks)
+# one masked call is cheaper than many small kernels
+MAX_CHUNK_CALLS = 32
+
+
+def _within_chunks(qch, kch, c: int, spec: MaskSpec) -> tuple[BlockCall, ...] | None:
+    """Chunked attention without a mask: each pair of layout chunks cut at the attention
+    chunks' boundaries into rectangles no boundary crosses, each a plain call (every query
+    sees every key) or, on the diagonal, an ``is_causal`` one (same positions for rows and
+    columns). None when a chunk boundary crosses no pair (the grouped calls are fewer),
+    when a rectangle would still need a mask, or past ``MAX_CHUNK_CALLS`` calls."""
+    size = spec.chunk
+    inner = MaskSpec(spec.causal, 0, False)
+    calls, bites = [], False
+    for i, (q0, q1) in enumerate(qch):
+        for j, (k0, k1) in enumerate(kch):
+            if classify((q0, q1), (k0, k1), spec) == EMPTY:
+                continue
+            bites = bites or _chunk_bites((q0, q1), (k0, k1), spec)
+            for a in range(max(q0, k0) // size, (min(q1, k1) - 1) // size + 1):
+                qs = (max(q0, a * size), min(q1, (a + 1) * size))
+                ks = (max(k0, a * size), min(k1, (a + 1) * size))
+                kind = classify(qs, ks, inner) if qs[0] < qs[1] and ks[0] < ks[1] else EMPTY
+                if kind == EMPTY:
+                    continue
+                if kind == PARTIAL and qs != ks:
+                    return None
+                calls.append(BlockCall((i * c + qs[0] - q0, i * c + qs[1] - q0),
+                                       (j * c + ks[0] - k0, j * c + ks[1] - k0), kind == PARTIAL, False))
+    return tuple(calls) if bites and len(calls) <= MAX_CHUNK_CALLS else None
+
+
+def cut_rows(call: BlockCall, rows: int) -> list[BlockCall]:
+    """``call`` as calls of at most ``rows`` query rows each. A causal call (rows and key
+    columns at the same positions) becomes, per part [s, e), a plain call on the keys
+    before s and a causal one on [s, e)."""
+    a, b = call.q
+    if b - a <= rows:
+        return [call]
+    if call.is_causal and call.q[1] - call.q[0] != call.k[1] - call.k[0]:
+        raise AssertionError(f"a causal block call with rows {call.q} and keys {call.k} of different lengths")
+    parts = []
+    for s in range(a, b, rows):
+        e = min(s + rows, b)
+        if not call.is_causal:
+            parts.append(BlockCall((s, e), call.k, False, call.masked))
+            continue
+        k0 = call.k[0] - a  # key column of row 0's position
+        if s > a:
+            parts.append(BlockCall((s, e), (call.k[0], k0 + s), False, False))
+        parts.append(BlockCall((s, e), (k0 + s, k0 + e), True, False))
+    return parts
 
 
 @functools.lru_cache(maxsize=1024)

@@ -14,8 +14,9 @@ receives +inf there so that ``exp(s - lse)`` is 0, not NaN.
 Backends: CPU ``_scaled_dot_product_flash_attention_for_cpu``; CUDA cuDNN, flash and
 memory-efficient SDPA ops; a float32/float64 math fallback for everything else. Logit
 soft-capping (``cap * tanh(s / cap)`` of the scaled scores, before the mask: Gemma 2)
-only the math kernel computes: the fused kernels take no score function, and torch's
-``flex_attention`` (which does) cannot run its backward from a merged log-sum-exp.
+is computed by torch's ``flex_attention`` (``FlexKernel``: on CUDA, where it compiles to a
+fused kernel; its backward is fed the merged log-sum-exp through its own lse gradient) or
+by the math kernel (CPU, float64): the SDPA kernels take no score function.
 The math kernel's backward can also return dS, the gradient of the additive mask, from
 which the ring sums a learned relative-position table's gradient by distance (the fused
 kernels do not return it).
@@ -30,12 +31,13 @@ import logging
 
 import torch
 
-from .._compat import SDPA_KERNELS
+from .._compat import SDPA_KERNELS, autograd_inside_op, recompile_limit
 from .fold import acc_dtype
 log = logging.getLogger("ringfx.runtime.kernels")
 
-KERNELS = ("auto", "flash", "cudnn", "efficient", "math")
-SOFTCAP_KERNELS = ("auto", "math")  # the kernels that compute soft-capped scores
+KERNELS = ("auto", "flash", "cudnn", "efficient", "flex", "math")
+SOFTCAP_KERNELS = ("auto", "flex", "math")  # the kernels that compute soft-capped scores
+FLEX_HEAD_DIMS = (16, 32, 64, 128, 256)  # head dims flex's CUDA kernel is taken for by kernel="auto"
 
 
 def _math_scores(q, k, mask, is_causal, scale, acc, softcap=0.0):
@@ -121,6 +123,94 @@ class CpuFlashKernel:
         return SDPA_KERNELS.cpu_flash_backward(
             dout, q, k, v, out, lse, 0.0, is_causal, attn_mask=mask, scale=scale
         )
+
+
+class FlexKernel:
+    """torch's ``flex_attention`` (compiled: a Triton kernel on CUDA) with soft-capped
+    scores (``softcap`` > 0; 0: plain) and the block's additive mask read inside the score
+    function, so no (B, H, Sq, Sk) scores are materialised.
+
+    flex's backward cannot be handed the ring's merged ``out`` and ``lse``; it differentiates
+    its own block result (``out_b``, ``lse_b``). Since the global probabilities are
+    ``p = exp(s - lse) = c * p_b`` with ``c = exp(lse_b - lse)`` per row, feeding it
+    ``dout_b = c * dout`` and the log-sum-exp gradient ``dlse_b = rowsum(dout_b * out_b) -
+    c * rowsum(dout * out)`` gives exactly the global dS = p * (dout vᵀ - rowsum(dout * out))
+    restricted to the block (its dS is ``p_b * (dout_b vᵀ - rowsum(dout_b * out_b)) + p_b *
+    dlse_b``). The price: the backward recomputes the block's forward.
+
+    ``attend(q, k, v, mask, is_causal, scale, softcap) -> (out, lse)`` is flex by default;
+    any differentiable function with the same meaning can stand in (the CPU tests: flex has
+    no backward on CPU).
+    """
+
+    name = "flex"
+
+    def __init__(self, softcap: float = 0.0, attend=None):
+        self.softcap = softcap
+        self.attend = attend
+
+    def forward(self, q, k, v, mask, is_causal, scale):
+        with torch.no_grad():
+            return (self.attend or _flex_attend)(q, k, v, mask, is_causal, scale, self.softcap)
+
+    def backward(self, dout, q, k, v, out, lse, mask, is_causal, scale):
+        leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+        with autograd_inside_op():  # the ring's backward op runs below autograd
+            out_b, lse_b = (self.attend or _flex_attend)(*leaves, mask, is_causal, scale, self.softcap)
+            acc = lse_b.dtype
+            with torch.no_grad():
+                c = torch.exp(lse_b - lse.to(acc))  # 0 where the block (or the whole ring) saw no key
+                dout_b = (dout.to(acc) * c[..., None]).to(out_b.dtype)
+                delta = (dout.to(acc) * out.to(acc)).sum(-1)
+                dlse_b = (dout_b.to(acc) * out_b.to(acc)).sum(-1) - c * delta
+            return torch.autograd.grad((out_b, lse_b), leaves, (dout_b, dlse_b))
+
+
+def _flex_attend(q, k, v, mask, is_causal, scale, softcap):
+    """flex_attention's output and natural log-sum-exp (float32) for one block: ``is_causal``
+    as a block mask (query row i sees key j <= i), ``mask`` added to the (soft-capped) scores."""
+    block_mask = _causal_block_mask(q.shape[-2], k.shape[-2], q.device) if is_causal else None
+    if mask is not None:
+        mask = mask.to(torch.float32).expand(q.shape[0], q.shape[1], q.shape[-2], k.shape[-2])
+    with recompile_limit(FLEX_RECOMPILE_LIMIT):
+        return _compiled_flex()(q, k, v, mask, block_mask, scale, float(softcap))
+
+
+def _flex_call(q, k, v, mask, block_mask, scale, softcap):
+    from torch.nn.attention.flex_attention import flex_attention
+
+    def score_mod(score, b, h, i, j):
+        if softcap:
+            score = softcap * torch.tanh(score / softcap)
+        if mask is not None:
+            score = score + mask[b, h, i, j]
+        return score
+
+    try:
+        from torch.nn.attention.flex_attention import AuxRequest
+    except ImportError:  # torch < 2.9
+        return flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, return_lse=True)
+    out, aux = flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale,
+                              return_aux=AuxRequest(lse=True))
+    return out, aux.lse
+
+
+# graphs of the one flex call: per dtype, with and without a mask, a causal block mask and
+# gradients, per soft-cap value, and a second graph per kind once the block shapes vary
+FLEX_RECOMPILE_LIMIT = 64
+
+
+@functools.cache
+def _compiled_flex():
+    # flex only runs fused when compiled (shapes become dynamic at the first recompile)
+    return torch.compile(_flex_call, fullgraph=True)
+
+
+@functools.lru_cache(maxsize=64)
+def _causal_block_mask(sq: int, sk: int, device):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    return create_block_mask(lambda b, h, i, j: j <= i, None, None, sq, sk, device=device)
 
 
 class CudnnKernel:
@@ -224,23 +314,28 @@ _MATH, _CPU_FLASH, _CUDNN, _CUDA_FLASH, _EFFICIENT = (
 
 
 @functools.lru_cache(maxsize=64)
-def _softcapped_math(softcap: float) -> MathKernel:
-    return MathKernel(softcap)
+def _softcapped(kind: str, softcap: float):
+    return (FlexKernel if kind == "flex" else MathKernel)(softcap)
 
 
 def choose_kernel(kernel: str, device: torch.device, dtype: torch.dtype, head_dim: int, masked: bool,
                   softcap: float = 0.0):
     """The fastest correct kernel for this device, dtype and mask (``kernel='auto'``), or the
-    one asked for. Soft-capped scores (``softcap`` > 0) take the math kernel."""
+    one asked for. Soft-capped scores (``softcap`` > 0) take flex on CUDA (bf16, fp16,
+    float32), else the math kernel."""
     if kernel not in KERNELS:
         raise ValueError(f"kernel={kernel!r} is not known; use one of {KERNELS}")
     if softcap:
         if kernel not in SOFTCAP_KERNELS:
-            raise ValueError(f"kernel={kernel!r} cannot soft-cap the scores; use kernel='auto' or 'math' "
+            raise ValueError(f"kernel={kernel!r} cannot soft-cap the scores; use kernel='auto', 'flex' or 'math' "
                              "with softcap")
-        return _softcapped_math(float(softcap))
+        flex = kernel == "flex" or (kernel == "auto" and device.type == "cuda" and dtype != torch.float64
+                                    and head_dim in FLEX_HEAD_DIMS)
+        return _softcapped("flex" if flex else "math", float(softcap))
     if kernel == "math":
         return _MATH
+    if kernel == "flex":
+        return _softcapped("flex", 0.0)
     if device.type == "cpu":
         return _CPU_FLASH if kernel in ("auto", "flash") else _MATH
     if device.type != "cuda" or dtype == torch.float64:
