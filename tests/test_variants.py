@@ -215,12 +215,17 @@ def test_chunks_cut_at_their_boundaries_are_exact():
         assert max(errors) < TOL, (world, layout, causal, chunk, errors)
 
 
-def dense_flex(q, k, v, mask, is_causal, scale, softcap):
+def dense_flex(q, k, v, mask, is_causal, scale, softcap, alibi=None):
     """What ``kernels._flex_attend`` computes (out, natural lse), densely and differentiably:
     the stand-in for flex on CPU, where flex has no backward (and no lse when compiled)."""
+    g = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)  # flex's enable_gqa
     s = torch.matmul(q, k.transpose(-2, -1)) * scale
     if softcap:
         s = softcap * torch.tanh(s / softcap)
+    if alibi is not None:
+        slopes, q_pos, k_pos = alibi
+        s = s + slopes[:, None, None] * (k_pos[None, :] - q_pos[:, None]).to(slopes.dtype)
     if is_causal:
         s = s.masked_fill(~torch.ones(s.shape[-2:], dtype=torch.bool).tril(), float("-inf"))
     if mask is not None:
@@ -234,7 +239,8 @@ def dense_flex(q, k, v, mask, is_causal, scale, softcap):
 def test_flex_kernel_backward_from_the_merged_lse(monkeypatch, world):
     """The flex block kernel differentiates its own block result, fed ``c * dout`` and the
     log-sum-exp gradient that turns its dS into the global one: exact against the
-    reference with every variant a block mask or a soft-cap makes, GQA and MQA."""
+    reference with every variant a block mask or a soft-cap makes, ALiBi from the blocks'
+    positions inside the kernel (no mask), GQA and MQA (flex's own)."""
     from ringfx.runtime import kernels
 
     monkeypatch.setattr(kernels, "_flex_attend", dense_flex)
@@ -242,8 +248,10 @@ def test_flex_kernel_backward_from_the_merged_lse(monkeypatch, world):
         (False, SOFTCAP, False, 0, False, 0, False, 2),
         (True, SOFTCAP, True, 0, False, 0, False, 4),
         (True, SOFTCAP, False, 4, True, 0, False, 1),
-        (True, 0.0, False, 0, False, 3, True, 2),
+        (True, 0.0, False, 0, False, 3, True, 2),  # ALiBi in the kernel, chunks
         (False, SOFTCAP, True, 0, True, 5, False, 2),
+        (True, 0.0, True, 0, False, 0, True, 1),  # ALiBi in the kernel, MQA, sinks
+        (False, SOFTCAP, False, 4, True, 0, True, 4),  # ALiBi with key padding
     ]
     for layout, (causal, softcap, sinks, window, padding, chunk, alibi, hkv) in itertools.product(
             ("contiguous", "zigzag"), cases):

@@ -166,19 +166,23 @@ def test_flex_block_kernel_on_cuda(dtype):
     """Soft-capped scores take compiled flex per block on CUDA (``kernel="auto"`` at a head
     dim flex is taken for), its backward fed the merged log-sum-exp through its own lse
     gradient: every rank's shard against the float64 reference, with causal, a window, key
-    padding and GQA; ``kernel="flex"`` without soft-capping too."""
+    padding and GQA; ``kernel="flex"`` without soft-capping too; ALiBi computed inside flex
+    from the blocks' positions (no mask)."""
     from ringfx.runtime.kernels import choose_kernel
 
     assert choose_kernel("auto", torch.device("cuda"), dtype, 64, False, 30.0).name == "flex"
     g = torch.Generator().manual_seed(3)
-    cases = [  # (world, layout, causal, softcap, window, padding, hkv, kernel)
-        (1, "contiguous", True, 5.0, 0, False, 2, "auto"),
-        (2, "zigzag", True, 5.0, 0, True, 1, "auto"),
-        (3, "contiguous", False, 5.0, 0, True, 4, "auto"),
-        (2, "contiguous", True, 5.0, 40, False, 2, "auto"),
-        (3, "zigzag", True, 0.0, 0, False, 2, "flex"),
+    cases = [  # (world, layout, causal, softcap, window, padding, hkv, kernel, alibi)
+        (1, "contiguous", True, 5.0, 0, False, 2, "auto", False),
+        (2, "zigzag", True, 5.0, 0, True, 1, "auto", False),
+        (3, "contiguous", False, 5.0, 0, True, 4, "auto", False),
+        (2, "contiguous", True, 5.0, 40, False, 2, "auto", False),
+        (3, "zigzag", True, 0.0, 0, False, 2, "flex", False),
+        (1, "contiguous", True, 0.0, 0, False, 2, "auto", True),  # ALiBi inside the kernel
+        (3, "zigzag", True, 0.0, 0, True, 2, "auto", True),
+        (2, "contiguous", False, 5.0, 0, False, 1, "auto", True),
     ]
-    for world, layout, causal, softcap, window, padding, hkv, kernel in cases:
+    for world, layout, causal, softcap, window, padding, hkv, kernel, alibi in cases:
         s = 96 * world
         q = torch.randn(2, 4, s, 64, generator=g, dtype=torch.float64)
         k = torch.randn(2, hkv, s, 64, generator=g, dtype=torch.float64)
@@ -189,7 +193,8 @@ def test_flex_block_kernel_on_cuda(dtype):
             pad = torch.rand(2, s, generator=g) > 0.3
             pad[:, ::2] = True
         leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-        ref = reference(*leaves, causal=causal, softcap=softcap, window=window, pad=pad)
+        slopes = _slopes(4) if alibi else None
+        ref = reference(*leaves, causal=causal, softcap=softcap, window=window, pad=pad, slopes=slopes)
         ref_grads = torch.autograd.grad(ref, leaves, dout)
         group = ringfx.LoopbackRing(world)
 
@@ -199,8 +204,9 @@ def test_flex_block_kernel_on_cuda(dtype):
         cuda = [shard(t).to("cuda", dtype).requires_grad_() for t in (q, k, v)]
         out = ringfx.ring_attention(*cuda, group=group, causal=causal, layout=layout, scale=SCALE,
                                     softcap=softcap or None, window=window or None, kernel=kernel,
-                                    key_padding_mask=shard(pad, 1).cuda() if padding else None)
+                                    key_padding_mask=shard(pad, 1).cuda() if padding else None,
+                                    alibi_slopes=None if slopes is None else slopes.to("cuda", dtype))
         grads = torch.autograd.grad(out, cuda, shard(dout).to("cuda", dtype))
         errors = [((a.double().cpu() - shard(b)).abs().max() / b.abs().max()).item()
                   for a, b in zip((out, *grads), (ref, *ref_grads))]
-        assert max(errors) < TOLERANCES[dtype], (world, layout, causal, softcap, window, padding, hkv, errors)
+        assert max(errors) < TOLERANCES[dtype], (world, layout, causal, softcap, window, padding, hkv, alibi, errors)

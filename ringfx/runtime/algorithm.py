@@ -28,7 +28,7 @@ from .block_inputs import Block, BlockSource, pack_kv
 from .blocks import MaskSpec, cut_rows, plan_step, relative_index, step_count
 from .deferred import DQ_GROUP, MERGE_GROUP, Deferred, fold_groups  # noqa: F401  (MERGE_GROUP: the planner's)
 from .fold import _fused_fold, acc_dtype, fold, merge_partial  # noqa: F401  (re-exported for tests, benchmarks)
-from .kernels import block_forward, choose_kernel, gqa_backward
+from .kernels import block_forward, choose_kernel, flex_for_scores, gqa_backward
 from .layout import local_positions
 from .ring import Exchange
 from .streams import TWO_STREAMS_MIN_WORK, Streams
@@ -88,7 +88,7 @@ class _Rank:
         kernel's scores)."""
         q = self.q
         # the gradient of a learned relative bias needs each block's dS: the math kernel gives it
-        kernel = "math" if self.bias_grad else self.cfg.kernel
+        kernel = "math" if self.bias_grad else "flex" if self.source.alibi_in_kernel else self.cfg.kernel
         calls = []
         for call in plan_step(self.cfg.layout, self.rank, (self.rank - t) % self.world, self.world,
                               self.source.s_local, self.source.spec, self.seg_ranges):
@@ -105,7 +105,8 @@ class _Rank:
             src = self.source
             bias = src.bias
             per_batch = src.has_padding or src.seg_q is not None or (bias is not None and bias.shape[0] > 1)
-            per_head = src.alibi is not None or src.rel is not None or (bias is not None and bias.shape[1] > 1)
+            per_head = (src.alibi is not None and not src.alibi_in_kernel) or src.rel is not None or \
+                (bias is not None and bias.shape[1] > 1)
             heads = hq if per_head else hq // self.kv[0].shape[1]  # GQA repeats a headless mask per group
             per_row = ((b if per_batch else 1) * heads + 2) * keys
         else:
@@ -130,8 +131,10 @@ def _prologue(q, k, v, pad, seg, bias, cfg: RingConfig, rank: int, world: int, r
         return None
     tuning = Tuning.from_environment()
     s_local = q.shape[2]
-    spec = MaskSpec(cfg.causal, cfg.window,
-                    pad is not None or seg is not None or bias is not None or cfg.alibi or cfg.rel_bias, cfg.chunk)
+    # ALiBi inside the flex kernel needs no mask: the blocks are planned as without it
+    alibi_in_kernel = cfg.alibi and not bias_grad and flex_for_scores(cfg.kernel, q.device, q.dtype, q.shape[-1])
+    spec = MaskSpec(cfg.causal, cfg.window, pad is not None or seg is not None or bias is not None or cfg.rel_bias
+                    or (cfg.alibi and not alibi_in_kernel), cfg.chunk)
     tok = None
     if pad is not None or seg is not None:
         b = q.shape[0]
@@ -141,7 +144,8 @@ def _prologue(q, k, v, pad, seg, bias, cfg: RingConfig, rank: int, world: int, r
         ])
     q_pos = local_positions(cfg.layout, rank, world, s_local, q.device)
     n_steps = step_count(cfg.layout, world, s_local, spec, seg_ranges)
-    source = BlockSource(cfg.layout, world, s_local, spec, q_pos, pad is not None, seg, bias, q.dtype, alibi, rel)
+    source = BlockSource(cfg.layout, world, s_local, spec, q_pos, pad is not None, seg, bias, q.dtype, alibi, rel,
+                         alibi_in_kernel)
     step_work = q.shape[0] * q.shape[1] * s_local * s_local
     side = Streams(q.device, side=tuning.side_stream,
                    two=tuning.two_streams and step_work >= TWO_STREAMS_MIN_WORK)
@@ -178,7 +182,7 @@ def forward_program(q, k, v, pad, seg, bias, cfg: RingConfig, rank: int, world: 
     single = _single_block(ring)
     if single is not None:  # nothing to merge: the kernel's results are the results (no float32 pass)
         call, blk, kern = single
-        out_b, lse_b = block_forward(kern, q, blk.k, blk.v, blk.mask, call.is_causal, cfg.scale)
+        out_b, lse_b = block_forward(kern, q, blk.k, blk.v, blk.mask, call.is_causal, cfg.scale, blk.alibi)
         if into is not None:  # a loopback ring's rank: its slice of the full results
             into[0].copy_(out_b)
             into[1].copy_(lse_b)
@@ -193,7 +197,7 @@ def forward_program(q, k, v, pad, seg, bias, cfg: RingConfig, rank: int, world: 
         for call, blk, kern in ring.blocks(t):
             with side.kernel(q, blk.k, blk.v, blk.mask):
                 out_b, lse_b = block_forward(kern, q[:, :, blk.rows], blk.k, blk.v, blk.mask, call.is_causal,
-                                             cfg.scale)
+                                             cfg.scale, blk.alibi)
             with side:
                 side.keep(out_b, lse_b)
                 merged.add(blk.rows, out_b, lse_b, last_step=t + 1 == ring.n_steps)
@@ -229,7 +233,8 @@ def backward_program(dout, q, k, v, out, lse, pad, seg, bias, cfg: RingConfig, r
     single = _single_block(ring)
     if single is not None:  # one block: the kernel's gradients are the gradients
         call, blk, kern = single
-        grads = gqa_backward(kern, dout, q, blk.k, blk.v, out, lse, blk.mask, call.is_causal, cfg.scale, bias_grad)
+        grads = gqa_backward(kern, dout, q, blk.k, blk.v, out, lse, blk.mask, call.is_causal, cfg.scale, bias_grad,
+                             blk.alibi)
         if bias_grad:
             _add_bias_grad(d_rel, grads[3], ring.source.q_pos, blk.k_pos)
             grads = grads[:3]
@@ -249,7 +254,8 @@ def backward_program(dout, q, k, v, out, lse, pad, seg, bias, cfg: RingConfig, r
             r = blk.rows
             with side.kernel(q, blk.k, blk.v, blk.mask, dout, out, lse):
                 dq_b, dk_b, dv_b, *ds = gqa_backward(kern, dout[:, :, r], q[:, :, r], blk.k, blk.v, out[:, :, r],
-                                                     lse[:, :, r], blk.mask, call.is_causal, cfg.scale, bias_grad)
+                                                     lse[:, :, r], blk.mask, call.is_causal, cfg.scale, bias_grad,
+                                                     blk.alibi)
             block_grads.append((r, call.k, dq_b, dk_b, dv_b))
             if ds:
                 with side:  # one stream adds into the table's gradient (the kernels' alternate)

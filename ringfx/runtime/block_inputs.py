@@ -37,6 +37,7 @@ class BlockSource:
     dtype: torch.dtype  # of the mask the kernels take
     alibi: torch.Tensor | None = None  # per-head ALiBi slopes (Hq,): slope_h * (j - i) joins every mask
     rel: torch.Tensor | None = None  # relative-position table (Hq, 2S - 1): rel[h, j - i + S - 1] joins every mask
+    alibi_in_kernel: bool = False  # the flex kernel adds the ALiBi term itself (no mask carries it)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +50,7 @@ class Block:
     v: torch.Tensor
     mask: torch.Tensor | None
     k_pos: torch.Tensor | None = None
+    alibi: tuple | None = None  # (slopes, query positions, key positions) for the flex kernel's ALiBi
 
     @classmethod
     def of(cls, call: BlockCall, src: int, kv, tok, source: BlockSource) -> "Block":
@@ -57,9 +59,12 @@ class Block:
         a, b = call.q
         c, d = call.k
         k, v = kv[0][:, :, c:d], kv[1][:, :, c:d]
-        mask = k_pos = None
-        if call.masked:
+        mask = k_pos = alibi = None
+        if call.masked or source.alibi_in_kernel:
             k_pos = local_positions(source.layout, src, source.world, source.s_local, source.q_pos.device)[c:d]
+        if source.alibi_in_kernel:
+            alibi = (source.alibi, source.q_pos[a:b], k_pos)
+        if call.masked:
             pad_k = tok[0, :, c:d].bool() if tok is not None and source.has_padding else None
             seg_k = tok[1, :, c:d] if tok is not None and source.seg_q is not None else None
             seg_q = source.seg_q[:, a:b] if source.seg_q is not None else None
@@ -70,5 +75,5 @@ class Block:
                 if bias.shape[-1] > 1:
                     bias_blk = bias_blk.index_select(-1, k_pos)
             mask = build_mask(source.q_pos[a:b], k_pos, source.spec, source.dtype, pad_k, seg_q, seg_k, bias_blk,
-                              source.alibi, source.rel)
-        return cls(slice(a, b), k, v, mask, k_pos)
+                              None if source.alibi_in_kernel else source.alibi, source.rel)
+        return cls(slice(a, b), k, v, mask, k_pos, alibi)

@@ -138,9 +138,13 @@ class FlexKernel:
     restricted to the block (its dS is ``p_b * (dout_b vᵀ - rowsum(dout_b * out_b)) + p_b *
     dlse_b``). The price: the backward recomputes the block's forward.
 
-    ``attend(q, k, v, mask, is_causal, scale, softcap) -> (out, lse)`` is flex by default;
-    any differentiable function with the same meaning can stand in (the CPU tests: flex has
-    no backward on CPU).
+    ALiBi is computed inside the kernel too: ``alibi = (slopes (Hq,), q_pos, k_pos)`` adds
+    ``slopes[h] * (k_pos[j] - q_pos[i])`` (float32) to the scores, from the block's global
+    positions. GQA is flex's own (``enable_gqa``): K and V are never expanded.
+
+    ``attend(q, k, v, mask, is_causal, scale, softcap, alibi) -> (out, lse)`` is flex by
+    default; any differentiable function with the same meaning can stand in (the CPU
+    tests: flex has no backward on CPU).
     """
 
     name = "flex"
@@ -149,14 +153,14 @@ class FlexKernel:
         self.softcap = softcap
         self.attend = attend
 
-    def forward(self, q, k, v, mask, is_causal, scale):
+    def forward(self, q, k, v, mask, is_causal, scale, alibi=None):
         with torch.no_grad():
-            return (self.attend or _flex_attend)(q, k, v, mask, is_causal, scale, self.softcap)
+            return (self.attend or _flex_attend)(q, k, v, mask, is_causal, scale, self.softcap, alibi)
 
-    def backward(self, dout, q, k, v, out, lse, mask, is_causal, scale):
+    def backward(self, dout, q, k, v, out, lse, mask, is_causal, scale, alibi=None):
         leaves = [t.detach().requires_grad_() for t in (q, k, v)]
         with autograd_inside_op():  # the ring's backward op runs below autograd
-            out_b, lse_b = (self.attend or _flex_attend)(*leaves, mask, is_causal, scale, self.softcap)
+            out_b, lse_b = (self.attend or _flex_attend)(*leaves, mask, is_causal, scale, self.softcap, alibi)
             acc = lse_b.dtype
             with torch.no_grad():
                 c = torch.exp(lse_b - lse.to(acc))  # 0 where the block (or the whole ring) saw no key
@@ -166,32 +170,39 @@ class FlexKernel:
             return torch.autograd.grad((out_b, lse_b), leaves, (dout_b, dlse_b))
 
 
-def _flex_attend(q, k, v, mask, is_causal, scale, softcap):
+def _flex_attend(q, k, v, mask, is_causal, scale, softcap, alibi=None):
     """flex_attention's output and natural log-sum-exp (float32) for one block: ``is_causal``
-    as a block mask (query row i sees key j <= i), ``mask`` added to the (soft-capped) scores."""
+    as a block mask (query row i sees key j <= i), ``mask`` and the ALiBi term added to the
+    (soft-capped) scores."""
     block_mask = _causal_block_mask(q.shape[-2], k.shape[-2], q.device) if is_causal else None
     if mask is not None:
         mask = mask.to(torch.float32).expand(q.shape[0], q.shape[1], q.shape[-2], k.shape[-2])
+    slopes = q_pos = k_pos = None
+    if alibi is not None:
+        slopes, q_pos, k_pos = alibi
+        slopes = slopes.to(torch.float32)
     with recompile_limit(FLEX_RECOMPILE_LIMIT):
-        return _compiled_flex()(q, k, v, mask, block_mask, scale, float(softcap))
+        return _compiled_flex()(q, k, v, mask, block_mask, scale, float(softcap), slopes, q_pos, k_pos)
 
 
-def _flex_call(q, k, v, mask, block_mask, scale, softcap):
+def _flex_call(q, k, v, mask, block_mask, scale, softcap, slopes, q_pos, k_pos):
     from torch.nn.attention.flex_attention import flex_attention
 
     def score_mod(score, b, h, i, j):
         if softcap:
             score = softcap * torch.tanh(score / softcap)
+        if slopes is not None:
+            score = score + slopes[h] * (k_pos[j] - q_pos[i]).to(torch.float32)
         if mask is not None:
             score = score + mask[b, h, i, j]
         return score
 
+    options = dict(score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
     try:
         from torch.nn.attention.flex_attention import AuxRequest
     except ImportError:  # torch < 2.9
-        return flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, return_lse=True)
-    out, aux = flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale,
-                              return_aux=AuxRequest(lse=True))
+        return flex_attention(q, k, v, return_lse=True, **options)
+    out, aux = flex_attention(q, k, v, return_aux=AuxRequest(lse=True), **options)
     return out, aux.lse
 
 
@@ -318,6 +329,13 @@ def _softcapped(kind: str, softcap: float):
     return (FlexKernel if kind == "flex" else MathKernel)(softcap)
 
 
+def flex_for_scores(kernel: str, device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
+    """Whether scores that need a function (soft-capping, ALiBi) take the flex kernel:
+    asked for, or ``kernel='auto'`` on CUDA at a head dim its fused kernel is taken for."""
+    return kernel == "flex" or (kernel == "auto" and device.type == "cuda" and dtype != torch.float64
+                                and head_dim in FLEX_HEAD_DIMS)
+
+
 def choose_kernel(kernel: str, device: torch.device, dtype: torch.dtype, head_dim: int, masked: bool,
                   softcap: float = 0.0):
     """The fastest correct kernel for this device, dtype and mask (``kernel='auto'``), or the
@@ -329,9 +347,7 @@ def choose_kernel(kernel: str, device: torch.device, dtype: torch.dtype, head_di
         if kernel not in SOFTCAP_KERNELS:
             raise ValueError(f"kernel={kernel!r} cannot soft-cap the scores; use kernel='auto', 'flex' or 'math' "
                              "with softcap")
-        flex = kernel == "flex" or (kernel == "auto" and device.type == "cuda" and dtype != torch.float64
-                                    and head_dim in FLEX_HEAD_DIMS)
-        return _softcapped("flex" if flex else "math", float(softcap))
+        return _softcapped("flex" if flex_for_scores(kernel, device, dtype, head_dim) else "math", float(softcap))
     if kernel == "math":
         return _MATH
     if kernel == "flex":
@@ -378,11 +394,12 @@ def _mask_heads_into_rows(mask, hq, hkv):
     return mask.expand(b, hq, sq, sk).reshape(b, hkv, g * sq, sk)
 
 
-def block_forward(kern, q, k, v, mask, is_causal, scale):
+def block_forward(kern, q, k, v, mask, is_causal, scale, alibi=None):
     """A kernel's forward on one block (GQA heads as rows), with rows that the mask hides
     entirely set to lse = -inf, out = 0: kernels disagree there (the CPU flash kernel
-    reports lse 0, others NaN), and the merge must ignore such rows."""
-    out, lse = gqa_forward(kern, q, k, v, mask, is_causal, scale)
+    reports lse 0, others NaN), and the merge must ignore such rows. ``alibi``: the flex
+    kernel's in-kernel ALiBi (``FlexKernel``)."""
+    out, lse = gqa_forward(kern, q, k, v, mask, is_causal, scale, alibi)
     if mask is not None:
         seen = (mask > float("-inf")).any(-1).expand(lse.shape)
         lse = lse.masked_fill(~seen, float("-inf"))
@@ -390,8 +407,10 @@ def block_forward(kern, q, k, v, mask, is_causal, scale):
     return out, lse
 
 
-def gqa_forward(kern, q, k, v, mask, is_causal, scale):
+def gqa_forward(kern, q, k, v, mask, is_causal, scale, alibi=None):
     hq, hkv = q.shape[1], k.shape[1]
+    if kern.name == "flex":  # GQA and ALiBi inside the kernel
+        return kern.forward(q, k, v, mask, is_causal, scale, alibi)
     if hq == hkv:
         return kern.forward(q, k, v, mask, is_causal, scale)
     if is_causal:  # a causal flag needs aligned rows: expand this one block's K/V
@@ -401,9 +420,11 @@ def gqa_forward(kern, q, k, v, mask, is_causal, scale):
     return out.reshape(q.shape), lse.reshape(q.shape[:-1])
 
 
-def gqa_backward(kern, dout, q, k, v, out, lse, mask, is_causal, scale, bias_grad=False):
+def gqa_backward(kern, dout, q, k, v, out, lse, mask, is_causal, scale, bias_grad=False, alibi=None):
     """The block's dq, dk, dv; with ``bias_grad`` (math kernel only) also the mask's gradient
     ``dS`` (B, Hq, Sq, Sk) in the accumulation dtype."""
+    if kern.name == "flex":
+        return kern.backward(dout, q, k, v, out, lse, mask, is_causal, scale, alibi)
     extra = {"bias_grad": True} if bias_grad else {}
     hq, hkv = q.shape[1], k.shape[1]
     if hq == hkv:
