@@ -147,3 +147,52 @@ def test_one_table_entry_makes_the_new_spelling_found_rewritten_and_exact(with_e
     torch.testing.assert_close(out, shard(ref.detach()), atol=1e-10, rtol=1e-10)
     for leaf, s in zip(leaves, sharded):
         torch.testing.assert_close(s.grad, shard(leaf.grad), atol=1e-10, rtol=1e-10)
+
+
+# ----------------------------------------- normalisation before matching (normalise.py)
+
+def _normalised(fn, *args) -> tuple[fx.GraphModule, tuple]:
+    """The graph dynamo captures for ``fn(*args)`` after ``remove_dead_code_pass``, and what it
+    returns on the example inputs (in its placeholders' order)."""
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(remove_dead_code_pass(gm)[0])
+        graphs.append(graphs[0](*example_inputs))
+        return gm.forward
+
+    torch.compiler.reset()
+    torch.compile(fn, backend=backend, dynamic=False, fullgraph=True)(*args)
+    return graphs[0], graphs[1]
+
+
+def inplace_scalings(q, k, v):
+    s = q @ k.transpose(-2, -1)
+    s.div_(2.0)  # result unused: later readers of s see the division
+    s *= 0.5
+    return torch.softmax(s, -1) @ v
+
+
+def inplace_through_a_shared_view(q, k, v):
+    b = q @ k.transpose(-2, -1)
+    s = b.view(b.shape)
+    s /= 2.0  # also divides b, which is returned
+    return torch.softmax(s, -1) @ v, b
+
+
+def test_inplace_arithmetic_on_the_scores_becomes_functional():
+    args = _qkv()
+    gm, (out,) = _normalised(inplace_scalings, *args)
+    names = [op_name(n) for n in gm.graph.nodes]
+    assert "div_" not in names and "imul" not in names and names.count("div") == names.count("mul") == 1
+    torch.testing.assert_close(out, inplace_scalings(*args))
+    (site,) = analyse(inplace_scalings, *args)
+    assert site.decision == "rewritten" and site.scale == 0.25
+
+
+def test_a_write_another_tensor_sees_stays_in_place():
+    args = _qkv()
+    gm, outs = _normalised(inplace_through_a_shared_view, *args)
+    assert "itruediv" in [op_name(n) for n in gm.graph.nodes]
+    for got, want in zip(outs, inplace_through_a_shared_view(*args)):
+        torch.testing.assert_close(got, want)
