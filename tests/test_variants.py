@@ -218,8 +218,7 @@ def test_chunks_cut_at_their_boundaries_are_exact():
 def dense_flex(q, k, v, mask, is_causal, scale, softcap, alibi=None):
     """What ``kernels._flex_attend`` computes (out, natural lse), densely and differentiably:
     the stand-in for flex on CPU, where flex has no backward (and no lse when compiled)."""
-    g = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)  # flex's enable_gqa
+    assert q.shape[1] == k.shape[1], "the flex kernel is handed K/V expanded to the query heads"
     s = torch.matmul(q, k.transpose(-2, -1)) * scale
     if softcap:
         s = softcap * torch.tanh(s / softcap)
@@ -240,7 +239,7 @@ def test_flex_kernel_backward_from_the_merged_lse(monkeypatch, world):
     """The flex block kernel differentiates its own block result, fed ``c * dout`` and the
     log-sum-exp gradient that turns its dS into the global one: exact against the
     reference with every variant a block mask or a soft-cap makes, ALiBi from the blocks'
-    positions inside the kernel (no mask), GQA and MQA (flex's own)."""
+    positions inside the kernel (no mask), GQA and MQA."""
     from ringfx.runtime import kernels
 
     monkeypatch.setattr(kernels, "_flex_attend", dense_flex)

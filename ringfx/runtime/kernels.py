@@ -140,7 +140,9 @@ class FlexKernel:
 
     ALiBi is computed inside the kernel too: ``alibi = (slopes (Hq,), q_pos, k_pos)`` adds
     ``slopes[h] * (k_pos[j] - q_pos[i])`` (float32) to the scores, from the block's global
-    positions. GQA is flex's own (``enable_gqa``): K and V are never expanded.
+    positions. Under GQA a block's K/V are expanded to the query heads (as for a causal
+    call; flex's own ``enable_gqa`` failed to compile on torch 2.11: H200, float32 and
+    dynamic shapes).
 
     ``attend(q, k, v, mask, is_causal, scale, softcap, alibi) -> (out, lse)`` is flex by
     default; any differentiable function with the same meaning can stand in (the CPU
@@ -197,7 +199,7 @@ def _flex_call(q, k, v, mask, block_mask, scale, softcap, slopes, q_pos, k_pos):
             score = score + mask[b, h, i, j]
         return score
 
-    options = dict(score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+    options = dict(score_mod=score_mod, block_mask=block_mask, scale=scale)
     try:
         from torch.nn.attention.flex_attention import AuxRequest
     except ImportError:  # torch < 2.9
@@ -206,15 +208,15 @@ def _flex_call(q, k, v, mask, block_mask, scale, softcap, slopes, q_pos, k_pos):
     return out, aux.lse
 
 
-# graphs of the one flex call: per dtype, with and without a mask, a causal block mask and
-# gradients, per soft-cap value, and a second graph per kind once the block shapes vary
-FLEX_RECOMPILE_LIMIT = 64
+# graphs of the one flex call: per block shape, dtype, with and without a mask, ALiBi, a
+# causal block mask and gradients, per soft-cap value
+FLEX_RECOMPILE_LIMIT = 256
 
 
 @functools.cache
 def _compiled_flex():
-    # flex only runs fused when compiled (shapes become dynamic at the first recompile)
-    return torch.compile(_flex_call, fullgraph=True)
+    # flex only runs fused when compiled; static shapes (a ring's block shapes are few)
+    return torch.compile(_flex_call, fullgraph=True, dynamic=False)
 
 
 @functools.lru_cache(maxsize=64)
@@ -409,13 +411,12 @@ def block_forward(kern, q, k, v, mask, is_causal, scale, alibi=None):
 
 def gqa_forward(kern, q, k, v, mask, is_causal, scale, alibi=None):
     hq, hkv = q.shape[1], k.shape[1]
-    if kern.name == "flex":  # GQA and ALiBi inside the kernel
-        return kern.forward(q, k, v, mask, is_causal, scale, alibi)
+    flex = {"alibi": alibi} if kern.name == "flex" else {}  # the flex kernel's ALiBi, per query head
     if hq == hkv:
-        return kern.forward(q, k, v, mask, is_causal, scale)
-    if is_causal:  # a causal flag needs aligned rows: expand this one block's K/V
+        return kern.forward(q, k, v, mask, is_causal, scale, **flex)
+    if is_causal or flex:  # a causal flag or per-head ALiBi needs aligned heads: expand this one block's K/V
         g = hq // hkv
-        return kern.forward(q, k.repeat_interleave(g, 1), v.repeat_interleave(g, 1), mask, True, scale)
+        return kern.forward(q, k.repeat_interleave(g, 1), v.repeat_interleave(g, 1), mask, is_causal, scale, **flex)
     out, lse = kern.forward(_heads_into_rows(q, hkv), k, v, _mask_heads_into_rows(mask, hq, hkv), False, scale)
     return out.reshape(q.shape), lse.reshape(q.shape[:-1])
 
@@ -423,16 +424,16 @@ def gqa_forward(kern, q, k, v, mask, is_causal, scale, alibi=None):
 def gqa_backward(kern, dout, q, k, v, out, lse, mask, is_causal, scale, bias_grad=False, alibi=None):
     """The block's dq, dk, dv; with ``bias_grad`` (math kernel only) also the mask's gradient
     ``dS`` (B, Hq, Sq, Sk) in the accumulation dtype."""
-    if kern.name == "flex":
-        return kern.backward(dout, q, k, v, out, lse, mask, is_causal, scale, alibi)
     extra = {"bias_grad": True} if bias_grad else {}
+    if kern.name == "flex":
+        extra = {"alibi": alibi}
     hq, hkv = q.shape[1], k.shape[1]
     if hq == hkv:
         return kern.backward(dout, q, k, v, out, lse, mask, is_causal, scale, **extra)
     g = hq // hkv
-    if is_causal:
+    if is_causal or kern.name == "flex":
         dq, dk, dv, *ds = kern.backward(dout, q, k.repeat_interleave(g, 1), v.repeat_interleave(g, 1), out, lse,
-                                        mask, True, scale, **extra)
+                                        mask, is_causal, scale, **extra)
         b, _, s, d = dk.shape
         return dq, dk.view(b, hkv, g, s, d).sum(2), dv.view(b, hkv, g, s, d).sum(2), *ds
     b, _, sq, d = q.shape
