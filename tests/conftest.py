@@ -14,6 +14,11 @@ Each test process computes on one thread (``torch.set_num_threads(1)``, and
 ``OMP_NUM_THREADS=1`` for the processes it starts): the suite's tensors are small, and
 OpenMP's threads, waiting at every op's barrier for a core that another worker or rank
 holds, multiplied the CPU time of the loopback tests about tenfold on a busy 2-core machine.
+
+The processes of ``ringfx.testing.spawn_gloo`` and ``map_in_processes`` are forked from a
+server that imports ``ringfx.testing.PRELOAD`` once; the suite adds transformers' model
+code to it (``TRANSFORMERS_PRELOAD``): importing transformers' modeling machinery cost
+each process that builds a transformers model ~2.5 CPU-s (a dozen such processes per run).
 """
 
 from __future__ import annotations
@@ -42,9 +47,20 @@ def _shared_fixture_module(item) -> str | None:
     return None
 
 
+# transformers' modeling machinery (the first model module pulls in most of it) and the
+# models of tests/hf_zoo.py; a module that is not installed is skipped
+TRANSFORMERS_PRELOAD = ("transformers.modeling_utils",) + tuple(
+    f"transformers.models.{m}.modeling_{m}" for m in
+    ("llama", "mistral", "qwen2", "gemma3", "gemma2", "phi3", "gpt_neox", "gpt2", "olmo2", "bert", "roberta", "vit",
+     "whisper"))
+
+
 def pytest_configure(config):
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
+    import ringfx.testing
+
+    ringfx.testing.PRELOAD = tuple(dict.fromkeys(ringfx.testing.PRELOAD + TRANSFORMERS_PRELOAD))
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the xdist_group marks
