@@ -10,7 +10,7 @@ a fake implementation gives shapes, the autograd formula calls the backward op
         chunk=0, alibi=None, rel_bias=None, token_major=False)
 
 ``softcap`` > 0 soft-caps the scaled scores before the mask (``softcap * tanh(s /
-softcap)``, Gemma 2; computed by the math block kernel); ``sinks`` ``(Hq,)`` adds a learned
+softcap)``, Gemma 2; computed by the flex or the math block kernel); ``sinks`` ``(Hq,)`` adds a learned
 logit per head to every row's softmax denominator (GPT-OSS; see ``sinks.py``), and the
 returned lse then includes it. ``chunk`` > 0 is chunked local attention (Llama 4: query i
 sees key j only if ``j // chunk == i // chunk``, and ``j <= i`` under causal), computed from
@@ -266,10 +266,11 @@ def ring_attention(
             grad is refused (learned biases are not supported yet).
         dropout_p: must be 0: ring attention is exact.
         kernel: per-block kernel, ``"auto"`` (fastest correct) or one of ``flash``,
-            ``cudnn``, ``efficient``, ``math``.
+            ``cudnn``, ``efficient``, ``flex``, ``math``.
         softcap: logit soft-capping (Gemma 2): the scaled scores become
             ``softcap * tanh(scores / softcap)`` before masks and biases are added. Computed
-            by the math kernel (``kernel="auto"`` or ``"math"``). None or 0: none.
+            by compiled flex per block on CUDA and the math kernel elsewhere (``kernel="auto"``),
+            or by the one asked for (``"flex"`` or ``"math"``). None or 0: none.
         sinks: attention sinks (GPT-OSS): a learned logit per query head, ``(Hq,)``, that
             joins every row's softmax denominator without a value; it receives a gradient
             (from this rank's queries: on a real ring, sum it over the ring as any
