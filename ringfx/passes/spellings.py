@@ -15,8 +15,8 @@ order; what its ``match`` receives and returns is the table's (see each table). 
 spelling is one ``Rule`` here and one example in ``patterns.PATTERNS`` that names it
 (``tests/test_recognition_table.py`` fails for a rule that no example exercises).
 
-In-place ops (``scores /= math.sqrt(d)``) and dead code are gone before matching
-(``normalise.py``), so the rules only see functional ops.
+Before matching, ``normalise.py`` makes in-place arithmetic on the scores functional
+(``scores /= math.sqrt(d)``) and erases dead code, so the rules see functional ops and real uses.
 """
 
 from __future__ import annotations
@@ -398,16 +398,17 @@ SCORE_STEPS: list[Rule] = [
          "scores / math.sqrt(d) (Annotated Transformer), scores * d ** -0.5",
          lambda x: x.args[:1] if scalar_factor(x) else None),
     Rule("row-max", frozenset({"sub"}), _row_max,
-         "s - s.max(-1, keepdim=True).values (hand-stabilised softmax: GPT-OSS, Chameleon)", _first_input),
+         "s - s.max(-1, keepdim=True).values (GPT-OSS eager, before softmax)", _first_input),
     Rule("softcap", frozenset({"tanh"}), _softcap, "cap * tanh(s / cap) (Gemma 2 logit soft-capping)",
          _first_input),
     Rule("sinks", frozenset({"cat"}), _sinks,
          "cat([s, sinks.reshape(1, -1, 1, 1).expand(B, -1, S, -1)], -1) (GPT-OSS attention sinks)"),
     Rule("additive-mask", frozenset({"add"}), _additive,
          "scores + attention_mask (HF extended mask, ALiBi, T5 position bias)", lambda x: x.args[:2]),
-    Rule("subtracted-mask", frozenset({"sub"}), _subtracted, "scores - bias (a distance penalty)", _first_input),
+    Rule("subtracted-mask", frozenset({"sub"}), _subtracted,
+         "scores - penalty: a mask or bias written as a positive penalty", _first_input),
     Rule("masked-fill", frozenset({"masked_fill"}), _masked_fill,
-         "scores.masked_fill(mask, -inf) (GPT-2 style, nanoGPT)", _first_input),
+         "scores.masked_fill(mask == 0, -inf) (nanoGPT, Mistral reference)", _first_input),
     Rule("where", frozenset({"where"}), _where, "torch.where(causal, scores, finfo.min) (GPT-NeoX, GPT-J)",
          lambda x: [x.args[1], x.args[2]] if len(x.args) == 3 else None),
 ]
