@@ -76,13 +76,13 @@ def test_pattern_table_entry_is_found_checked_and_exact(pattern):
     from ringfx.api import transform
 
     from ringfx.passes import classify_masks_pass
-    from ringfx.passes.normalise import remove_dead_code_pass
+    from ringfx.passes.normalise import normalise_pass
 
     inputs = pattern.example_inputs(8)
     gm, _ = rewrite(pattern.fn, *inputs)
     assert_op_counts(gm, {"ring_attention": 1, "softmax": 0, "sdpa": 0})
     # the analysis result that the check reads (on the normalised graph, as in the pipeline)
-    analysed, _ = rewrite(pattern.fn, *inputs, passes=[remove_dead_code_pass, find_attention_pass,
+    analysed, _ = rewrite(pattern.fn, *inputs, passes=[normalise_pass, find_attention_pass,
                                                         classify_masks_pass])
     (site,) = sites_of(analysed)
     assert pattern.check(site), site

@@ -19,7 +19,7 @@ import ringfx
 from ringfx.api import transform
 from ringfx.passes import PassOptions, find_attention_pass, run_passes, sites_of
 from ringfx.passes.node_facts import arg, op_name, shape_of
-from ringfx.passes.normalise import remove_dead_code_pass
+from ringfx.passes.normalise import normalise_pass
 from ringfx.passes.patterns import PATTERNS
 from ringfx.passes.spellings import NORMALISERS, NOT_ATTENTION, TABLES, Normalised, Rule, rule_named
 
@@ -61,7 +61,7 @@ def analyse(fn, *args) -> list:
     sites = []
 
     def backend(gm, example_inputs):
-        gm, _ = run_passes(gm, options=OPTIONS, passes=[remove_dead_code_pass, find_attention_pass])
+        gm, _ = run_passes(gm, options=OPTIONS, passes=[normalise_pass, find_attention_pass])
         sites.extend(sites_of(gm))
         return gm.forward
 
@@ -152,12 +152,12 @@ def test_one_table_entry_makes_the_new_spelling_found_rewritten_and_exact(with_e
 # ----------------------------------------- normalisation before matching (normalise.py)
 
 def _normalised(fn, *args) -> tuple[fx.GraphModule, tuple]:
-    """The graph dynamo captures for ``fn(*args)`` after ``remove_dead_code_pass``, and what it
+    """The graph dynamo captures for ``fn(*args)`` after ``normalise_pass``, and what it
     returns on the example inputs (in its placeholders' order)."""
     graphs = []
 
     def backend(gm, example_inputs):
-        graphs.append(remove_dead_code_pass(gm)[0])
+        graphs.append(normalise_pass(gm)[0])
         graphs.append(graphs[0](*example_inputs))
         return gm.forward
 

@@ -8,14 +8,17 @@ sites.py              typed analysis results kept in ``node.meta["ringfx"]`` and
 options.py            PassOptions: the ring (group name, size, layout) the graph will run on
 decompose_mha.py      nn.MultiheadAttention's opaque call -> projections + SDPA
 lower_flex.py         flex_attention calls -> the mask_mod's dense mask + SDPA (or soft-capped eager)
-patterns.py           the table of attention spellings, one plain PyTorch function each
-find_attention.py     analysis: SDPA calls and softmax(q @ kᵀ) @ v chains -> AttentionSite
+normalise.py          first pass: in-place arithmetic on the score path made functional, dead code erased
+spellings.py          the spelling tables recognition walks (QK products, score steps, normalisers, ...)
+patterns.py           example spellings, one plain PyTorch function each, naming the rules it fires
+find_attention.py     analysis: SDPA calls and normaliser(q @ kᵀ) @ v chains, walked through spellings.py -> AttentionSite
 classify_masks.py     analysis: each mask's provenance -> causal / window / key padding / ...
 relative_bias.py      a bias proven a function of j - i (T5's) and the O(S) table the ring op takes for it
 sequence_axis.py      guard: attention that contracts over the sequence (channel attention) is left alone
 rewrite_attention.py  transformation: each accepted site -> one torch.ops.ringfx.ring_attention
 positions.py          guard: arange over the local sequence (a position generator) is noted, never changed
 sequence_mixing.py    guard: ops that combine tokens across the sequence (pooling, shifts, scans) are noted
+shard_sequence.py     transformation (full-length inputs): shard the sequence inputs, give token-mixing ops distributed forms
 blockwise_loss.py     transformation: linear -> cross_entropy fused into one op over chunks of tokens (opt-in)
 pipeline.py           PASSES and run_passes: the list and the loop
 ring_glue.py          tensor functions the rewritten graph calls to build mask descriptors

@@ -35,7 +35,7 @@ marked ``heads_folded`` and the ring op's output is folded back (``out_fold_head
 A normaliser that is not over the key axis, or whose input is no ``q @ kᵀ`` product, is
 not attention and is not recorded.
 
-``normalise.remove_dead_code_pass`` runs first: in-place ops on the score path become
+``normalise.normalise_pass`` runs first: in-place ops on the score path become
 functional, and a value the model computes and drops (``saved = s.clone()`` kept only for
 optional intermediates), which would count as a second use of the scores, is erased.
 """
@@ -50,7 +50,6 @@ import torch
 import torch.fx as fx
 
 from .node_facts import dtype_of, arg, normalize_dim, op_name, scalar, shape_of, source_line
-from .normalise import remove_dead_code_pass  # noqa: F401  (the pipeline's first pass)
 from .sites import META_KEY, AttentionSite, MaskTerm, Operand, PassReport, SiteRecord
 from .spellings import (KV_EXPANSIONS, MASKED_FILL_LIMIT, NORMALISERS, NOT_ATTENTION, ONCE_FEATURES,  # noqa: F401
                         PROB_STEPS, PV_PRODUCTS, QK_PRODUCTS, SCORE_STEPS, ProbWalk, ScoreWalk,

@@ -1,7 +1,7 @@
 """Normalise a captured graph before attention is matched, so that the spellings of
 ``spellings.py`` only ever see functional ops and every use of a value is a real one.
 
-``remove_dead_code_pass`` (the pipeline's first pass) does two things:
+``normalise_pass`` (the pipeline's first pass) does two things:
 
 * **in-place arithmetic on the score path becomes functional** when that cannot change
   any value the graph computes::
@@ -56,7 +56,7 @@ _DEAD_IF_UNUSED = CASTS | SHAPE_ONLY | frozenset({
 })
 
 
-def remove_dead_code_pass(gm: fx.GraphModule, *, options=None) -> tuple[fx.GraphModule, PassReport]:
+def normalise_pass(gm: fx.GraphModule, *, options=None) -> tuple[fx.GraphModule, PassReport]:
     """Make in-place arithmetic on the score path functional, then erase pure ops whose
     value nothing reads, so that they do not count as uses::
 

@@ -16,9 +16,10 @@ import torch.fx as fx
 from .blockwise_loss import blockwise_loss_pass
 from .classify_masks import classify_masks_pass
 from .decompose_mha import decompose_mha_pass
-from .find_attention import find_attention_pass, remove_dead_code_pass
+from .find_attention import find_attention_pass
 from .lower_flex import lower_flex_attention_pass
 from .node_facts import OUTER_KEY, called_subgraph
+from .normalise import normalise_pass
 from .options import PassOptions
 from .positions import check_positions_pass
 from .rewrite_attention import rewrite_attention_pass
@@ -27,7 +28,7 @@ from .sequence_mixing import check_sequence_mixing_pass
 from .shard_sequence import shard_sequence_pass
 from .sites import PassReport
 
-PASSES = [remove_dead_code_pass, decompose_mha_pass, lower_flex_attention_pass, find_attention_pass,
+PASSES = [normalise_pass, decompose_mha_pass, lower_flex_attention_pass, find_attention_pass,
           classify_masks_pass, check_sequence_axis_pass, rewrite_attention_pass, check_positions_pass,
           check_sequence_mixing_pass, blockwise_loss_pass, shard_sequence_pass]
 # With full-length inputs the sharding pass makes positions and token-mixing ops exact; these
@@ -57,7 +58,7 @@ def run_passes(gm: fx.GraphModule, *, options: Optional[PassOptions] = None,
 # call (``tag_activation_checkpoint(wrap_body_0, ...)``): their sites join this graph's report.
 # (The positions and sequence-mixing guards read the sharding pass's analysis, which walks
 # into the bodies itself.)
-SUBGRAPH_PASSES = (remove_dead_code_pass, decompose_mha_pass, lower_flex_attention_pass, find_attention_pass,
+SUBGRAPH_PASSES = (normalise_pass, decompose_mha_pass, lower_flex_attention_pass, find_attention_pass,
                    classify_masks_pass, check_sequence_axis_pass, rewrite_attention_pass)
 
 
