@@ -321,6 +321,24 @@ def _variants_on_gloo_ring(rank, world):
     for layout, causal, (chunk, alibi) in itertools.product(("contiguous", "zigzag"), (False, True), POSITIONAL):
         results.append(((layout, causal, chunk, alibi),
                         check_variant(None, layout, causal, 0.0, False, seed=12, chunk=chunk, alibi=alibi, per_rank=5)))
+    # calls cut into row parts (their block gradients summed before the dK/dV buffer travels),
+    # and the flex kernel's backward (the dense stand-in: no flex backward on CPU)
+    from ringfx.runtime import algorithm, kernels
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(algorithm, "MATERIALISED_ELEMENTS", 2 * 4 * 7 * 3)
+        # an even chunk starts at a real key (``_inputs`` keeps every even position): no empty row
+        for layout, (softcap, chunk, alibi) in itertools.product(("contiguous", "zigzag"),
+                                                                 ((SOFTCAP, 0, False), (0.0, 4, True))):
+            results.append(((layout, "row parts", softcap, chunk, alibi),
+                            check_variant(None, layout, True, softcap, False, seed=13, chunk=chunk, alibi=alibi,
+                                          padding=True, per_rank=6)))
+        patch.setattr(kernels, "_flex_attend", dense_flex)
+        for layout, (softcap, alibi, hkv) in itertools.product(("contiguous", "zigzag"),
+                                                               ((SOFTCAP, False, 2), (0.0, True, 1))):
+            results.append(((layout, "flex", softcap, alibi),
+                            check_variant(None, layout, True, softcap, False, seed=14, alibi=alibi, hkv=hkv,
+                                          per_rank=6, kernel="flex")))
     # zero-touch on the real ring: the sinks' gradient, a per-rank part, averaged by the hooks
     torch.manual_seed(0)
     _, ref, got = _zero_touch(SinkColumn(), world, "zigzag", 13)

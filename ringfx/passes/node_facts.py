@@ -52,6 +52,27 @@ _METHOD_ALIASES = {
 CASTS = frozenset({"float", "to", "type_as", "half", "bfloat16", "double", "type"})
 # Ops that move no data across the sequence and keep values: the walk steps over them.
 SHAPE_ONLY = frozenset({"contiguous", "clone"})
+# The sequence analyses' one op table (the sharding walk forwards, ``sequence_axis.follow_axis``
+# backwards): ops applied to each element on its own, with broadcasting, so every axis of the
+# output is the same axis of each operand that has it (aligned from the right).
+POINTWISE = frozenset({
+    "add", "sub", "mul", "div", "neg", "pow", "exp", "log", "sqrt", "rsqrt", "sin", "cos", "tanh", "sigmoid",
+    "silu", "gelu", "relu", "softplus", "abs", "clamp", "clip", "where", "masked_fill", "dropout", "detach",
+    "logical_not", "logical_and", "logical_or", "logical_xor", "eq", "ne", "lt", "le", "gt", "ge", "reciprocal",
+    "square", "erf", "floor", "ceil", "round", "sign", "maximum", "minimum", "expand_as", "long", "int", "bool",
+    "remainder", "fmod", "exp2", "log1p", "expm1", "leaky_relu", "mish", "hardswish", "hardsigmoid", "elu",
+    "selu", "zeros_like", "ones_like", "full_like", "empty_like", "nan_to_num", "lerp", "addcmul", "addcdiv",
+    "floordiv", "truediv", "floor_divide", "mod", "pos", "invert", "and_", "or_", "xor", "bitwise_and",
+    "bitwise_or", "bitwise_not", "isnan", "isinf", "isfinite", "tril_", "sigmoid_", "gelu_", "relu_", "tanh_",
+    "masked_fill_", "add_", "sub_", "mul_", "div_", "clamp_", "clamp_min", "clamp_max", "logsigmoid",
+    "softsign", "relu6", "hardtanh", "silu_", "celu", "glu_", "alpha_dropout", "feature_alpha_dropout",
+    "dropout1d", "dropout2d", "threshold", "cos_", "sin_", "float_power", "true_divide", "mul_", "abs_",
+    "log_sigmoid", "erfinv", "sinh", "cosh", "asin", "acos", "atan", "atan2", "_set_grad_enabled",
+    "scaled_dot_product_attention_math_helper", "fill_", "zero_", "copy_", "type_as", "clone", "contiguous",
+    "iadd", "isub", "imul", "itruediv", "polar", "conj", "angle",
+})
+# Reshapes: an output axis lies within one input axis or merges several.
+RESHAPES = frozenset({"view", "reshape", "flatten", "unflatten"})
 
 
 def op_name(node: Any) -> Optional[str]:

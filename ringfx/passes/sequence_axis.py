@@ -9,7 +9,9 @@ rank would sum over its own tokens only)::
     q = x.transpose(1, 2)              # (B, C, S): the head dim is the sequence
     s = q @ q.transpose(-2, -1)        # contracts over S   -> left alone, reported
 
-The pass follows the head-dim axis of q and k back through layout and elementwise ops.
+The pass follows the head-dim axis of q and k back (``follow_axis``, through the op table the
+sharding walk uses too: ``node_facts.POINTWISE`` and ``RESHAPES``, plus layout ops, linears,
+norms, embeddings, ``cat`` and indexing).
 When it ends on an axis of a user input other than the last one, the site is left
 alone. Where it cannot follow (an op it does not know), it assumes nothing and leaves
 the decision as it was: a guard against a known wrong rewrite, not a proof — the full
@@ -25,15 +27,12 @@ from typing import Optional
 import torch.fx as fx
 
 from .find_attention import sites_of
-from .node_facts import CASTS, SHAPE_ONLY, is_model_state, normalize_dim, op_name, shape_of
+from .node_facts import CASTS, POINTWISE, RESHAPES, SHAPE_ONLY, is_model_state, normalize_dim, op_name, shape_of
 from .options import PassOptions
 from .sites import Decision, PassReport, SiteRecord
 
 log = logging.getLogger("ringfx.passes")
 
-_ELEMENTWISE = frozenset({"mul", "div", "add", "sub", "neg", "dropout", "rsqrt", "sqrt", "exp", "sin", "cos",
-                          "silu", "gelu", "relu", "tanh", "sigmoid", "pow", "detach", "masked_fill", "where"})
-_VIEWS = frozenset({"view", "reshape", "flatten", "unflatten"})
 
 
 def check_sequence_axis_pass(gm: fx.GraphModule, *, options: Optional[PassOptions] = None
@@ -121,7 +120,7 @@ def _follow_op(node, axis: int, depth: int, keep_last: bool = False) -> Optional
     if name == "unsqueeze" and src_shape is not None:
         d = normalize_dim(node.args[1], len(shape))
         return None if axis == d else _follow(src, axis - (axis > d), depth + 1, keep_last)
-    if name in _VIEWS and src_shape is not None:
+    if name in RESHAPES and src_shape is not None:
         mapped = _view_axis(src_shape, shape, axis)
         return None if mapped is None else _follow(src, mapped, depth + 1, keep_last)
     if name == "linear":
@@ -132,7 +131,7 @@ def _follow_op(node, axis: int, depth: int, keep_last: bool = False) -> Optional
             other_shape = shape_of(other)
             return None if other_shape is None else _follow(other, len(other_shape) - 1, depth + 1, keep_last)
         return _follow(src, axis - (len(shape) - len(src_shape)), depth + 1, keep_last) if src_shape else None
-    if name in _ELEMENTWISE:
+    if name in POINTWISE:
         # follow an operand that carries this axis (aligned from the right, not broadcast);
         # the first one that can be followed to an input
         for a in node.args:

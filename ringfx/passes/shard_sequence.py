@@ -49,9 +49,9 @@ from ..errors import UnsupportedError
 from ..runtime import collectives, token_moves
 from ..runtime.layout import chunks_per_rank
 from . import ring_glue
-from .node_facts import (VALUE_KEY, CASTS, SHAPE_ONLY, arange_length, called_subgraph, hop_subgraphs, index_axis, is_model_state,
-                         normalize_dim, op_name, placeholder_source, shape_of, source_line, source_location,
-                         value_of)
+from .node_facts import (VALUE_KEY, CASTS, POINTWISE, RESHAPES, SHAPE_ONLY, arange_length, called_subgraph,
+                         hop_subgraphs, index_axis, is_model_state, normalize_dim, op_name, placeholder_source,
+                         shape_of, source_line, source_location, value_of)
 from .options import PassOptions
 from .rewrite_attention import ring_attention_nodes, ring_attention_target
 from .sequence_axis import follow_axis
@@ -100,22 +100,6 @@ class ShardingReport(PassReport):
         return lines
 
 
-_POINTWISE = frozenset({
-    "add", "sub", "mul", "div", "neg", "pow", "exp", "log", "sqrt", "rsqrt", "sin", "cos", "tanh", "sigmoid",
-    "silu", "gelu", "relu", "softplus", "abs", "clamp", "clip", "where", "masked_fill", "dropout", "detach",
-    "logical_not", "logical_and", "logical_or", "logical_xor", "eq", "ne", "lt", "le", "gt", "ge", "reciprocal",
-    "square", "erf", "floor", "ceil", "round", "sign", "maximum", "minimum", "expand_as", "long", "int", "bool",
-    "remainder", "fmod", "exp2", "log1p", "expm1", "leaky_relu", "mish", "hardswish", "hardsigmoid", "elu",
-    "selu", "zeros_like", "ones_like", "full_like", "empty_like", "nan_to_num", "lerp", "addcmul", "addcdiv",
-    "floordiv", "truediv", "floor_divide", "mod", "pos", "invert", "and_", "or_", "xor", "bitwise_and",
-    "bitwise_or", "bitwise_not", "isnan", "isinf", "isfinite", "tril_", "sigmoid_", "gelu_", "relu_", "tanh_",
-    "masked_fill_", "add_", "sub_", "mul_", "div_", "clamp_", "clamp_min", "clamp_max", "logsigmoid",
-    "softsign", "relu6", "hardtanh", "silu_", "celu", "glu_", "alpha_dropout", "feature_alpha_dropout",
-    "dropout1d", "dropout2d", "threshold", "cos_", "sin_", "float_power", "true_divide", "mul_", "abs_",
-    "log_sigmoid", "erfinv", "sinh", "cosh", "asin", "acos", "atan", "atan2", "_set_grad_enabled",
-    "scaled_dot_product_attention_math_helper", "fill_", "zero_", "copy_", "type_as", "clone", "contiguous",
-    "iadd", "isub", "imul", "itruediv", "polar", "conj", "angle",
-})
 _SUMS = frozenset({"sum", "mean", "nansum"})
 _OTHER_REDUCTIONS = frozenset({"amax", "amin", "max", "min", "prod", "std", "var", "logsumexp", "norm", "all",
                                "any", "argmax", "argmin", "nanmean", "count_nonzero", "median", "var_mean",
@@ -128,7 +112,6 @@ _ELEMENT_LOSSES = frozenset({"mse_loss", "l1_loss", "smooth_l1_loss", "huber_los
                              "binary_cross_entropy_with_logits", "soft_margin_loss"})
 _METADATA = frozenset({"dim", "ndimension", "is_floating_point", "is_contiguous", "element_size", "get_device",
                        "is_complex", "requires_grad_", "_assert_tensor_metadata"})
-_VIEWS = frozenset({"view", "reshape", "flatten", "unflatten"})
 
 
 class _Fallback(Exception):
@@ -644,7 +627,7 @@ class _Sharder:
                     self.placed[node] = part
                 return
             raise _Fallback()
-        if name in _POINTWISE or name in CASTS or name in SHAPE_ONLY:
+        if name in POINTWISE or name in CASTS or name in SHAPE_ONLY:
             return self._pointwise(node, out)
         if name == "getattr" and node.args[1] in ("real", "imag") and isinstance(self.placed.get(node.args[0]),
                                                                                 Sharded):
@@ -665,7 +648,7 @@ class _Sharder:
             return self._einsum(node)
         if name in ("transpose", "swapaxes", "t", "permute", "movedim", "unsqueeze", "squeeze"):
             return self._axes(node, name)
-        if name in _VIEWS or name in ("view_as", "reshape_as"):
+        if name in RESHAPES or name in ("view_as", "reshape_as"):
             return self._view(node, name)
         if name == "expand":
             return self._expand(node)
