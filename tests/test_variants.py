@@ -259,13 +259,11 @@ def test_flex_kernel_backward_from_the_merged_lse(monkeypatch, world):
         assert max(errors) < TOL, (layout, causal, softcap, sinks, window, padding, chunk, alibi, errors)
 
 
-def test_alibi_slopes_that_require_grad_are_refused():
+def test_alibi_slopes_that_require_grad_are_refused_by_the_op_itself():
     q, k, v, _, _, _ = _inputs(2, "contiguous")
     ring = ringfx.LoopbackRing(2)
     slopes = _slopes(4).requires_grad_()
-    with pytest.raises(ValueError, match="alibi slopes require grad"):
-        ringfx.ring_attention(q, k, v, group=ring, alibi_slopes=slopes)
-    with pytest.raises(ValueError, match="alibi slopes require grad"):  # the op itself, as a graph calls it
+    with pytest.raises(ValueError, match="alibi slopes require grad.*ringfx.ring_attention"):
         torch.ops.ringfx.ring_attention(q, k, v, None, None, None, ring.group_name, "contiguous", False, SCALE, 0,
                                         "auto", None, 0.0, 0, slopes)
     with torch.no_grad():  # no gradient asked for: a constant
@@ -274,6 +272,77 @@ def test_alibi_slopes_that_require_grad_are_refused():
         ringfx.ring_attention(q, k, v, group=ring, alibi_slopes=_slopes(2))
     with pytest.raises(ValueError, match="chunk=-2"):
         ringfx.ring_attention(q, k, v, group=ring, chunk=-2)
+
+
+def check_learned_slopes(group, layout, causal, *, seed=0, window=0, padding=False, hkv=2, softcap=0.0):
+    """Max abs errors of out, dq, dk, dv and the slopes' gradient (summed over a real ring)
+    with ALiBi slopes that require grad, against the reference's autograd."""
+    world = ringfx.runtime.ring_size(group)
+    q, k, v, _, pad, dout = _inputs(world, layout, hq=4, hkv=hkv, seed=seed, padding=padding, per_rank=4)
+    slopes = _slopes(4) * (1.0 + torch.arange(4, dtype=torch.float64) / 3)  # not BLOOM's exact sequence
+    leaves = [t.clone().requires_grad_() for t in (q, k, v, slopes)]
+    ref = reference(*leaves[:3], causal=causal, window=window, pad=pad, slopes=leaves[3], softcap=softcap)
+    ref_grads = torch.autograd.grad(ref, leaves, dout)
+
+    def shard(x, dim=2):
+        return ringfx.shard(x, dim, layout=layout, group=group)
+
+    local = [shard(t).detach().requires_grad_() for t in (q, k, v)] + [slopes.clone().requires_grad_()]
+    out = ringfx.ring_attention(*local[:3], group=group, causal=causal, layout=layout, scale=SCALE,
+                                window=window or None, key_padding_mask=shard(pad, 1) if padding else None,
+                                alibi_slopes=local[3], softcap=softcap or None)
+    grads = torch.autograd.grad(out, local, shard(dout))
+    return shard_errors(group, shard, out, ref, grads, ref_grads)
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_learned_alibi_slopes_get_their_gradient(world):
+    """Slopes that require grad become the relative table slope_h * (j - i), whose gradient
+    the op computes: out, dq, dk, dv and d(slopes) exact in float64, both layouts."""
+    for layout, (causal, window, padding, hkv, softcap) in itertools.product(
+            ("contiguous", "zigzag"), ((True, 0, False, 2, 0.0), (False, 3, True, 1, SOFTCAP))):
+        errors = check_learned_slopes(ringfx.LoopbackRing(world), layout, causal, seed=world, window=window,
+                                      padding=padding, hkv=hkv, softcap=softcap)
+        assert max(errors) < TOL, (layout, causal, window, padding, errors)
+        assert len(errors) == 5
+
+
+class LearnedAlibi(nn.Module):
+    """ALiBi whose slopes are a parameter, added to the scores by hand (a causal LM's eager
+    spelling)."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = nn.Linear(16, 48)
+        self.slopes = nn.Parameter(torch.tensor([0.5, 0.25, 0.125, 0.0625]))
+
+    def forward(self, x):
+        b, s, _ = x.shape
+        q, k, v = self.qkv(x).view(b, s, 3, 4, 4).permute(2, 0, 3, 1, 4)
+        i = torch.arange(s)
+        scores = q @ k.transpose(-1, -2) / 2 + self.slopes[:, None, None] * (i[None, :] - i[:, None])
+        scores = scores.masked_fill(~torch.ones(s, s, dtype=torch.bool).tril(), float("-inf"))
+        return (scores.softmax(-1) @ v).transpose(1, 2).reshape(b, s, 16)
+
+
+@pytest.mark.parametrize("world,layout", [(2, "contiguous"), (3, "zigzag")])
+def test_learned_alibi_slopes_in_a_model(world, layout):
+    """Zero-touch: the parameter's bias is proven a function of j - i and rides the op's
+    relative table, so the slopes get their gradient (and every other parameter)."""
+    torch.manual_seed(world)
+    model = LearnedAlibi().double()
+    x = torch.randn(2, 12, 16, dtype=torch.float64)
+    params = dict(model.named_parameters())
+    ref = model(x)
+    ref_grads = dict(zip(params, torch.autograd.grad(ref.square().sum(), list(params.values()))))
+    ring = ringfx.transform(model, mesh=ringfx.LoopbackRing(world), layout=layout)
+    out = ring(x)
+    grads = dict(zip(params, torch.autograd.grad(out.square().sum(), list(params.values()))))
+    assert [(s.decision, s.mask_kind) for s in ring.sites] == [("rewritten", "causal+relative")]
+    assert (out - ref).abs().max() < TOL
+    for n, g in ref_grads.items():
+        assert (grads[n] - g).abs().max() < TOL, n
+    assert ref_grads["slopes"].abs().max() > 1e-3
 
 
 def test_sinks_row_that_sees_no_key():
@@ -339,6 +408,8 @@ def _variants_on_gloo_ring(rank, world):
             results.append(((layout, "flex", softcap, alibi),
                             check_variant(None, layout, True, softcap, False, seed=14, alibi=alibi, hkv=hkv,
                                           per_rank=6, kernel="flex")))
+    for layout in ("contiguous", "zigzag"):  # learned ALiBi slopes: each rank's part of their gradient, summed
+        results.append(((layout, "learned slopes"), check_learned_slopes(None, layout, True, seed=15, padding=True)))
     # zero-touch on the real ring: the sinks' gradient, a per-rank part, averaged by the hooks
     torch.manual_seed(0)
     _, ref, got = _zero_touch(SinkColumn(), world, "zigzag", 13)

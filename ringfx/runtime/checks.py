@@ -52,9 +52,9 @@ def check_window(window, *, none_value=None) -> None:
 
 
 LEARNED_ALIBI = (
-    "alibi slopes require grad, but ringfx computes no gradient for ALiBi slopes (the ring op treats them "
-    "as constants, as BLOOM / MPT / Falcon do): detach them (slopes.detach()), make them a buffer instead "
-    "of a parameter, or leave this attention unrewritten"
+    "alibi slopes require grad, but the ring op takes ALiBi slopes as constants (as BLOOM / MPT / Falcon "
+    "do): call ringfx.ring_attention(..., alibi_slopes=slopes), which passes learned slopes as the "
+    "relative table slope_h * (j - i) and gives them their gradient, or detach them (slopes.detach())"
 )
 
 

@@ -16,7 +16,8 @@ returned lse then includes it. ``chunk`` > 0 is chunked local attention (Llama 4
 sees key j only if ``j // chunk == i // chunk``, and ``j <= i`` under causal), computed from
 global positions, blocks in no common chunk skipped; ``alibi`` ``(Hq,)`` holds ALiBi slopes
 (BLOOM / MPT): ``slope_h * (j - i)`` is added to the scores of every block, built per block
-from global positions (a constant: slopes that require grad are refused). ``rel_bias``
+from global positions (a constant here: ``ring_attention`` passes learned slopes as a relative
+table). ``rel_bias``
 ``(Hq, 2S - 1)`` is a bias that depends only on the distance ``j - i`` (T5's bucketed
 relative-position bias, learned): ``rel_bias[h, j - i + S - 1]`` is added to the scores, each
 block gathering its (Sq, Sk) bias from global positions. The variants are per-head /
@@ -51,7 +52,7 @@ from torch import Tensor
 
 from .algorithm import RingConfig, acc_dtype, backward_program, forward_program
 from .checks import LEARNED_ALIBI, LEARNED_BIAS, as_4d_bias, check_chunk, check_inputs, check_softcap, check_window
-from .ring import LoopbackRing, check_backend, group_name_of, resolve_group, run_loopback, run_on_group
+from .ring import LoopbackRing, check_backend, group_name_of, resolve_group, ring_size, run_loopback, run_on_group
 from .sinks import apply_sinks, sinks_grad
 
 
@@ -148,6 +149,18 @@ def _in_layout(out: Tensor, token_major: bool) -> Tensor:
     if out.transpose(1, 2).is_contiguous():
         return out
     return _empty_out(out.shape, out.dtype, out.device, True).copy_(out)
+
+def _alibi_table(slopes: Tensor, q: Tensor, group, table: Optional[Tensor]) -> Tensor:
+    """ALiBi as a relative-position table ``(Hq, 2S - 1)``: column ``j - i + S - 1`` holds
+    ``slopes[h] * (j - i)`` (added to ``table`` when one is given). S is the global length."""
+    if not isinstance(slopes, Tensor) or slopes.dim() != 1:
+        raise ValueError(f"alibi_slopes must be a 1-D tensor of one slope per query head, got "
+                         f"{getattr(slopes, 'shape', type(slopes).__name__)}")
+    s_total = q.shape[2] * (1 if isinstance(group, LoopbackRing) else ring_size(group))
+    distances = torch.arange(1 - s_total, s_total, device=slopes.device).to(slopes.dtype)
+    alibi = slopes[:, None] * distances[None, :]
+    return alibi if table is None else table + alibi
+
 
 def _slopes(alibi, dtype):
     """ALiBi slopes in the accumulation dtype (the block bias is computed there, rounded once)."""
@@ -280,7 +293,9 @@ def ring_attention(
             whose queries and keys share no chunk are skipped. None or 0: none.
         alibi_slopes: ALiBi (BLOOM, MPT): per-query-head slopes ``(Hq,)``, the same on every
             rank; ``slope_h * (j - i)`` is added to the scaled scores (after soft-capping).
-            A constant: slopes that require grad are refused.
+            Slopes that require grad (learned) get their gradient: they are passed to the op
+            as the relative table ``slope_h * (j - i)`` (see ``relative_bias``; its backward
+            runs the math kernel), from this rank's queries on a real ring.
         relative_bias: a bias that depends only on the distance ``j - i`` (T5's bucketed
             relative-position bias): a table ``(Hq, 2S - 1)`` over the whole sequence of S
             tokens (global: S_local * P on a real ring), the same on every rank; column
@@ -303,7 +318,10 @@ def ring_attention(
     if isinstance(attn_bias, Tensor) and attn_bias.requires_grad and torch.is_grad_enabled():
         raise ValueError(LEARNED_BIAS)
     if isinstance(alibi_slopes, Tensor) and alibi_slopes.requires_grad and torch.is_grad_enabled():
-        raise ValueError(LEARNED_ALIBI)
+        # learned slopes: ALiBi is the relative table slope_h * (j - i), whose gradient the
+        # op computes (the blocks' dS summed by distance); autograd takes it on to the slopes
+        relative_bias = _alibi_table(alibi_slopes, q, group, relative_bias)
+        alibi_slopes = None
     if scale is None:
         d = q.shape[-1] if q.dim() else 0
         scale = 1.0 / math.sqrt(d) if d else 1.0  # head dim 0 is refused by the op
