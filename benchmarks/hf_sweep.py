@@ -22,6 +22,7 @@ Each row is classified:
 
     python benchmarks/hf_sweep.py                       # every architecture, sdpa and eager
     python benchmarks/hf_sweep.py --only llama,bert --attn sdpa
+    python benchmarks/hf_sweep.py --attn flex_attention   # every architecture that offers flex
     python benchmarks/hf_sweep.py --json benchmarks/results/hf_sweep.json --doc docs/coverage.md
 
 ``tests/test_hf_sweep.py`` imports ``ARCHS``, ``build`` and ``run_case`` from here.
@@ -390,6 +391,11 @@ def run_case(arch: Arch | str, attn: str, rings=RINGS, seq_len: int = S_DEFAULT,
     torch._dynamo.reset()
     try:
         model, inputs, kind = build(arch, attn, seq_len, layers=layers)
+        if attn == "flex_attention" and not torch.cuda.is_available():
+            # flex has no backward on CPU: outputs (the loss among them) compared, no gradients
+            model.requires_grad_(False)
+            kind = "hidden"
+            row["note"] = (row["note"] + "; " if row["note"] else "") + "forward only: no flex backward on CPU"
         ref, ref_grads = reference(model, inputs, kind)
     except Exception as e:  # noqa: BLE001
         row.update(status="build", detail=_first_line(e), seconds=time.monotonic() - start)
@@ -489,7 +495,7 @@ def _short(reason: str) -> str:
     return reason if len(reason) <= 90 else reason[:87] + "..."
 
 
-def write_doc(path, rows, argv, elapsed, partial: str = ""):
+def write_doc(path, rows, argv, elapsed, partial: str = "", note: str = ""):
     import transformers
 
     built = [r for r in rows if r["status"] != "build"]
@@ -513,6 +519,7 @@ def write_doc(path, rows, argv, elapsed, partial: str = ""):
         "`mismatch` (wrong numbers: max error), `error` (an exception: its first line)",
         "",
         *([f"**Partial run:** {partial}", ""] if partial else []),
+        *([note, ""] if note else []),
         f"**Summary: {summary(rows)}.**",
         "",
         table(built),
@@ -527,7 +534,10 @@ def write_doc(path, rows, argv, elapsed, partial: str = ""):
 
 
 def _attns_of(arch: Arch, wanted) -> list[str]:
-    return [a for a in arch.attns if a in wanted]
+    """The implementations of ``wanted`` the sweep runs ``arch`` with: its listed ones, and
+    ``flex_attention`` for every architecture (one that does not offer it fails to build,
+    a ``build`` row, not counted)."""
+    return [a for a in arch.attns if a in wanted] + (["flex_attention"] if "flex_attention" in wanted else [])
 
 
 def _worker_init():
@@ -545,7 +555,11 @@ def main(argv=None):
     p.add_argument("--json", default="", help="write the rows here")
     p.add_argument("--doc", default="", help="write the table into this markdown file (docs/coverage.md)")
     p.add_argument("--no-explain", action="store_true")
-    p.add_argument("--render", default="", help="write --doc from this JSON (rows of an earlier run) and stop")
+    p.add_argument("--render", default="", help="write --doc from these JSONs (comma-separated; the first file "
+                                                "that has a row wins) and stop")
+    p.add_argument("--earlier", default="", help="with --render: JSONs of an earlier run that fill the gaps, "
+                                                 "their rows marked †")
+    p.add_argument("--note", default="", help="with --render: a paragraph on where the rows come from")
     p.add_argument("--workers", type=int, default=1, help="cases run in this many processes (one thread each)")
     args = p.parse_args(argv)
     logging.getLogger("ringfx").setLevel(logging.ERROR)
@@ -553,14 +567,16 @@ def main(argv=None):
     archs = [BY_NAME[n] for n in args.only.split(",")] if args.only else ARCHS
     if args.render:
         rows, data, have = [], {}, set()
-        for i, path in enumerate(args.render.split(",")):  # the first file wins; later ones fill gaps (†)
+        files = [(path, False) for path in args.render.split(",")]
+        files += [(path, True) for path in args.earlier.split(",") if path]
+        for path, earlier in files:  # the first file that has a row wins; --earlier ones fill gaps (†)
             with open(path) as f:
                 d = json.load(f)
             data = data or d
             for r in d["rows"]:
                 if (r["arch"], r["attn"]) not in have:
                     have.add((r["arch"], r["attn"]))
-                    if i:
+                    if earlier:
                         r["arch"] += " †"
                         r["earlier"] = True
                     rows.append(r)
@@ -573,7 +589,9 @@ def main(argv=None):
         rows.sort(key=lambda r: order.get((r["arch"], r["attn"]), len(order)))
         partial = (f"{len(rows)} of {len(wanted)} cases ran before the run was stopped; not run: "
                    + ", ".join(missing)) if missing else ""
-        write_doc(args.doc, rows, data.get("argv", argv), sum(r.get("seconds", 0) for r in rows), partial)
+        shown = [a for i, a in enumerate(argv) if a != "--note" and (i == 0 or argv[i - 1] != "--note")]
+        write_doc(args.doc, rows, shown + (['--note "..."'] if args.note else []),
+                  sum(r.get("seconds", 0) for r in rows), partial, args.note)
         print(summary(rows))
         return rows
     rows, start = [], time.monotonic()
