@@ -72,6 +72,9 @@ def follow_axis(node, axis: int, *, keep_last: bool = False, memo: Optional[dict
     """The (user input, axis) that ``axis`` of ``node`` comes from, through layout,
     elementwise and per-token ops; None where it cannot be followed or ends in model
     state (or, unless ``keep_last``, in an input's last axis: per-token features).
+    Through a flatten and back (GPT-2's ``x.view(-1, E)``, ``addmm``, ``view(B, S, 3E)``)
+    the axis is followed as a factor of the merged one (its length and the product of the
+    sizes inside it) until it is a whole axis again.
     ``memo`` (node, axis) -> answer may be shared by calls on one unchanged graph: without
     it a residual stream, where every add offers two ways back, is searched in time
     exponential in its depth (32 layers: minutes)."""
@@ -79,7 +82,10 @@ def follow_axis(node, axis: int, *, keep_last: bool = False, memo: Optional[dict
     outer = _MEMO
     _MEMO = memo if memo is not None else {}
     try:
-        return _follow(node, axis, 0, keep_last)
+        shape = shape_of(node) if isinstance(node, fx.Node) else None
+        if shape is None or not isinstance(shape[axis], int):
+            return None
+        return _follow(node, axis, 0, keep_last, (shape[axis], 1))
     finally:
         _MEMO = outer
 
@@ -87,21 +93,29 @@ def follow_axis(node, axis: int, *, keep_last: bool = False, memo: Optional[dict
 _MEMO: Optional[dict] = None
 
 
-def _follow(node, axis: int, depth: int, keep_last: bool = False) -> Optional[tuple[fx.Node, int]]:
-    key = (node, axis, keep_last)
+def _follow(node, axis: int, depth: int, keep_last: bool = False, factor: Optional[tuple] = None
+            ) -> Optional[tuple[fx.Node, int]]:
+    """``factor``: (length, inner) of the followed part of ``axis`` (the whole axis: its
+    size and 1; None: the whole axis, whatever its size)."""
+    shape = shape_of(node) if isinstance(node, fx.Node) else None
+    if factor is None or shape is None or not isinstance(shape[axis], int):
+        factor = None if shape is None or not isinstance(shape[axis], int) else (shape[axis], 1)
+    key = (node, axis, keep_last, factor)
     if key not in _MEMO:
-        _MEMO[key] = _follow_op(node, axis, depth, keep_last)
+        _MEMO[key] = _follow_op(node, axis, depth, keep_last, factor)
     return _MEMO[key]
 
 
-def _follow_op(node, axis: int, depth: int, keep_last: bool = False) -> Optional[tuple[fx.Node, int]]:
-    if not isinstance(node, fx.Node) or depth > 64:
+def _follow_op(node, axis: int, depth: int, keep_last: bool = False, factor: Optional[tuple] = None
+               ) -> Optional[tuple[fx.Node, int]]:
+    if not isinstance(node, fx.Node) or depth > 64 or factor is None:
         return None
     shape = shape_of(node)
     if shape is None:
         return None
+    whole = factor == (shape[axis], 1)
     if node.op == "placeholder":
-        if is_model_state(node) or (axis == len(shape) - 1 and not keep_last):
+        if not whole or is_model_state(node) or (axis == len(shape) - 1 and not keep_last):
             return None
         return node, axis
     if node.op != "call_function" and node.op != "call_method":
@@ -109,28 +123,34 @@ def _follow_op(node, axis: int, depth: int, keep_last: bool = False) -> Optional
     name = op_name(node)
     src = node.args[0] if node.args else None
     src_shape = shape_of(src) if isinstance(src, fx.Node) else None
+
+    def up(x, a):  # the same factor, on axis ``a`` of ``x``
+        return _follow(x, a, depth + 1, keep_last, factor)
+
     if name in CASTS or name in SHAPE_ONLY or name in ("type_as",):
-        return _follow(src, axis, depth + 1, keep_last)
+        return up(src, axis)
     if name == "transpose" and src_shape is not None:
         d0, d1 = (normalize_dim(d, len(src_shape)) for d in node.args[1:3])
-        return _follow(src, d1 if axis == d0 else d0 if axis == d1 else axis, depth + 1, keep_last)
+        return up(src, d1 if axis == d0 else d0 if axis == d1 else axis)
     if name == "permute" and src_shape is not None:
         dims = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (tuple, list)) else node.args[1:]
-        return _follow(src, normalize_dim(dims[axis], len(src_shape)), depth + 1, keep_last)
+        return up(src, normalize_dim(dims[axis], len(src_shape)))
     if name == "unsqueeze" and src_shape is not None:
         d = normalize_dim(node.args[1], len(shape))
-        return None if axis == d else _follow(src, axis - (axis > d), depth + 1, keep_last)
+        return None if axis == d else up(src, axis - (axis > d))
     if name in RESHAPES and src_shape is not None:
-        mapped = _view_axis(src_shape, shape, axis)
-        return None if mapped is None else _follow(src, mapped, depth + 1, keep_last)
+        mapped = _view_factor(src_shape, shape, axis, factor)
+        return None if mapped is None else _follow(src, mapped[0], depth + 1, keep_last, mapped[1])
     if name == "linear":
-        return None if axis == len(shape) - 1 else _follow(src, axis, depth + 1, keep_last)
+        return None if axis == len(shape) - 1 else up(src, axis)
+    if name == "addmm" and len(node.args) >= 3:  # addmm(bias, x, w): x's rows, w's columns
+        return up(node.args[1], 0) if axis == 0 else None
     if name in ("matmul", "bmm"):
         other = node.args[1]
         if axis == len(shape) - 1:
             other_shape = shape_of(other)
-            return None if other_shape is None else _follow(other, len(other_shape) - 1, depth + 1, keep_last)
-        return _follow(src, axis - (len(shape) - len(src_shape)), depth + 1, keep_last) if src_shape else None
+            return None if other_shape is None else up(other, len(other_shape) - 1)
+        return up(src, axis - (len(shape) - len(src_shape))) if src_shape else None
     if name in POINTWISE:
         # follow an operand that carries this axis (aligned from the right, not broadcast);
         # the first one that can be followed to an input
@@ -138,32 +158,34 @@ def _follow_op(node, axis: int, depth: int, keep_last: bool = False) -> Optional
             a_shape = shape_of(a) if isinstance(a, fx.Node) else None
             k = axis - (len(shape) - len(a_shape)) if a_shape is not None else -1
             if a_shape is not None and k >= 0 and a_shape[k] == shape[axis] and a_shape[k] != 1:
-                found = _follow(a, k, depth + 1, keep_last)
+                found = up(a, k)
                 if found is not None:
                     return found
         return None
     if name in ("layer_norm", "rms_norm") and axis < len(shape) - 1:
-        return _follow(src, axis, depth + 1, keep_last)  # normalises each token's features
+        return up(src, axis)  # normalises each token's features
     if name == "cat":
-        return _follow_cat(node, shape, axis, depth, keep_last)
+        return _follow_cat(node, shape, axis, depth, keep_last) if whole else None
     if name == "embedding" and axis < len(shape) - 1:
-        return _follow(node.args[0], axis, depth + 1, keep_last)  # F.embedding(ids, weight): rows of the ids
+        return up(node.args[0], axis)  # F.embedding(ids, weight): rows of the ids
     if name == "getitem" and src_shape is not None and len(src_shape) == len(shape):
-        return _follow(src, axis, depth + 1, keep_last)  # slicing keeps the axes
+        # slicing keeps the axes (a sliced axis: the source's whole axis)
+        return _follow(src, axis, depth + 1, keep_last, None) if whole else up(src, axis) \
+            if src_shape[axis] == shape[axis] else None
     if (name == "getitem" and src_shape is not None and len(src_shape) == len(shape) + 1
             and isinstance(node.args[1], int) and not any(isinstance(d, tuple) for d in src_shape)):
-        return _follow(src, axis + 1, depth + 1, keep_last)  # x[i]: one entry of the first axis (q, k, v = x)
+        return up(src, axis + 1)  # x[i]: one entry of the first axis (q, k, v = x)
     if name == "getitem" and op_name(src) in ("unbind", "chunk", "split") and isinstance(src.args[0], fx.Node):
-        whole = src.args[0]  # one part of a tensor cut along ``dim``
-        whole_shape = shape_of(whole)
+        whole_node = src.args[0]  # one part of a tensor cut along ``dim``
+        whole_shape = shape_of(whole_node)
         dim = src.kwargs.get("dim", src.args[1 if op_name(src) == "unbind" else 2] if len(src.args) >
                              (1 if op_name(src) == "unbind" else 2) else 0)
         if whole_shape is None or not isinstance(dim, int):
             return None
         dim = normalize_dim(dim, len(whole_shape))
         if op_name(src) == "unbind":
-            return _follow(whole, axis + (axis >= dim), depth + 1, keep_last)
-        return None if axis == dim else _follow(whole, axis, depth + 1, keep_last)
+            return up(whole_node, axis + (axis >= dim))
+        return None if axis == dim else up(whole_node, axis)
     return None
 
 
@@ -190,15 +212,18 @@ def _follow_cat(node, shape, axis: int, depth: int, keep_last: bool) -> Optional
     return _follow(parts[longest], axis, depth + 1, keep_last)
 
 
-def _view_axis(src_shape, out_shape, axis: int) -> Optional[int]:
-    """The input axis that output ``axis`` of a reshape lies within, or None when the
-    output axis merges several input axes (or shapes are symbolic)."""
-    if not all(isinstance(d, int) for d in (*src_shape, *out_shape)) or out_shape[axis] == 1:
+def _view_factor(src_shape, out_shape, axis: int, factor: tuple) -> Optional[tuple[int, tuple]]:
+    """The input axis of a reshape that the ``factor`` (length, inner) of output ``axis``
+    lies within, with its factor there; None when it spans several input axes (or shapes
+    are symbolic)."""
+    if not all(isinstance(d, int) for d in (*src_shape, *out_shape)):
         return None
-    start = math.prod(out_shape[:axis])
-    stop = start * out_shape[axis]
+    length, inner = factor
+    if length == 1:
+        return None
+    stride = math.prod(out_shape[axis + 1:]) * inner  # elements between consecutive entries of the factor
     for i in range(len(src_shape)):
-        # input axis i spans [prod(src[:i]), prod(src[:i+1])) in prefix-product units
-        if math.prod(src_shape[:i]) <= start and math.prod(src_shape[: i + 1]) >= stop:
-            return i
+        src_stride = math.prod(src_shape[i + 1:])
+        if src_stride <= stride and stride * length <= src_stride * src_shape[i] and stride % src_stride == 0:
+            return i, (length, stride // src_stride)
     return None
