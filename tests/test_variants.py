@@ -544,14 +544,6 @@ def _zero_touch(model, world, layout, seq_len):
     return ring, ref, run(ring)
 
 
-def _assert_same(ref, got, tol):
-    (ref_out, ref_dx, ref_grads), (out, dx, grads) = ref, got
-    torch.testing.assert_close(out, ref_out, atol=tol, rtol=tol)
-    torch.testing.assert_close(dx, ref_dx, atol=tol, rtol=tol)
-    for n, g in ref_grads.items():
-        torch.testing.assert_close(grads[n], g, atol=tol, rtol=tol, msg=lambda m: f"{n}: {m}")
-
-
 @pytest.mark.parametrize("spelling,world,layout,seq_len", [
     (SoftcapThenMask, 3, "zigzag", 13), (SinkColumn, 2, "contiguous", 11), (SoftcapAndSinks, 2, "zigzag", 11),
 ], ids=["gemma2-softcap", "gpt-oss-sinks", "softcap-and-sinks"])
@@ -561,7 +553,7 @@ def test_spelling_rewritten_and_exact(spelling, world, layout, seq_len):
     ring, ref, got = _zero_touch(model, world, layout, seq_len)
     (site,) = ring.sites
     assert site.decision == "rewritten" and site.mask_kind == "causal", site
-    _assert_same(ref, got, TOL)
+    assert_lm_close(got, ref, TOL)
     # the graph: one ring op taking the variant; the tanh, or the cat and the softmax, gone
     (gm,) = [g.graph_module for g in ring.reports]
     (op,) = [n for n in gm.graph.nodes if n.target == torch.ops.ringfx.ring_attention.default]
@@ -667,7 +659,7 @@ def test_positional_spelling_rewritten_and_exact(make, world, layout, seq_len, m
     ring, ref, got = _zero_touch(model, world, layout, seq_len)
     (site,) = ring.sites
     assert site.decision == "rewritten" and site.mask_kind == mask_kind, site
-    _assert_same(ref, got, TOL)
+    assert_lm_close(got, ref, TOL)
     (gm,) = [g.graph_module for g in ring.reports]
     (op,) = [n for n in gm.graph.nodes if n.target == torch.ops.ringfx.ring_attention.default]
     chunk, slopes = (op.args[14:16] + (0, None))[:2]
@@ -728,7 +720,8 @@ def _lm_run(model, params, inputs):
 
 
 def assert_lm_close(got, ref, tol):
-    """Logits, loss and every parameter gradient (``_lm_run``'s results) within ``tol``."""
+    """Two tensors (logits and loss of ``_lm_run``; output and input gradient of
+    ``_zero_touch``) and every parameter gradient within ``tol``."""
     (logits, loss, grads), (ref_logits, ref_loss, ref_grads) = got, ref
     torch.testing.assert_close(logits, ref_logits, atol=tol, rtol=tol)
     torch.testing.assert_close(loss, ref_loss, atol=tol, rtol=tol)
@@ -894,7 +887,7 @@ def test_bloom_spelling_rewritten_and_exact():
     ring, ref, got = _zero_touch(BloomAttention(), 3, "zigzag", 13)
     (site,) = ring.sites
     assert site.decision == "rewritten" and site.mask_kind == "causal+alibi" and "merge-heads" in site.pattern, site
-    _assert_same(ref, got, TOL)
+    assert_lm_close(got, ref, TOL)
     (gm,) = [g.graph_module for g in ring.reports]
     (op,) = [n for n in gm.graph.nodes if n.target == torch.ops.ringfx.ring_attention.default]
     held = getattr(gm, op.args[15].target)  # the slopes, one per head (read off the folded bias)

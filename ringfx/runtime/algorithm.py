@@ -168,7 +168,8 @@ def _single_block(ring: "_Rank"):
     calls = ring.calls(0)
     if len(calls) != 1 or calls[0][0].q != (0, s_local) or calls[0][0].k != (0, s_local):
         return None
-    return next(ring.blocks(0))
+    call, kern = calls[0]
+    return call, Block.of(call, ring.rank, ring.kv, ring.tok, ring.source), kern
 
 
 def forward_program(q, k, v, pad, seg, bias, cfg: RingConfig, rank: int, world: int, into=None, refused=None,
